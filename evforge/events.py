@@ -1,0 +1,126 @@
+"""The one event representation used across evforge.
+
+Events are a structured numpy array with tonic-compatible field names::
+
+    x u2, y u2, t i8 (microseconds), p i1 (+1 ON / -1 OFF)
+
+sorted by ``t`` (non-decreasing). On the device they travel as :class:`TorchEvents`, four 1-D tensors of
+the same length. File formats with other conventions (DSEC's ``p`` in {0, 1}, ``t`` as ``u4`` relative to a
+``t_offset``) are converted at the reader/writer boundary, never inside the library.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+import torch
+
+EVENT_DTYPE = np.dtype([("x", "<u2"), ("y", "<u2"), ("t", "<i8"), ("p", "i1")])
+
+
+class EventFormatError(ValueError):
+    """An event array breaks an invariant (dtype, sort order, coordinates, polarity)."""
+
+
+def make_events(x, y, t, p) -> np.ndarray:
+    """Build an event array from four equal-length columns (polarity given as +1/-1, or 1/0 with 0 -> -1)."""
+    x, y, t, p = (np.asarray(a) for a in (x, y, t, p))
+    n = len(t)
+    if not (len(x) == len(y) == len(p) == n):
+        raise EventFormatError(f"columns differ in length: x {len(x)}, y {len(y)}, t {n}, p {len(p)}")
+    ev = np.empty(n, dtype=EVENT_DTYPE)
+    ev["x"], ev["y"], ev["t"] = x, y, t
+    ev["p"] = np.where(p > 0, 1, -1)
+    return ev
+
+
+def empty_events(n: int = 0) -> np.ndarray:
+    return np.zeros(n, dtype=EVENT_DTYPE)
+
+
+def concatenate(chunks: Iterable[np.ndarray]) -> np.ndarray:
+    chunks = [c for c in chunks if len(c)]
+    return np.concatenate(chunks) if chunks else empty_events()
+
+
+def validate_events(events: np.ndarray, sensor_size: tuple[int, int] | None = None, *, what: str = "events") -> None:
+    """Raise :class:`EventFormatError` naming ``what`` and the first broken invariant.
+
+    ``sensor_size`` is ``(width, height)``; coordinates must satisfy ``x < width`` and ``y < height``.
+    """
+    if not isinstance(events, np.ndarray) or events.dtype != EVENT_DTYPE:
+        got = getattr(events, "dtype", type(events).__name__)
+        raise EventFormatError(f"{what}: expected dtype {EVENT_DTYPE.descr}, got {got}")
+    if len(events) == 0:
+        return
+    t = events["t"]
+    bad = np.flatnonzero(np.diff(t) < 0)
+    if bad.size:
+        i = int(bad[0]) + 1
+        raise EventFormatError(f"{what}: timestamps not sorted at index {i} ({t[i - 1]} > {t[i]})")
+    p = events["p"]
+    if not np.all((p == 1) | (p == -1)):
+        raise EventFormatError(f"{what}: polarity must be +1 or -1, found {sorted(set(np.unique(p)) - {1, -1})[:3]}")
+    if sensor_size is not None:
+        width, height = sensor_size
+        for name, limit in (("x", width), ("y", height)):
+            over = np.flatnonzero(events[name] >= limit)
+            if over.size:
+                i = int(over[0])
+                raise EventFormatError(
+                    f"{what}: {name}={events[name][i]} at index {i} is outside the {width}x{height} sensor"
+                )
+
+
+def time_index(events: np.ndarray, t_start: int, t_end: int) -> tuple[int, int]:
+    """Index range ``[i0, i1)`` of the events with ``t_start <= t < t_end`` (binary search; ``t`` sorted)."""
+    t = events["t"]
+    return int(np.searchsorted(t, t_start, "left")), int(np.searchsorted(t, t_end, "left"))
+
+
+def slice_by_time(events: np.ndarray, t_start: int, t_end: int) -> np.ndarray:
+    """Events with ``t_start <= t < t_end``, as a view (no copy)."""
+    i0, i1 = time_index(events, t_start, t_end)
+    return events[i0:i1]
+
+
+def slice_by_count(events: np.ndarray, n: int, *, end: int | None = None) -> np.ndarray:
+    """The ``n`` events that end at index ``end`` (default: the last ``n``), as a view."""
+    end = len(events) if end is None else end
+    return events[max(0, end - n) : end]
+
+
+@dataclass
+class TorchEvents:
+    """Events on a torch device: ``x, y`` int64, ``t`` int64 microseconds, ``p`` int8 in {+1, -1}."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    t: torch.Tensor
+    p: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.t.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.t.device
+
+    def to(self, device) -> "TorchEvents":
+        return TorchEvents(self.x.to(device), self.y.to(device), self.t.to(device), self.p.to(device))
+
+    @classmethod
+    def from_numpy(cls, events: np.ndarray, device="cpu") -> "TorchEvents":
+        return cls(
+            torch.from_numpy(events["x"].astype(np.int64)).to(device),
+            torch.from_numpy(events["y"].astype(np.int64)).to(device),
+            torch.from_numpy(np.ascontiguousarray(events["t"])).to(device),
+            torch.from_numpy(np.ascontiguousarray(events["p"])).to(device),
+        )
+
+    def numpy(self) -> np.ndarray:
+        return make_events(
+            self.x.cpu().numpy(), self.y.cpu().numpy(), self.t.cpu().numpy(), self.p.cpu().numpy()
+        )

@@ -1,0 +1,1 @@
+"""evforge.finetune (see the open issues for what lands here next)."""

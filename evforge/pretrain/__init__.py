@@ -1,0 +1,1 @@
+"""evforge.pretrain (see the open issues for what lands here next)."""
