@@ -1,0 +1,389 @@
+"""Stream files: one HDF5 file per simulated sequence, with DSEC-compatible event columns.
+
+Layout (``format_version`` 1)::
+
+    /events/x          u2   pixel column
+    /events/y          u2   pixel row
+    /events/p          u1   1 = ON, 0 = OFF (as DSEC)
+    /events/t          u4   microseconds relative to /t_offset
+    /t_offset          i8   scalar, microseconds: the first source frame time
+    /ms_to_idx         u8   ms_to_idx[m] = first event index with t >= m*1000, m = 0 .. ceil(t_last / 1000)
+                            (DSEC definition; ``[0]`` for a file without events)
+    /frames/t          i8   absolute microseconds of the source frames
+    /frames/event_idx  u8   first event index with absolute t >= frames/t[i]; the events of interval i are
+                            event_idx[i]:event_idx[i+1], those at or after the last frame follow event_idx[-1]
+    /frames/gray       u1   (N, H, W), optional: the simulator's gray input frames at output resolution
+
+    root attrs: evforge_format = "stream", format_version = 1, width, height, num_events, complete = True
+                (written last, so a file without it was interrupted), plus user attrs: scalars and strings
+                as HDF5 attrs, dicts / lists / tuples / None as JSON strings (their names are listed in the
+                ``evforge_json_attrs`` attr and decoded back on read).
+
+Event columns are chunked by 65536 events and compressed with Blosc zstd + bit-shuffle (hdf5plugin) by
+default; ``compression="lz4"`` selects Blosc lz4, ``"gzip"`` the HDF5 built-in filter for readers without
+hdf5plugin. Inside evforge events are :data:`~evforge.events.EVENT_DTYPE` arrays with absolute ``t`` and
+``p`` in {+1, -1}; the conversion happens here only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import h5py
+import hdf5plugin  # noqa: F401  (registers the Blosc filter so Blosc-compressed files can be read)
+import numpy as np
+
+from .errors import InputError
+from .events import EVENT_DTYPE, EventFormatError, validate_events
+
+FORMAT = "stream"
+FORMAT_VERSION = 1
+CHUNK_EVENTS = 65536
+_MS_CHUNK = 16384
+_U4_MAX = np.iinfo(np.uint32).max
+_COLUMNS = {"x": "<u2", "y": "<u2", "p": "u1", "t": "<u4"}
+_RESERVED_ATTRS = {"evforge_format", "format_version", "width", "height", "complete", "num_events",
+                   "evforge_json_attrs"}
+
+
+def _filter_kwargs(compression: str, *, shuffle: bool = True) -> dict:
+    """h5py ``create_dataset`` keyword arguments for a compression name."""
+    if compression in ("zstd", "lz4"):
+        mode = hdf5plugin.Blosc.BITSHUFFLE if shuffle else hdf5plugin.Blosc.NOSHUFFLE
+        return dict(hdf5plugin.Blosc(cname=compression, clevel=5, shuffle=mode))
+    if compression == "gzip":
+        return {"compression": "gzip", "compression_opts": 4, "shuffle": shuffle}
+    raise ValueError(f"compression must be 'zstd', 'lz4' or 'gzip', got {compression!r}")
+
+
+def _encode_attrs(attrs: dict) -> tuple[dict, list[str]]:
+    """Split user attrs into HDF5-storable values, JSON-encoding containers; returns (values, json names)."""
+    out, json_names = {}, []
+    for key, value in attrs.items():
+        if key in _RESERVED_ATTRS:
+            raise ValueError(f"attr name {key!r} is reserved by the stream format")
+        if value is None or isinstance(value, (dict, list, tuple)):
+            out[key] = json.dumps(value)
+            json_names.append(key)
+        else:
+            out[key] = value
+    return out, json_names
+
+
+def _decode_attr(value):
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+class StreamWriter:
+    """Write one stream file incrementally (bounded memory); the file appears at ``path`` only when complete.
+
+    Use as a context manager: on normal exit the file is finalized and renamed into place, on an exception
+    the temporary file (``<name>.tmp-<pid>`` next to ``path``) is deleted.
+    """
+
+    def __init__(self, path, *, width: int, height: int, t_offset: int, attrs: dict | None = None,
+                 compression: str = "zstd", save_frames: bool = False):
+        self.path = Path(path)
+        self.width, self.height, self.t_offset = int(width), int(height), int(t_offset)
+        if self.width <= 0 or self.height <= 0:
+            raise ValueError(f"sensor size must be positive, got {width}x{height}")
+        event_filter = _filter_kwargs(compression)
+        user_attrs, json_names = _encode_attrs(attrs or {})
+        self.save_frames = bool(save_frames)
+        self._gray_filter = _filter_kwargs(compression, shuffle=False)
+        self._n = 0  # events written
+        self._t_last = None  # absolute t of the last event written
+        self._next_ms = 0  # first ms_to_idx entry not yet known
+        self._frame_t: list[int] = []
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+        self._file = h5py.File(self._tmp, "w")
+        try:
+            f = self._file
+            f.attrs.update({"evforge_format": FORMAT, "format_version": FORMAT_VERSION,
+                            "width": self.width, "height": self.height, "complete": False})
+            f.attrs.update(user_attrs)
+            if json_names:
+                f.attrs["evforge_json_attrs"] = json.dumps(json_names)
+            f.create_dataset("t_offset", data=np.int64(self.t_offset))
+            events = f.create_group("events")
+            for name, dtype in _COLUMNS.items():
+                events.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(CHUNK_EVENTS,),
+                                      **event_filter)
+            f.create_dataset("ms_to_idx", shape=(0,), maxshape=(None,), dtype="<u8", chunks=(_MS_CHUNK,),
+                             **event_filter)
+            if self.save_frames:
+                f.create_dataset("frames/gray", shape=(0, self.height, self.width), dtype="u1",
+                                 maxshape=(None, self.height, self.width), chunks=(1, self.height, self.width),
+                                 **self._gray_filter)
+        except BaseException:
+            self.abort()
+            raise
+
+    def __enter__(self) -> "StreamWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    @property
+    def num_events(self) -> int:
+        return self._n
+
+    def append(self, events: np.ndarray) -> None:
+        """Append a sorted chunk of events (absolute ``t``) that starts at or after everything written so far."""
+        what = f"{self.path}: appended events"
+        validate_events(events, (self.width, self.height), what=what)
+        if len(events) == 0:
+            return
+        t = events["t"]
+        floor = self.t_offset if self._t_last is None else self._t_last
+        if t[0] < floor:
+            which = "t_offset" if self._t_last is None else "the last event already written"
+            raise EventFormatError(f"{what}: t={t[0]} is before {which} ({floor})")
+        if t[-1] - self.t_offset > _U4_MAX:
+            raise EventFormatError(
+                f"{what}: t={t[-1]} is more than 2**32-1 us after t_offset={self.t_offset} (does not fit u4)")
+        t_rel = t - self.t_offset
+        n0, n1 = self._n, self._n + len(events)
+        columns = {"x": events["x"], "y": events["y"], "p": (events["p"] > 0).astype("u1"), "t": t_rel}
+        for name, values in columns.items():
+            ds = self._file["events"][name]
+            ds.resize((n1,))
+            ds[n0:n1] = values
+        # ms entries with m*1000 <= t_rel[-1] are final now: later events are all >= t_rel[-1].
+        ms = np.arange(self._next_ms, t_rel[-1] // 1000 + 1, dtype=np.int64)
+        self._append_ms(n0 + np.searchsorted(t_rel, ms * 1000, "left"))
+        self._n, self._t_last = n1, int(t[-1])
+
+    def add_frame(self, t: int, gray: np.ndarray | None = None) -> None:
+        """Record a source frame time (non-decreasing); ``gray`` (H, W) uint8, or float in [0, 1], is stored
+        when the writer was made with ``save_frames=True``. Its event index is computed at close, so frames
+        and event chunks may be given in any interleaving."""
+        t = int(t)
+        if self._frame_t and t < self._frame_t[-1]:
+            raise ValueError(f"{self.path}: frame time {t} is before the previous frame ({self._frame_t[-1]})")
+        if self.save_frames:
+            if gray is None:
+                raise ValueError(f"{self.path}: save_frames=True but frame {len(self._frame_t)} has no gray image")
+            gray = np.asarray(gray)
+            if gray.shape != (self.height, self.width):
+                raise ValueError(f"{self.path}: gray frame shape {gray.shape} != {(self.height, self.width)}")
+            if gray.dtype != np.uint8:
+                gray = np.clip(np.rint(gray.astype(np.float64) * 255), 0, 255).astype(np.uint8)
+            ds = self._file["frames/gray"]
+            ds.resize((len(ds) + 1, self.height, self.width))
+            ds[-1] = gray
+        self._frame_t.append(t)
+
+    def _append_ms(self, idx: np.ndarray) -> None:
+        ds = self._file["ms_to_idx"]
+        n = len(ds)
+        ds.resize((n + len(idx),))
+        ds[n:] = idx
+        self._next_ms += len(idx)
+
+    def _first_index(self, t_abs: int) -> int:
+        """First written event index with absolute t >= ``t_abs`` (ms_to_idx narrows the search)."""
+        if self._t_last is None or t_abs > self._t_last:
+            return self._n
+        t_rel = t_abs - self.t_offset
+        if t_rel <= 0:
+            return 0
+        m = t_rel // 1000
+        ms = self._file["ms_to_idx"][m : m + 2]
+        lo, hi = int(ms[0]), int(ms[1]) if len(ms) > 1 else self._n
+        return lo + int(np.searchsorted(self._file["events/t"][lo:hi].astype(np.int64), t_rel, "left"))
+
+    def close(self) -> None:
+        """Finalize (ms_to_idx, frame indices, num_events, complete=True), fsync and rename into place."""
+        if self._file is None:
+            return
+        try:
+            f = self._file
+            last_ms = 0 if self._t_last is None else math.ceil((self._t_last - self.t_offset) / 1000)
+            self._append_ms(np.full(max(0, last_ms + 1 - self._next_ms), self._n, dtype=np.uint64))
+            frame_idx = [self._first_index(t) for t in self._frame_t]
+            f.create_dataset("frames/t", data=np.asarray(self._frame_t, dtype=np.int64))
+            f.create_dataset("frames/event_idx", data=np.asarray(frame_idx, dtype=np.uint64))
+            f.attrs["num_events"] = self._n
+            f.attrs["complete"] = True
+            f.flush()
+            f.close()
+            self._file = None
+            fd = os.open(self._tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        _fsync_dir(self.path.parent)
+
+    def abort(self) -> None:
+        """Discard the file being written (nothing is left at ``path`` or in the temp file)."""
+        if self._file is not None:
+            try:
+                self._file.close()
+            except Exception:
+                pass
+            self._file = None
+        self._tmp.unlink(missing_ok=True)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename durable (best effort: not every platform can open a directory)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_stream(path, events: np.ndarray, frame_times, *, width: int, height: int, attrs: dict | None = None,
+                 frames: np.ndarray | None = None, compression: str = "zstd") -> Path:
+    """Write a whole sequence at once; ``t_offset`` is the first frame time (else the first event, else 0)."""
+    frame_times = np.asarray(frame_times, dtype=np.int64).reshape(-1)
+    if len(frame_times):
+        t_offset = int(frame_times[0])
+    else:
+        t_offset = int(events["t"][0]) if len(events) else 0
+    if frames is not None and len(frames) != len(frame_times):
+        raise ValueError(f"{path}: {len(frames)} gray frames for {len(frame_times)} frame times")
+    with StreamWriter(path, width=width, height=height, t_offset=t_offset, attrs=attrs,
+                      compression=compression, save_frames=frames is not None) as writer:
+        for i, t in enumerate(frame_times):
+            writer.add_frame(int(t), None if frames is None else frames[i])
+        for start in range(0, len(events), 1 << 22):
+            writer.append(events[start : start + (1 << 22)])
+    return Path(path)
+
+
+class StreamFile:
+    """Lazy reader of a complete stream file: columns are read only for the slices asked for."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise InputError(path, "no such file")
+        try:
+            self._file = h5py.File(self.path, "r")
+        except OSError as err:
+            raise InputError(path, f"not a readable HDF5 file ({err})") from None
+        try:
+            a = self._file.attrs
+            if _decode_attr(a.get("evforge_format")) != FORMAT:
+                raise InputError(path, "not an evforge stream file (missing evforge_format='stream')")
+            version = _decode_attr(a.get("format_version"))
+            if version != FORMAT_VERSION:
+                raise InputError(path, f"unsupported stream format_version {version} (this evforge reads 1)")
+            if _decode_attr(a.get("complete")) is not True:
+                raise InputError(path, "incomplete stream file (interrupted write?)")
+            self.width, self.height = int(a["width"]), int(a["height"])
+            self.num_events = int(a["num_events"])
+            self.t_offset = int(self._file["t_offset"][()])
+            json_names = set(json.loads(a.get("evforge_json_attrs", "[]")))
+            self.attrs = {k: json.loads(v) if k in json_names else _decode_attr(v)
+                          for k, v in a.items() if k not in _RESERVED_ATTRS}
+            self.frame_times = self._file["frames/t"][:].astype(np.int64)
+            self.frame_event_idx = self._file["frames/event_idx"][:].astype(np.int64)
+            self.has_frames = "frames/gray" in self._file
+            self._cols = {name: self._file["events"][name] for name in _COLUMNS}
+            self._ms = self._file["ms_to_idx"]
+        except InputError:
+            self._file.close()
+            raise
+        except (KeyError, OSError, ValueError) as err:
+            self._file.close()
+            raise InputError(path, f"malformed stream file ({err})") from None
+
+    def __enter__(self) -> "StreamFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return self.num_events
+
+    def close(self) -> None:
+        self._file.close()
+
+    @property
+    def ms_to_idx(self) -> np.ndarray:
+        """The whole ms_to_idx table (one u8 per millisecond of the sequence)."""
+        return self._ms[:]
+
+    def column(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """One event column over ``[start, stop)`` in evforge conventions: t absolute int64, p +1/-1 int8."""
+        values = self._cols[name][start:stop]
+        if name == "t":
+            return values.astype(np.int64) + self.t_offset
+        if name == "p":
+            return values.astype(np.int8) * 2 - 1
+        return values
+
+    def events(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Events ``[start, stop)`` by index as an EVENT_DTYPE array."""
+        t = self.column("t", start, stop)
+        ev = np.empty(len(t), dtype=EVENT_DTYPE)
+        ev["t"] = t
+        for name in ("x", "y", "p"):
+            ev[name] = self.column(name, start, stop)
+        return ev
+
+    def index_of(self, t_abs: int) -> int:
+        """First event index with absolute t >= ``t_abs``: ms_to_idx bounds a one-millisecond slice to search."""
+        t_rel = int(t_abs) - self.t_offset
+        if t_rel <= 0 or self.num_events == 0:
+            return 0
+        m = t_rel // 1000
+        ms = self._ms[m : m + 2]
+        if len(ms) == 0:
+            return self.num_events
+        lo, hi = int(ms[0]), int(ms[1]) if len(ms) > 1 else self.num_events
+        return lo + int(np.searchsorted(self._cols["t"][lo:hi].astype(np.int64), t_rel, "left"))
+
+    def window(self, t_start_us: int, t_end_us: int) -> np.ndarray:
+        """Events with ``t_start_us <= t < t_end_us`` (absolute microseconds)."""
+        i0 = self.index_of(t_start_us)
+        i1 = max(i0, self.index_of(t_end_us))
+        return self.events(i0, i1)
+
+    def between_frames(self, i: int) -> np.ndarray:
+        """Events in ``[frame_times[i], frame_times[i+1])``."""
+        if not 0 <= i < len(self.frame_times) - 1:
+            raise IndexError(f"{self.path}: frame interval {i} out of range (0 .. {len(self.frame_times) - 2})")
+        return self.events(int(self.frame_event_idx[i]), int(self.frame_event_idx[i + 1]))
+
+    def gray_frame(self, i: int) -> np.ndarray | None:
+        """The stored gray input frame ``i`` (H, W) uint8, or None when the file has no frames."""
+        return self._file["frames/gray"][i] if self.has_frames else None
+
+
+def is_complete_stream(path) -> bool:
+    """True iff ``path`` is an evforge stream file whose write finished (used to skip done sequences)."""
+    try:
+        with h5py.File(path, "r") as f:
+            return (_decode_attr(f.attrs.get("evforge_format")) == FORMAT
+                    and _decode_attr(f.attrs.get("complete")) is True)
+    except (OSError, ValueError):
+        return False
