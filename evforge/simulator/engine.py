@@ -1,0 +1,125 @@
+"""Frame pairs in, events out: upsampling + the pixel model for a batch of sequences in lockstep.
+
+:class:`BatchEngine` owns an :class:`~evforge.simulator.pixel.EventSimulator` and, per slot, the last
+source frame and its time. :func:`simulate_frames` is the one-call version for one in-memory sequence.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..events import make_events
+from .params import DVSParams
+from .pixel import EventSimulator, StepEvents, lin_log
+from .resample import area_resize, prepare_frames, resize_flow, rgb_to_gray
+from .upsample import FrameInterpolator, UpsampleConfig, choose_steps, substep_fractions
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' asked for, but torch sees no CUDA device")
+    return device
+
+
+class BatchEngine:
+    """Simulates B slots in lockstep; each slot is one sequence at a time (restart a slot with :meth:`start`).
+
+    Frames go in as float (B, C, H, W) at the output size: C = 1 (gray) for the built-in interpolators,
+    C = 3 when a plugged-in interpolator declares ``channels = 3`` (it then sees RGB; gray comes after).
+    """
+
+    def __init__(self, batch: int, height: int, width: int, device="cpu",
+                 upsample: UpsampleConfig = UpsampleConfig(), interpolator: FrameInterpolator | None = None):
+        self.device = resolve_device(device)
+        self.upsample = upsample
+        self.interp = interpolator or upsample.interpolator()
+        self.sim = EventSimulator([DVSParams()] * batch, [0] * batch, height, width, self.device)
+        self.prev = torch.zeros(batch, self.channels, height, width, device=self.device)
+        self.prev_log = torch.zeros(batch, 1, height, width, device=self.device)
+        self.prev_t = [0] * batch
+        self.substeps = [0] * batch  # simulated steps per slot, for reporting
+
+    @property
+    def channels(self) -> int:
+        return getattr(self.interp, "channels", 1)
+
+    def start(self, b: int, frame: torch.Tensor, t_us: int, params: DVSParams, seed: int) -> None:
+        """Begin a sequence in slot ``b`` with its first frame (C, H, W); it produces no events."""
+        self.prev[b] = frame
+        self.prev_log[b] = lin_log(rgb_to_gray(frame[None]))[0]
+        self.prev_t[b] = int(t_us)
+        self.substeps[b] = 0
+        self.sim.reset(b, self.prev_log[b, 0], int(t_us), params.resolve(seed), seed)
+
+    def advance(self, frames: torch.Tensor, t_us: list[int], active: list[bool],
+                flow: torch.Tensor | None = None, flow_valid: torch.Tensor | None = None) -> StepEvents:
+        """Simulate every active slot from its previous frame to ``frames[b]`` at ``t_us[b]``."""
+        slots = [b for b in range(len(active)) if active[b]]
+        if not slots:
+            return self.sim.step(self.prev_log[:, 0], self.prev_t, [False] * len(active))
+        log1 = lin_log(rgb_to_gray(frames))
+        dt_us = [t_us[b] - self.prev_t[b] if active[b] else 1 for b in range(len(active))]
+        steps = choose_steps(self.upsample, self.prev_log, log1, [d * 1e-6 for d in dt_us],
+                             [p.cutoff_hz for p in self.sim.params], flow, self.sim.lp)
+        # never more sub-steps than microseconds, so sub-step times stay strictly increasing
+        steps = [max(1, min(n, d)) if active[b] else 1 for b, (n, d) in enumerate(zip(steps, dt_us))]
+        fractions, sub_active = substep_fractions(steps, self.device)
+        K = fractions.shape[1]
+        between = None
+        if K > 1:
+            if hasattr(self.interp, "interpolate_log"):
+                between = self.interp.interpolate_log(self.prev_log, log1, fractions, flow, flow_valid)
+            else:
+                made = self.interp(self.prev, frames, fractions, flow=flow, flow_valid=flow_valid)
+                between = torch.stack([lin_log(rgb_to_gray(f)) for f in made])
+        out = []
+        for k in range(K):
+            mask = [a and active[b] for b, a in enumerate(sub_active[k])]
+            # the last sub-step of a slot is its real frame, not an interpolated one
+            last = torch.tensor([steps[b] == k + 1 for b in range(len(steps))], device=self.device)
+            log_k = log1 if between is None else torch.where(last.view(-1, 1, 1, 1), log1, between[k])
+            t_k = [self.prev_t[b] + int(round(float(fractions[b, k]) * dt_us[b])) if mask[b] else self.prev_t[b] + 1
+                   for b in range(len(mask))]
+            out.append(self.sim.step(log_k[:, 0], t_k, mask, new_interval=[k == 0] * len(mask)))
+        for b in slots:
+            self.prev[b] = frames[b]
+            self.prev_log[b] = log1[b]
+            self.prev_t[b] = int(t_us[b])
+            self.substeps[b] += steps[b]
+        return StepEvents.cat(out) if len(out) > 1 else out[0]
+
+
+def simulate_frames(frames, timestamps_us, params: DVSParams, *, seed: int = 0, resolution=None,
+                    upsample: UpsampleConfig = UpsampleConfig(), flows=None, device="cpu") -> np.ndarray:
+    """Simulate one in-memory sequence: ``frames`` (N, H, W) or (N, H, W, 3) at ``timestamps_us`` (N,).
+
+    ``flows`` (N-1, H, W, 2) optional optical flow between consecutive frames (native resolution).
+    Returns an event array (:data:`evforge.events.EVENT_DTYPE`).
+    """
+    frames = np.asarray(frames)
+    ts = np.asarray(timestamps_us, dtype=np.int64)
+    if len(frames) != len(ts):
+        raise ValueError(f"{len(frames)} frames but {len(ts)} timestamps")
+    dev = resolve_device(device)
+    first = prepare_frames([frames[0]], resolution, dev)
+    H, W = first.shape[-2:]
+    eng = BatchEngine(1, H, W, dev, upsample)
+    eng.start(0, first[0], int(ts[0]), params, seed)
+    chunks = []
+    for i in range(1, len(frames)):
+        flow = None
+        if flows is not None:
+            flow = resize_flow(torch.from_numpy(np.asarray(flows[i - 1], np.float32)).permute(2, 0, 1)[None].to(dev),
+                               None if resolution is None else (W, H))
+        ev = eng.advance(prepare_frames([frames[i]], resolution, dev), [int(ts[i])], [True], flow=flow)
+        if len(ev):
+            chunks.append(make_events(ev.x.cpu().numpy(), ev.y.cpu().numpy(), ev.t.cpu().numpy(),
+                                      ev.p.cpu().numpy()))
+    return np.concatenate(chunks) if chunks else make_events([], [], [], [])
+
+
+__all__ = ["BatchEngine", "simulate_frames", "resolve_device", "area_resize"]

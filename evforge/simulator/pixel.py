@@ -1,0 +1,412 @@
+"""The batched DVS pixel model: v2e's non-idealities with ESIM-style per-pixel timestamps.
+
+State per sequence and pixel: memorised log intensity ``base``, photoreceptor output ``lp``, ON/OFF
+thresholds (mismatch), a leak-rate factor, and the time of the last event (refractory period).
+Each call of :meth:`EventSimulator.step` advances all B sequences by one (sub-)frame:
+
+1. ``L1 = lin_log(I1)``: linear below 20 DN, natural log above, rounded to 1e-8 (v2e's ``lin_log``).
+2. Low-pass: ``lp1 = (1 - eps) lp0 + eps L1`` with ``eps = min(inten01 * dt / tau, 1)``,
+   ``tau = 1 / (2 pi cutoff_hz)``, ``inten01 = (I1 + 20) / 275`` (brighter pixels are faster).
+3. Leak: ``base`` drifts down by ``dt * leak_rate_hz * R * (1 - jitter * N(0,1)) * pos_thres``, ``R`` a
+   per-pixel log-normal factor, so every pixel emits ON leak events at about ``leak_rate_hz``. The jitter
+   is drawn once per source-frame interval (v2e draws it once per frame).
+4. Counts as v2e: ``n_on = floor(relu(diff1) / pos_thres)``, ``n_off = floor(relu(-diff1) / neg_thres)``,
+   ``diff1 = lp1 - base1``.
+5. Timestamps: within the step ``diff(t) = lp(t) - base(t)`` is linear in t (both ends interpolate
+   linearly), so the k-th ON event is stamped where it crosses ``k * pos_thres``:
+   ``t_k = t0 + dt (k pos_thres - diff0) / (diff1 - diff0)`` (at ``t0`` when already crossed).
+6. Shot noise: ON events form a Poisson process of rate ``rate/2 * f(I) * pos_nominal / pos_thres`` per
+   pixel (OFF likewise), ``f = 1 - 0.75 inten01`` (less noise on bright pixels, as v2e). v2e draws a
+   Bernoulli per frame with that expected rate and stamps it at the frame time; here each pixel keeps the
+   time of its next candidate event (exponential gaps at the dark rate) and accepts it with probability
+   ``f(I)`` (thinning), so noise is stamped in continuous time and costs nothing on steps without any.
+   A shot-noise event is a transient of the photoreceptor: it is subject to the refractory period but does
+   not move the memorised level (in v2e it does, which makes every noise event drag a spurious opposite
+   event behind it one frame later and doubles the observed noise rate).
+7. Refractory period: an event closer than ``refractory_period_s`` to the pixel's previous event is not
+   emitted and its threshold is not added to ``base``, so it is deferred, as in v2e.
+8. ``base += (emitted ON) * pos_thres - (emitted OFF) * neg_thres`` over the signal events.
+
+In ideal mode (no mismatch, low-pass, leak, shot noise or refractory period) the per-pixel per-polarity
+counts are exactly v2e's. All randomness comes from :mod:`evforge.simulator.rng`, keyed by each sequence's
+seed and step count, so a sequence gives the same events alone or in any batch, on CPU or CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import rng
+from .params import DVSParams
+
+LIN_LOG_THRESHOLD = 20.0
+SHOT_NOISE_INTEN_FACTOR = 0.25
+_NEVER = -(2**62)  # "no previous event" time for the refractory state
+_FOREVER = 2**62  # "no next shot-noise event"
+_ALMOST = 1 - 1e-6  # candidate test slightly below the threshold; exact floor division decides
+
+
+def lin_log(x: torch.Tensor, threshold: float = LIN_LOG_THRESHOLD) -> torch.Tensor:
+    """v2e's lin-log response: ``x * ln(thr)/thr`` for ``x <= thr`` (no log of 0), ``ln(x)`` above.
+
+    Computed in float64 and rounded to 1e-8 so that adding and removing thresholds cancels exactly.
+    """
+    x = x.double()
+    f = math.log(threshold) / threshold
+    y = torch.where(x <= threshold, x * f, torch.log(x.clamp_min(threshold)))
+    return (torch.round(y * 1e8) / 1e8).float()
+
+
+def inverse_lin_log(y: torch.Tensor, threshold: float = LIN_LOG_THRESHOLD) -> torch.Tensor:
+    """Intensity whose lin-log response is ``y`` (used to hand interpolated log frames to the model)."""
+    f = math.log(threshold) / threshold
+    y = y.double()
+    return torch.where(y <= math.log(threshold), y / f, torch.exp(y)).float()
+
+
+def intensity01(x: torch.Tensor) -> torch.Tensor:
+    """v2e's ``rescale_intensity_frame``: (I + 20) / 275, so no time constant is zero at I = 0."""
+    return (x + 20.0) / 275.0
+
+
+@dataclass
+class StepEvents:
+    """Events of one step for the whole batch, sorted by (batch index, t): ``b`` says which sequence."""
+
+    b: torch.Tensor
+    x: torch.Tensor
+    y: torch.Tensor
+    t: torch.Tensor  # int64 microseconds
+    p: torch.Tensor  # int8, +1 / -1
+
+    def __len__(self) -> int:
+        return int(self.t.shape[0])
+
+    def sorted(self) -> "StepEvents":
+        """Sorted by (b, t); stable, so equal times keep generation order (pixel order y, x)."""
+        if len(self) == 0:
+            return self
+        key = self.b * (1 << 44) + (self.t - self.t.min())
+        order = torch.sort(key, stable=True).indices
+        return StepEvents(*(getattr(self, f).index_select(0, order) for f in "bxytp"))
+
+    @staticmethod
+    def cat(items: list["StepEvents"]) -> "StepEvents":
+        """Concatenate steps in time order; a stable sort by ``b`` keeps each sequence time-ordered."""
+        b = torch.cat([e.b for e in items])
+        order = torch.sort(b, stable=True).indices
+        return StepEvents(b[order], *(torch.cat([getattr(e, f) for e in items])[order] for f in "xytp"))
+
+
+def _per_seq(values: list[float], device, dtype=torch.float32) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype, device=device).view(-1, 1, 1)
+
+
+class EventSimulator:
+    """Simulates B independent sequences at once on one device.
+
+    Each batch slot ``b`` has its own parameters (``params[b]``, already resolved for its seed) and seed.
+    Start a slot with :meth:`reset` on its first frame, then feed log frames with :meth:`step`.
+    """
+
+    def __init__(self, params: list[DVSParams], seeds: list[int], height: int, width: int, device="cpu"):
+        if len(params) != len(seeds):
+            raise ValueError("one DVSParams per seed")
+        self.B, self.H, self.W = len(seeds), height, width
+        self.device = torch.device(device)
+        self.params = [p.validate() for p in params]
+        self.seeds = list(seeds)
+        self.steps = [0] * self.B  # per-slot step counter
+        self.intervals = [0] * self.B  # per-slot source-interval counter (leak jitter stream)
+        self.started = [False] * self.B
+        shape = (self.B, height, width)
+        z = lambda dtype=torch.float32: torch.zeros(shape, dtype=dtype, device=self.device)  # noqa: E731
+        self.base, self.lp = z(), z()
+        self.pos_thres, self.neg_thres = z(), z()
+        self.leak_factor, self.leak_speed = z(), z()  # R, and R * rate * (1 - jitter N) * pos_thres per s
+        self.last_t = torch.full(shape, _NEVER, dtype=torch.int64, device=self.device)
+        self.next_shot = torch.full((2,) + shape, _FOREVER, dtype=torch.int64, device=self.device)  # ON, OFF
+        self.t_prev = torch.zeros(self.B, dtype=torch.int64, device=self.device)
+        self._pixel_index = torch.arange(height * width, dtype=torch.int32, device=self.device).view(height, width)
+        self._refresh_param_tensors()
+
+    # -- set-up -------------------------------------------------------------------------------------------
+
+    def _refresh_param_tensors(self) -> None:
+        P, dev = self.params, self.device
+        self.pos_nominal = _per_seq([p.pos_thres for p in P], dev)
+        self.neg_nominal = _per_seq([p.neg_thres for p in P], dev)
+        self.cutoff = _per_seq([p.cutoff_hz for p in P], dev)
+        self.shot_rate = torch.tensor([float(p.shot_noise_rate_hz) for p in P], dtype=torch.float64, device=dev)
+        self.refractory_us = torch.tensor([p.refractory_period_s * 1e6 for p in P], dtype=torch.float64,
+                                          device=dev)
+        self.any_lowpass = any(p.cutoff_hz > 0 for p in P)
+        self.any_leak = any(p.leak_rate_hz > 0 for p in P)
+        self.any_shot = any(float(p.shot_noise_rate_hz) > 0 for p in P)
+        self.any_refractory = any(p.refractory_period_s > 0 for p in P)
+        self._keys_shot = [rng.keys_per_slot([rng.stream_key(s, name) for s in self.seeds], dev)
+                           for name in ("shot_on_accept", "shot_on_gap", "shot_off_accept", "shot_off_gap")]
+
+    def _keys(self, slots: list[int], purpose: str, counters: list[int] | None = None) -> list[tuple[int, int]]:
+        counters = self.steps if counters is None else counters
+        return [rng.stream_key(self.seeds[b], purpose, counters[b]) for b in slots]
+
+    def reset(self, b: int, log_frame: torch.Tensor, t_us: int, params: DVSParams | None = None,
+              seed: int | None = None) -> None:
+        """(Re)start slot ``b`` from the lin-log response (H, W) of its first frame at ``t_us``."""
+        if params is not None:
+            self.params[b] = params.validate()
+        if seed is not None:
+            self.seeds[b] = seed
+        self._refresh_param_tensors()
+        p, idx = self.params[b], self._pixel_index
+        self.steps[b] = self.intervals[b] = 0
+        self.started[b] = True
+        log0 = log_frame.to(self.device, torch.float32)
+        self.base[b] = log0
+        self.lp[b] = log0
+        if p.sigma_thres > 0:
+            self.pos_thres[b] = (p.pos_thres + p.sigma_thres * rng.normal(self._keys([b], "thres_pos"), idx)[0]
+                                 ).clamp_min(0.01)
+            self.neg_thres[b] = (p.neg_thres + p.sigma_thres * rng.normal(self._keys([b], "thres_neg"), idx)[0]
+                                 ).clamp_min(0.01)
+        else:
+            self.pos_thres[b] = p.pos_thres
+            self.neg_thres[b] = p.neg_thres
+        self.leak_factor[b] = 0.0
+        self.leak_speed[b] = 0.0
+        if p.leak_rate_hz > 0:
+            # log-normal leak-rate factor per pixel, and a random start phase so leak events are
+            # stationary from the first frame instead of all arriving together after 1/leak_rate.
+            r = rng.normal(self._keys([b], "leak_factor"), idx)[0]
+            self.leak_factor[b] = torch.exp(math.log(10) * p.noise_rate_cov_decades * r)
+            self.base[b] -= rng.uniform(self._keys([b], "leak_phase"), idx)[0] * self.pos_thres[b]
+        self.last_t[b] = _NEVER
+        self.t_prev[b] = int(t_us)
+        self.next_shot[:, b] = _FOREVER
+        if float(p.shot_noise_rate_hz) > 0:
+            for pol in (0, 1):
+                flat = torch.arange(self.H * self.W, device=self.device) + b * self.H * self.W
+                t0 = torch.full_like(flat, int(t_us))
+                self.next_shot[pol].view(-1)[flat] = self._next_shot_time(pol, flat, t0)
+
+    def _shot_rate_max(self, pol: int, flat: torch.Tensor) -> torch.Tensor:
+        """Candidate (dark) shot-noise rate per pixel, Hz: rate/2 * nominal/actual threshold."""
+        hw = self.H * self.W
+        b = torch.div(flat, hw, rounding_mode="floor")
+        thr = (self.pos_thres if pol == 0 else self.neg_thres).view(-1)[flat].double()
+        nominal = (self.pos_nominal if pol == 0 else self.neg_nominal).view(-1)[b].double()
+        return self.shot_rate[b] / 2 * nominal / thr
+
+    def _next_shot_time(self, pol: int, flat: torch.Tensor, t_from: torch.Tensor) -> torch.Tensor:
+        """Exponential gap after ``t_from`` (us) at the candidate rate, drawn from (pixel, t_from)."""
+        hw = self.H * self.W
+        b = torch.div(flat, hw, rounding_mode="floor")
+        k1, k2 = self._keys_shot[1 + 2 * pol]
+        u = rng.event_uniform(k1[b], k2[b], flat % hw, t_from).double()
+        gap = -torch.log(u) / self._shot_rate_max(pol, flat) * 1e6
+        return t_from + torch.clamp(torch.ceil(gap), min=1, max=float(2**61)).long()
+
+    # -- one step -----------------------------------------------------------------------------------------
+
+    def step(self, log_frames: torch.Tensor, t_us, active: list[bool] | None = None,
+             intensity: torch.Tensor | None = None, new_interval: list[bool] | None = None) -> StepEvents:
+        """Advance the active slots to lin-log frames (B, H, W) at times ``t_us`` (B,) microseconds.
+
+        ``intensity`` (B, H, W) is the linear frame (needed by the low-pass and shot noise; derived from
+        the log frame when omitted). ``new_interval[b]`` marks the first step of a source-frame interval
+        (default: every step is one). Returns the events of the step (slot index ``b``), sorted by (b, t).
+        """
+        t1 = torch.as_tensor(t_us, dtype=torch.int64, device=self.device).view(-1)
+        active = [True] * self.B if active is None else list(active)
+        slots = [b for b in range(self.B) if active[b]]
+        if not slots:
+            return _empty_events(self.device)
+        t1_host, t0_host = t1.tolist(), self.t_prev.tolist()
+        for b in slots:
+            if not self.started[b]:
+                raise RuntimeError(f"slot {b} stepped before reset()")
+            if t1_host[b] <= t0_host[b]:
+                raise ValueError(f"slot {b}: frame time {t1_host[b]} us must be later than {t0_host[b]} us")
+        new_interval = [True] * self.B if new_interval is None else new_interval
+        fresh = [b for b in slots if new_interval[b]]
+        for b in fresh:
+            self.intervals[b] += 1
+        if self.any_leak and fresh:
+            self._draw_leak(fresh)
+        ev = self._step(slots, log_frames.to(self.device, torch.float32), intensity, t1)
+        for b in slots:
+            self.steps[b] += 1
+        return ev
+
+    def _draw_leak(self, slots: list[int]) -> None:
+        """Leak drift speed (log units per second) for a new source interval, with v2e's per-frame jitter."""
+        jitter = rng.normal(self._keys(slots, "leak_jitter", self.intervals), self._pixel_index)
+        for i, b in enumerate(slots):
+            p = self.params[b]
+            self.leak_speed[b] = (p.leak_rate_hz * self.leak_factor[b] * (1 - p.leak_jitter_fraction * jitter[i])
+                                  * self.pos_thres[b])
+
+    def _step(self, slots, L1_all, intensity, t1_all) -> StepEvents:
+        all_slots = len(slots) == self.B
+        sel = None if all_slots else torch.tensor(slots, device=self.device)
+        pick = (lambda x: x) if all_slots else (lambda x: x.index_select(0, sel))  # noqa: E731
+        base0, lp0, L1 = pick(self.base), pick(self.lp), pick(L1_all)
+        pos_thr, neg_thr = pick(self.pos_thres), pick(self.neg_thres)
+        t0, t1 = pick(self.t_prev), pick(t1_all)
+        dt_us = (t1 - t0).double()
+        dt = (dt_us * 1e-6).float().view(-1, 1, 1)
+        I1 = None
+        if self.any_lowpass or self.any_shot:
+            I1 = inverse_lin_log(L1) if intensity is None else pick(intensity.to(self.device, torch.float32))
+
+        # 2. intensity-dependent first-order low-pass (v2e's form)
+        lp1 = L1
+        if self.any_lowpass:
+            cutoff = pick(self.cutoff)
+            eps = torch.clamp(intensity01(I1) * dt * (2 * math.pi) * cutoff, max=1.0)
+            lp1 = torch.where(cutoff > 0, (1 - eps) * lp0 + eps * L1, L1)
+
+        # 3. leak: base drifts linearly down over the step
+        base1 = base0 - dt * pick(self.leak_speed) if self.any_leak else base0
+        diff1 = lp1 - base1
+
+        # 4. counts as v2e, computed only where a threshold can have been crossed
+        maybe = (diff1 >= pos_thr * _ALMOST) | (-diff1 >= neg_thr * _ALMOST)
+        flat = torch.nonzero(maybe.view(-1)).squeeze(1)
+        d1 = _take(diff1, flat)
+        is_on_px = d1 > 0
+        thr_px = torch.where(is_on_px, _take(pos_thr, flat), _take(neg_thr, flat))
+        cnt = torch.div(d1.abs(), thr_px, rounding_mode="floor").to(torch.int64)
+        hit = torch.nonzero(cnt > 0).squeeze(1)
+        flat, cnt, d1, is_on_px, thr_px = (_take(x, hit) for x in (flat, cnt, d1, is_on_px, thr_px))
+        d0 = _take(lp0, flat) - _take(base0, flat)
+
+        # 5. per-pixel interpolated timestamps: diff(t) is linear, the k-th level is crossed at t_k
+        owner = torch.repeat_interleave(torch.arange(flat.numel(), device=flat.device), cnt)
+        start = torch.cumsum(cnt, 0) - cnt
+        k = (torch.arange(owner.numel(), device=flat.device) - _take(start, owner) + 1).float()
+        sign = _take(torch.where(is_on_px, 1.0, -1.0), owner)
+        level = sign * k * _take(thr_px, owner)
+        e0, e1 = _take(d0, owner), _take(d1, owner)
+        crossed = sign * e0 >= sign * level
+        frac = torch.where(crossed, torch.zeros_like(e0), (level - e0) / (e1 - e0)).clamp(0.0, 1.0)
+        hw = self.H * self.W
+        pix = _take(flat, owner)
+        sb = torch.div(pix, hw, rounding_mode="floor")  # index among the selected slots
+        t_ev = _take(t0, sb) + torch.round(frac.double() * _take(dt_us, sb)).long()
+        p_ev = _take(torch.where(is_on_px, 1, -1).to(torch.int8), owner)
+        n_signal = pix.numel()
+
+        # 6. shot noise (sparse: only pixels whose next candidate falls in this step)
+        if self.any_shot:
+            s_pix, s_t, s_p = self._shot_events(slots, pick, t1, I1)
+            if s_pix.numel():
+                pix, t_ev, p_ev = torch.cat([pix, s_pix]), torch.cat([t_ev, s_t]), torch.cat([p_ev, s_p])
+
+        # 7. refractory period: drop (defer) events too close to the pixel's previous one
+        keep = None
+        if self.any_refractory and pix.numel():
+            keep = self._refractory(slots, pix, t_ev)
+
+        # 8. memorise what was emitted: base += n_on * pos_thres - n_off * neg_thres
+        if keep is None and n_signal == pix.numel():
+            base_flat = base1.reshape(-1).clone() if base1 is base0 else base1.reshape(-1)
+            old = _take(base_flat, flat)
+            base_flat.index_copy_(0, flat, torch.where(is_on_px, old + cnt * thr_px, old - cnt * thr_px))
+            base1 = base_flat.view_as(base0)
+        else:
+            # only signal events move the memorised level (shot noise is a photoreceptor transient)
+            sig_pix, sig_p = pix[:n_signal], p_ev[:n_signal]
+            emitted = torch.ones_like(sig_pix, dtype=torch.bool) if keep is None else keep[:n_signal]
+            n_on = torch.zeros(base1.numel(), dtype=torch.float32, device=base1.device)
+            n_off = torch.zeros_like(n_on)
+            n_on.index_add_(0, sig_pix, (emitted & (sig_p > 0)).float())
+            n_off.index_add_(0, sig_pix, (emitted & (sig_p < 0)).float())
+            base1 = base1 + n_on.view_as(base1) * pos_thr
+            base1 = base1 - n_off.view_as(base1) * neg_thr
+            if keep is not None:
+                pix, t_ev, p_ev = pix[keep], t_ev[keep], p_ev[keep]
+        self._store(slots, sel, base=base1, lp=lp1.clone() if lp1 is L1_all else lp1, t_prev=t1)
+
+        slot_ids = _take(torch.tensor(slots, device=pix.device), torch.div(pix, hw, rounding_mode="floor"))
+        rem = pix % hw
+        ev = StepEvents(slot_ids, rem % self.W, torch.div(rem, self.W, rounding_mode="floor"), t_ev, p_ev)
+        return ev.sorted()
+
+    def _shot_events(self, slots, pick, t1, I1):
+        """Shot-noise events of this step for the selected slots: (flat pixel among them, t, p)."""
+        hw = self.H * self.W
+        slot_t = torch.tensor(slots, device=self.device)
+        out_pix, out_t, out_p = [], [], []
+        for pol in (0, 1):
+            nxt = pick(self.next_shot[pol])
+            due = torch.nonzero((nxt <= t1.view(-1, 1, 1)).view(-1)).squeeze(1)
+            while due.numel():
+                t_c = nxt.view(-1)[due]
+                sb = torch.div(due, hw, rounding_mode="floor")
+                gflat = slot_t[sb] * hw + due % hw  # index into the full state
+                k1, k2 = self._keys_shot[2 * pol]
+                u = rng.event_uniform(k1[slot_t[sb]], k2[slot_t[sb]], due % hw, t_c)
+                accept = u < (SHOT_NOISE_INTEN_FACTOR - 1) * intensity01(I1.view(-1)[due]) + 1
+                out_pix.append(due[accept])
+                out_t.append(t_c[accept])
+                out_p.append(torch.full((int(accept.sum()),), 1 if pol == 0 else -1, dtype=torch.int8,
+                                        device=self.device))
+                new_t = self._next_shot_time(pol, gflat, t_c)
+                nxt.view(-1)[due] = new_t
+                self.next_shot[pol].view(-1)[gflat] = new_t
+                again = new_t <= t1[sb]
+                due = due[again]
+        if not out_pix:
+            e = torch.zeros(0, dtype=torch.int64, device=self.device)
+            return e, e, e.to(torch.int8)
+        return torch.cat(out_pix), torch.cat(out_t), torch.cat(out_p)
+
+    def _refractory(self, slots, pix, t_ev) -> torch.Tensor:
+        """Greedy per-pixel refractory filter, vectorised over pixels, looping over event rank in a pixel."""
+        hw = self.H * self.W
+        order = torch.argsort(pix * (1 << 40) + (t_ev - t_ev.min()), stable=True)
+        p_sorted, t_sorted = pix[order], t_ev[order]
+        first = torch.ones_like(p_sorted, dtype=torch.bool)
+        first[1:] = p_sorted[1:] != p_sorted[:-1]
+        positions = torch.arange(len(first), device=pix.device)
+        rank = positions - torch.cummax(torch.where(first, positions, 0), 0).values
+        sel = torch.tensor(slots, device=pix.device)
+        gpix = sel[torch.div(p_sorted, hw, rounding_mode="floor")] * hw + p_sorted % hw  # full-state index
+        last_flat = self.last_t.view(-1)
+        ref = self.refractory_us[sel][torch.div(p_sorted, hw, rounding_mode="floor")]
+        # visit candidates rank by rank (each pixel at most once per rank), each rank a contiguous segment
+        by_rank = torch.sort(rank, stable=True).indices
+        keep_sorted = torch.zeros_like(first)
+        lo = 0
+        for hi in torch.cumsum(torch.bincount(rank), 0).tolist():
+            seg = by_rank[lo:hi]
+            gp, tt = gpix[seg], t_sorted[seg]
+            ok = (tt - last_flat[gp]).double() > ref[seg]
+            keep_sorted[seg] = ok
+            last_flat[gp[ok]] = tt[ok]
+            lo = hi
+        keep = torch.empty_like(keep_sorted)
+        keep[order] = keep_sorted
+        return keep
+
+    def _store(self, slots, sel, **state) -> None:
+        for name, value in state.items():
+            if sel is None:
+                setattr(self, name, value if name != "t_prev" else value.clone())
+            else:
+                getattr(self, name).index_copy_(0, sel, value)
+
+
+def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x.view(-1)[index]`` via index_select, several times faster than advanced indexing on CPU."""
+    return x.reshape(-1).index_select(0, index)
+
+
+def _empty_events(device) -> StepEvents:
+    e = torch.zeros(0, dtype=torch.int64, device=device)
+    return StepEvents(e, e, e, e, e.to(torch.int8))
