@@ -68,6 +68,8 @@ def _encode_attrs(attrs: dict) -> tuple[dict, list[str]]:
         if value is None or isinstance(value, (dict, list, tuple)):
             out[key] = json.dumps(value)
             json_names.append(key)
+        elif isinstance(value, str):
+            out[key] = str(value)  # str subclasses (e.g. torch.__version__) would become fixed-width numpy
         else:
             out[key] = value
     return out, json_names

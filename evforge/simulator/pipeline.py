@@ -1,0 +1,272 @@
+"""Frame sequences on disk -> one stream file per sequence, batched on one device.
+
+Sequences with the same output size share a :class:`~evforge.simulator.engine.BatchEngine`; each of its B
+slots simulates one sequence and takes the next pending one when it finishes, so batches stay full.
+Frames are decoded by a thread pool one step ahead of the simulation. Every stream file is written
+atomically; a rerun skips sequences whose file is complete, and a sequence with a bad frame or flow file
+fails alone (its partial output is removed) while the others are done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import platform
+import time
+import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..errors import InputError
+from ..events import make_events
+from ..streamfile import StreamWriter, is_complete_stream
+from .engine import BatchEngine, resolve_device
+from .params import DVSParams, get_preset, parse_resolution
+from .resample import prepare_frames, resize_flow, rgb_to_gray
+from .rng import _mix_int
+from .sources import FrameSequence
+from .upsample import FrameInterpolator, UpsampleConfig
+
+
+@dataclass
+class SimulateConfig:
+    """Everything that decides the output of ``evforge simulate`` (all of it is stored in each file)."""
+
+    preset: str = "default"
+    overrides: dict = field(default_factory=dict)  # DVSParams fields that replace the preset's
+    resolution: str | tuple[int, int] | None = None  # None/"native", "dvs346", "dvs640", "WxH"
+    upsample: UpsampleConfig = field(default_factory=UpsampleConfig)
+    seed: int = 0
+    device: str = "auto"
+    batch: int = 4
+    workers: int = 2  # frame-decoding threads
+    compression: str = "zstd"
+    save_frames: bool = True
+    overwrite: bool = False
+
+    def params(self) -> DVSParams:
+        return get_preset(self.preset, **self.overrides)
+
+
+@dataclass
+class SequenceResult:
+    name: str
+    path: Path
+    status: str  # "done", "skipped" or "failed"
+    events: int = 0
+    frames: int = 0
+    steps: int = 0
+    error: str | None = None
+
+
+def sequence_seed(seed: int, name: str) -> int:
+    """Per-sequence seed from the run seed and the sequence name (independent of order and batching)."""
+    return _mix_int(_mix_int(seed & 0xFFFFFFFF) ^ zlib.crc32(name.encode())) & 0x7FFFFFFF
+
+
+def output_path(out_dir, name: str) -> Path:
+    return Path(out_dir) / f"{name}.h5"
+
+
+@dataclass
+class _Slot:
+    seq: FrameSequence
+    result: SequenceResult
+    writer: StreamWriter | None = None
+    frames_iter: object = None
+    next_frame: Future | None = None
+    index: int = 0  # index of the frame the pending future delivers
+    params: DVSParams | None = None
+    seed: int = 0
+
+
+def _stream_attrs(cfg: SimulateConfig, seq: FrameSequence, params: DVSParams, seed: int, size, device) -> dict:
+    attrs = {
+        "simulator": "evforge", "evforge_version": __version__, "sequence": seq.name, "source": str(seq.source),
+        "preset": cfg.preset, "overrides": dict(cfg.overrides), "seed": seed, "run_seed": cfg.seed,
+        "resolution": list(size), "native_size": list(seq.size), "upsample": dataclasses.asdict(cfg.upsample),
+        "device": str(device), "torch_version": torch.__version__, "python": platform.python_version(),
+        "num_frames": len(seq), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    attrs.update(params.to_dict())  # every pixel-model parameter under its v2e name
+    return attrs
+
+
+def _read_next(slot: _Slot, want_flow: bool):
+    """Decode the slot's next frame (and the flow into it, when asked) on a worker thread."""
+    frame = next(slot.frames_iter)
+    flow = valid = None
+    if want_flow and slot.index > 0 and slot.seq.has_flow:
+        flow = slot.seq.read_flow(slot.index - 1)
+        valid = slot.seq.read_flow_mask(slot.index - 1)
+    return frame, flow, valid
+
+
+def simulate_sequences(sequences: list[FrameSequence], out_dir, cfg: SimulateConfig = SimulateConfig(), *,
+                       progress: bool = True, interpolator: FrameInterpolator | None = None,
+                       log=print) -> list[SequenceResult]:
+    """Simulate ``sequences`` into ``out_dir/<name>.h5``; returns one result per sequence (input order).
+
+    Failures are reported in the results (and through ``log``) rather than raised, so one bad sequence
+    never stops the others.
+    """
+    device = resolve_device(cfg.device)
+    size = parse_resolution(cfg.resolution)
+    base_params = cfg.params()
+    results = {s.name: SequenceResult(s.name, output_path(out_dir, s.name), "pending") for s in sequences}
+    todo = []
+    for seq in sequences:
+        r = results[seq.name]
+        if not cfg.overwrite and is_complete_stream(r.path):
+            r.status = "skipped"
+        else:
+            todo.append(seq)
+    groups: dict[tuple[int, int], list[FrameSequence]] = {}
+    for seq in todo:
+        try:
+            out_size = size or seq.size
+        except InputError as e:
+            _fail(results[seq.name], e, log)
+            continue
+        groups.setdefault(tuple(out_size), []).append(seq)
+
+    total = sum(len(s) for g in groups.values() for s in g)
+    bar = tqdm(total=total, unit="frame", desc="simulate", disable=not progress, dynamic_ncols=True)
+    with ThreadPoolExecutor(max_workers=max(1, cfg.workers)) as pool:
+        for (w, h), seqs in groups.items():
+            _run_group(seqs, (w, h), size, cfg, base_params, device, pool, results, bar, interpolator, log)
+    bar.close()
+    return [results[s.name] for s in sequences]
+
+
+def _fail(result: SequenceResult, err: Exception, log) -> None:
+    result.status = "failed"
+    result.error = str(err) if isinstance(err, InputError) else f"{result.name}: {type(err).__name__}: {err}"
+    log(f"failed: {result.error}")
+
+
+def _run_group(seqs, out_size, size, cfg, base_params, device, pool, results, bar, interpolator, log):
+    w, h = out_size
+    B = max(1, min(cfg.batch, len(seqs)))
+    engine = BatchEngine(B, h, w, device, cfg.upsample, interpolator)
+    want_flow = cfg.upsample.mode == "flow"
+    pending = list(seqs)
+    slots: list[_Slot | None] = [None] * B
+
+    def open_slot(b: int) -> None:
+        while pending:
+            seq = pending.pop(0)
+            r = results[seq.name]
+            seed = sequence_seed(cfg.seed, seq.name)
+            params = base_params.resolve(seed)
+            try:
+                for stale in glob.glob(glob.escape(str(r.path)) + ".tmp-*"):
+                    os.remove(stale)  # left by a run that was killed
+                ts = seq.timestamps_us
+                writer = StreamWriter(r.path, width=w, height=h, t_offset=int(ts[0]),
+                                      attrs=_stream_attrs(cfg, seq, params, seed, out_size, device),
+                                      compression=cfg.compression, save_frames=cfg.save_frames)
+            except (InputError, OSError, ValueError) as e:
+                _fail(r, e, log)
+                continue
+            slot = _Slot(seq, r, writer, seq.iter_frames(), params=params, seed=seed)
+            slot.next_frame = pool.submit(_read_next, slot, want_flow)
+            slots[b] = slot
+            return
+        slots[b] = None
+
+    def close_slot(b: int, err: Exception | None = None) -> None:
+        slot = slots[b]
+        if err is None:
+            slot.writer.close()
+            slot.result.status = "done"
+        else:
+            slot.writer.abort()
+            if slot.next_frame is not None:
+                slot.next_frame.cancel()
+            _fail(slot.result, err, log)
+            bar.update(len(slot.seq) - slot.index)
+        open_slot(b)
+
+    for b in range(B):
+        open_slot(b)
+    channels = engine.channels
+    while any(s is not None for s in slots):
+        frames = torch.zeros(B, channels, h, w, device=engine.device)
+        flows = torch.zeros(B, 2, h, w, device=engine.device) if want_flow else None
+        valid = torch.ones(B, 1, h, w, dtype=torch.bool, device=engine.device) if want_flow else None
+        active, starting, t_now = [False] * B, [], [0] * B
+        for b, slot in enumerate(slots):
+            if slot is None:
+                continue
+            try:
+                frame, flow, fvalid = slot.next_frame.result()
+                x = prepare_frames([frame], size, engine.device, gray=channels == 1)[0]
+            except Exception as e:  # a bad frame or flow file fails this sequence only
+                close_slot(b, e)
+                continue
+            i = slot.index
+            t_now[b] = int(slot.seq.timestamps_us[i])
+            if i == 0:
+                engine.start(b, x, t_now[b], slot.params, slot.seed)
+                starting.append(b)
+            else:
+                frames[b] = x
+                active[b] = True
+                if flow is not None:
+                    flows[b] = resize_flow(torch.from_numpy(np.asarray(flow)).permute(2, 0, 1)[None].to(
+                        engine.device), size)[0]
+                    if fvalid is not None:
+                        valid[b] = _resize_mask(fvalid, (w, h), engine.device)
+            slot.index += 1
+            slot.next_frame = pool.submit(_read_next, slot, want_flow) if slot.index < len(slot.seq) else None
+        ev = engine.advance(frames, t_now, active, flow=flows, flow_valid=valid)
+        by_slot = _split_by_slot(ev, B)
+        for b, slot in enumerate(slots):
+            if slot is None or not (active[b] or b in starting):
+                continue
+            try:
+                if b in by_slot:
+                    slot.writer.append(by_slot[b])
+                    slot.result.events += len(by_slot[b])
+                gray = engine.prev[b] if channels == 1 else rgb_to_gray(engine.prev[b][None])[0]
+                slot.writer.add_frame(t_now[b], gray[0].round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+                                      if cfg.save_frames else None)
+            except Exception as e:
+                close_slot(b, e)
+                continue
+            slot.result.frames += 1
+            slot.result.steps = engine.substeps[b]
+            bar.update(1)
+            if slot.index >= len(slot.seq):
+                close_slot(b)
+        bar.set_postfix(events=sum(r.events for r in results.values()), refresh=False)
+
+
+def _resize_mask(mask: np.ndarray, size, device) -> torch.Tensor:
+    """A validity mask at the output size: an output pixel is valid only where all its inputs are."""
+    m = torch.from_numpy(np.asarray(mask, dtype=np.float32))[None, None].to(device)
+    from .resample import area_resize
+    return area_resize(m, size)[0] >= 0.999
+
+
+def _split_by_slot(ev, B: int) -> dict[int, np.ndarray]:
+    """StepEvents sorted by slot -> {slot: event array}, one device->host copy."""
+    if len(ev) == 0:
+        return {}
+    cols = torch.stack([ev.b, ev.x, ev.y, ev.t, ev.p.long()], 1).cpu().numpy()
+    bounds = np.searchsorted(cols[:, 0], np.arange(B + 1), "left")
+    out = {}
+    for b in range(B):
+        lo, hi = bounds[b], bounds[b + 1]
+        if hi > lo:
+            c = cols[lo:hi]
+            out[b] = make_events(c[:, 1], c[:, 2], c[:, 3], c[:, 4])
+    return out
