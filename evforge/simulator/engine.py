@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..events import make_events
-from .params import DVSParams
+from .params import DVSParams, parse_resolution
 from .pixel import EventSimulator, StepEvents, lin_log
 from .resample import area_resize, prepare_frames, resize_flow, rgb_to_gray
 from .upsample import FrameInterpolator, UpsampleConfig, choose_steps, substep_fractions
@@ -97,6 +97,7 @@ def simulate_frames(frames, timestamps_us, params: DVSParams, *, seed: int = 0, 
                     upsample: UpsampleConfig = UpsampleConfig(), flows=None, device="cpu") -> np.ndarray:
     """Simulate one in-memory sequence: ``frames`` (N, H, W) or (N, H, W, 3) at ``timestamps_us`` (N,).
 
+    ``resolution``: None/"native", a name such as "dvs346", "WxH" or (W, H).
     ``flows`` (N-1, H, W, 2) optional optical flow between consecutive frames (native resolution).
     Returns an event array (:data:`evforge.events.EVENT_DTYPE`).
     """
@@ -105,6 +106,7 @@ def simulate_frames(frames, timestamps_us, params: DVSParams, *, seed: int = 0, 
     if len(frames) != len(ts):
         raise ValueError(f"{len(frames)} frames but {len(ts)} timestamps")
     dev = resolve_device(device)
+    resolution = parse_resolution(resolution)
     first = prepare_frames([frames[0]], resolution, dev)
     H, W = first.shape[-2:]
     eng = BatchEngine(1, H, W, dev, upsample)

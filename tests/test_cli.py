@@ -1,0 +1,73 @@
+"""The evforge command: exit codes, one-line errors, and the demo's fast path."""
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from evforge.cli import main
+from evforge.simulator.scenes import SceneSpec, make_dataset
+from evforge.streamfile import StreamFile
+
+
+@pytest.fixture()
+def scenes(tmp_path):
+    make_dataset(tmp_path / "scenes", envs=("env",), trajectories=2,
+                 spec=SceneSpec(width=40, height=30, frames=5, seed=1))
+    return tmp_path / "scenes"
+
+
+def test_simulate_then_preview(scenes, tmp_path, capsys):
+    out = tmp_path / "streams"
+    rc = main(["simulate", str(scenes), "--out", str(out), "--preset", "clean", "--resolution", "32x24",
+               "--cutoff-hz", "50", "--quiet"])
+    assert rc == 0
+    assert "2 simulated" in capsys.readouterr().out
+    f = out / "env" / "Easy" / "P000.h5"
+    with StreamFile(f) as s:
+        assert (s.width, s.height) == (32, 24) and s.attrs["cutoff_hz"] == 50.0 and s.attrs["sigma_thres"] == 0.02
+    assert main(["simulate", str(scenes), "--out", str(out), "--quiet"]) == 0
+    assert "2 already done" in capsys.readouterr().out
+    png = tmp_path / "p.png"
+    assert main(["preview", str(f), "--out", str(png)]) == 0
+    assert Image.open(png).size[0] > 200
+
+
+def test_missing_input_is_a_one_line_error(tmp_path, capsys):
+    rc = main(["simulate", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and str(tmp_path / "nope") in err and err.count("\n") == 1
+
+
+def test_empty_folder_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    rc = main(["simulate", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), "--fps", "30", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and str(tmp_path / "empty") in err and err.count("\n") == 1
+
+
+def test_failed_sequence_gives_exit_code_1_and_keeps_the_others(scenes, tmp_path, capsys):
+    victim = next((scenes / "env" / "Easy" / "P001" / "image_left").glob("000002_*.png"))
+    victim.write_bytes(b"not a png")
+    rc = main(["simulate", str(scenes), "--out", str(tmp_path / "o"), "--preset", "ideal", "--quiet"])
+    captured = capsys.readouterr()
+    assert rc == 1
+    assert str(victim) in captured.err
+    assert (tmp_path / "o" / "env" / "Easy" / "P000.h5").exists()
+    assert not (tmp_path / "o" / "env" / "Easy" / "P001.h5").exists()
+
+
+def test_bad_parameter_value(scenes, tmp_path, capsys):
+    rc = main(["simulate", str(scenes), "--out", str(tmp_path / "o"), "--pos-thres", "-1", "--quiet"])
+    assert rc == 2 and "pos_thres" in capsys.readouterr().err
+
+
+def test_demo_runs_the_chain(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "demo finished" in out
+    streams = sorted((tmp_path / "demo" / "streams").rglob("*.h5"))
+    previews = sorted((tmp_path / "demo" / "previews").glob("*.png"))
+    assert len(streams) == 4 and len(previews) == 4
+    with StreamFile(streams[0]) as s:
+        assert s.num_events > 10_000
