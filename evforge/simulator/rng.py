@@ -83,8 +83,9 @@ def random_bits(keys: list[tuple[int, int]], index: torch.Tensor) -> torch.Tenso
 
 
 def bits_to_uniform(bits: torch.Tensor) -> torch.Tensor:
-    """float32 in the open interval (0, 1) from the top 24 bits (exactly representable)."""
-    return (_lsr(bits, 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
+    """float32 in the open interval (0, 1) from the top 23 bits: ``(n + 0.5) / 2**23`` needs 24 significant
+    bits, exactly what float32 has, so the largest value stays below 1 (with 24 bits it would round to 1)."""
+    return (_lsr(bits, 9).to(torch.float32) + 0.5) * (1.0 / 8388608.0)
 
 
 def uniform(keys: list[tuple[int, int]], index: torch.Tensor) -> torch.Tensor:
@@ -119,4 +120,4 @@ def keys_per_slot(keys: list[tuple[int, int]], device) -> tuple[torch.Tensor, to
 def uniform_scalar(seed: int, purpose: str) -> float:
     """One U(0, 1) number for per-sequence choices (e.g. a shot-noise rate drawn from a range)."""
     k1, k2 = stream_key(seed, purpose)
-    return ((_mix_int(_mix_int(k1) ^ k2) >> 8) + 0.5) / 16777216.0
+    return ((_mix_int(_mix_int(k1) ^ k2) >> 9) + 0.5) / 8388608.0
