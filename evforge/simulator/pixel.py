@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from . import rng
@@ -63,8 +64,8 @@ def lin_log(x: torch.Tensor, threshold: float = LIN_LOG_THRESHOLD) -> torch.Tens
 def inverse_lin_log(y: torch.Tensor, threshold: float = LIN_LOG_THRESHOLD) -> torch.Tensor:
     """Intensity whose lin-log response is ``y`` (used to hand interpolated log frames to the model)."""
     f = math.log(threshold) / threshold
-    y = y.double()
-    return torch.where(y <= math.log(threshold), y / f, torch.exp(y)).float()
+    y = y.float()
+    return torch.where(y <= math.log(threshold), y * (1.0 / f), torch.exp(y))
 
 
 def intensity01(x: torch.Tensor) -> torch.Tensor:
@@ -89,8 +90,8 @@ class StepEvents:
         """Sorted by (b, t); stable, so equal times keep generation order (pixel order y, x)."""
         if len(self) == 0:
             return self
-        key = self.b * (1 << 44) + (self.t - self.t.min())
-        order = torch.sort(key, stable=True).indices
+        t_rel = self.t - self.t.min()
+        order = stable_argsort(self.b * (int(t_rel.max()) + 1) + t_rel)
         return StepEvents(*(getattr(self, f).index_select(0, order) for f in "bxytp"))
 
     @staticmethod
@@ -274,15 +275,17 @@ class EventSimulator:
         base1 = base0 - dt * pick(self.leak_speed) if self.any_leak else base0
         diff1 = lp1 - base1
 
-        # 4. counts as v2e, computed only where a threshold can have been crossed
+        # 4. counts as v2e (floor of |diff| / threshold), computed only where a threshold may be crossed
         maybe = (diff1 >= pos_thr * _ALMOST) | (-diff1 >= neg_thr * _ALMOST)
-        flat = torch.nonzero(maybe.view(-1)).squeeze(1)
+        sb, y, x = torch.nonzero(maybe).unbind(1)  # slot among the selected, row, column (no divisions)
+        flat = (sb * self.H + y) * self.W + x
         d1 = _take(diff1, flat)
         is_on_px = d1 > 0
         thr_px = torch.where(is_on_px, _take(pos_thr, flat), _take(neg_thr, flat))
         cnt = torch.div(d1.abs(), thr_px, rounding_mode="floor").to(torch.int64)
         hit = torch.nonzero(cnt > 0).squeeze(1)
-        flat, cnt, d1, is_on_px, thr_px = (_take(x, hit) for x in (flat, cnt, d1, is_on_px, thr_px))
+        flat, sb, y, x, cnt, d1, is_on_px, thr_px = (_take(v, hit) for v in (flat, sb, y, x, cnt, d1, is_on_px,
+                                                                             thr_px))
         d0 = _take(lp0, flat) - _take(base0, flat)
 
         # 5. per-pixel interpolated timestamps: diff(t) is linear, the k-th level is crossed at t_k
@@ -294,104 +297,103 @@ class EventSimulator:
         e0, e1 = _take(d0, owner), _take(d1, owner)
         crossed = sign * e0 >= sign * level
         frac = torch.where(crossed, torch.zeros_like(e0), (level - e0) / (e1 - e0)).clamp(0.0, 1.0)
-        hw = self.H * self.W
-        pix = _take(flat, owner)
-        sb = torch.div(pix, hw, rounding_mode="floor")  # index among the selected slots
-        t_ev = _take(t0, sb) + torch.round(frac.double() * _take(dt_us, sb)).long()
-        p_ev = _take(torch.where(is_on_px, 1, -1).to(torch.int8), owner)
-        n_signal = pix.numel()
+        ev_sb = _take(sb, owner)
+        t_ev = _take(t0, ev_sb) + torch.round(frac.double() * _take(dt_us, ev_sb)).long()
+        cols = [ev_sb, _take(y, owner), _take(x, owner), t_ev, _take(torch.where(is_on_px, 1, -1).to(torch.int8), owner)]
+        n_signal = t_ev.numel()
 
         # 6. shot noise (sparse: only pixels whose next candidate falls in this step)
         if self.any_shot:
-            s_pix, s_t, s_p = self._shot_events(slots, pick, t1, I1)
-            if s_pix.numel():
-                pix, t_ev, p_ev = torch.cat([pix, s_pix]), torch.cat([t_ev, s_t]), torch.cat([p_ev, s_p])
+            shot = self._shot_events(slots, pick, t1, I1)
+            if shot[0].numel():
+                cols = [torch.cat([a, b]) for a, b in zip(cols, shot)]
 
         # 7. refractory period: drop (defer) events too close to the pixel's previous one
         keep = None
-        if self.any_refractory and pix.numel():
-            keep = self._refractory(slots, pix, t_ev)
+        if self.any_refractory and cols[0].numel():
+            keep = self._refractory(slots, *cols[:4])
 
-        # 8. memorise what was emitted: base += n_on * pos_thres - n_off * neg_thres
-        if keep is None and n_signal == pix.numel():
+        # 8. memorise what was emitted: base += n_on * pos_thres - n_off * neg_thres (signal events only)
+        if keep is None:
             base_flat = base1.reshape(-1).clone() if base1 is base0 else base1.reshape(-1)
             old = _take(base_flat, flat)
             base_flat.index_copy_(0, flat, torch.where(is_on_px, old + cnt * thr_px, old - cnt * thr_px))
             base1 = base_flat.view_as(base0)
         else:
-            # only signal events move the memorised level (shot noise is a photoreceptor transient)
-            sig_pix, sig_p = pix[:n_signal], p_ev[:n_signal]
-            emitted = torch.ones_like(sig_pix, dtype=torch.bool) if keep is None else keep[:n_signal]
+            emitted = keep[:n_signal]
+            ev_flat = _take(flat, owner)
+            on = _take(is_on_px, owner)
             n_on = torch.zeros(base1.numel(), dtype=torch.float32, device=base1.device)
             n_off = torch.zeros_like(n_on)
-            n_on.index_add_(0, sig_pix, (emitted & (sig_p > 0)).float())
-            n_off.index_add_(0, sig_pix, (emitted & (sig_p < 0)).float())
+            n_on.index_add_(0, ev_flat, (emitted & on).float())
+            n_off.index_add_(0, ev_flat, (emitted & ~on).float())
             base1 = base1 + n_on.view_as(base1) * pos_thr
             base1 = base1 - n_off.view_as(base1) * neg_thr
-            if keep is not None:
-                pix, t_ev, p_ev = pix[keep], t_ev[keep], p_ev[keep]
+            idx = torch.nonzero(keep).squeeze(1)
+            cols = [_take(c, idx) for c in cols]
         self._store(slots, sel, base=base1, lp=lp1.clone() if lp1 is L1_all else lp1, t_prev=t1)
 
-        slot_ids = _take(torch.tensor(slots, device=pix.device), torch.div(pix, hw, rounding_mode="floor"))
-        rem = pix % hw
-        ev = StepEvents(slot_ids, rem % self.W, torch.div(rem, self.W, rounding_mode="floor"), t_ev, p_ev)
-        return ev.sorted()
+        ev_sb, y, x, t_ev, p_ev = cols
+        slot_ids = ev_sb if all_slots else _take(sel, ev_sb)
+        return StepEvents(slot_ids, x, y, t_ev, p_ev).sorted()
 
     def _shot_events(self, slots, pick, t1, I1):
-        """Shot-noise events of this step for the selected slots: (flat pixel among them, t, p)."""
+        """Shot-noise events of this step for the selected slots: (slot among them, y, x, t, p)."""
         hw = self.H * self.W
         slot_t = torch.tensor(slots, device=self.device)
-        out_pix, out_t, out_p = [], [], []
+        out = []
         for pol in (0, 1):
             nxt = pick(self.next_shot[pol])
-            due = torch.nonzero((nxt <= t1.view(-1, 1, 1)).view(-1)).squeeze(1)
+            due = torch.nonzero(nxt <= t1.view(-1, 1, 1))
             while due.numel():
-                t_c = nxt.view(-1)[due]
-                sb = torch.div(due, hw, rounding_mode="floor")
-                gflat = slot_t[sb] * hw + due % hw  # index into the full state
+                sb, y, x = due.unbind(1)
+                pix = y * self.W + x
+                flat = sb * hw + pix  # among the selected slots
+                gb = _take(slot_t, sb)
+                gflat = gb * hw + pix  # in the full state
+                t_c = _take(nxt, flat)
                 k1, k2 = self._keys_shot[2 * pol]
-                u = rng.event_uniform(k1[slot_t[sb]], k2[slot_t[sb]], due % hw, t_c)
-                accept = u < (SHOT_NOISE_INTEN_FACTOR - 1) * intensity01(I1.view(-1)[due]) + 1
-                out_pix.append(due[accept])
-                out_t.append(t_c[accept])
-                out_p.append(torch.full((int(accept.sum()),), 1 if pol == 0 else -1, dtype=torch.int8,
-                                        device=self.device))
+                u = rng.event_uniform(_take(k1, gb), _take(k2, gb), pix, t_c)
+                accept = u < (SHOT_NOISE_INTEN_FACTOR - 1) * intensity01(_take(I1, flat)) + 1
+                a = torch.nonzero(accept).squeeze(1)
+                out.append([_take(v, a) for v in (sb, y, x, t_c)]
+                           + [torch.full((a.numel(),), 1 if pol == 0 else -1, dtype=torch.int8, device=self.device)])
                 new_t = self._next_shot_time(pol, gflat, t_c)
-                nxt.view(-1)[due] = new_t
-                self.next_shot[pol].view(-1)[gflat] = new_t
-                again = new_t <= t1[sb]
-                due = due[again]
-        if not out_pix:
+                nxt.view(-1).index_copy_(0, flat, new_t)
+                self.next_shot[pol].view(-1).index_copy_(0, gflat, new_t)
+                again = torch.nonzero(new_t <= _take(t1, sb)).squeeze(1)
+                due = due.index_select(0, again)
+        if not out:
             e = torch.zeros(0, dtype=torch.int64, device=self.device)
-            return e, e, e.to(torch.int8)
-        return torch.cat(out_pix), torch.cat(out_t), torch.cat(out_p)
+            return [e, e, e, e, e.to(torch.int8)]
+        return [torch.cat(c) for c in zip(*out)]
 
-    def _refractory(self, slots, pix, t_ev) -> torch.Tensor:
-        """Greedy per-pixel refractory filter, vectorised over pixels, looping over event rank in a pixel."""
+    def _refractory(self, slots, sb, y, x, t_ev) -> torch.Tensor:
+        """Greedy per-pixel refractory filter: which candidate events are emitted (bool per candidate).
+
+        In rounds: each round emits, for every pixel, its earliest remaining candidate later than
+        ``last + refractory`` and moves ``last`` there. A candidate that fails the test now can never pass
+        later (``last`` only grows), so it is dropped; the loop runs as many rounds as the most events any
+        pixel emits in this step (one, when the refractory period is longer than the step).
+        """
         hw = self.H * self.W
-        order = torch.argsort(pix * (1 << 40) + (t_ev - t_ev.min()), stable=True)
-        p_sorted, t_sorted = pix[order], t_ev[order]
-        first = torch.ones_like(p_sorted, dtype=torch.bool)
-        first[1:] = p_sorted[1:] != p_sorted[:-1]
-        positions = torch.arange(len(first), device=pix.device)
-        rank = positions - torch.cummax(torch.where(first, positions, 0), 0).values
-        sel = torch.tensor(slots, device=pix.device)
-        gpix = sel[torch.div(p_sorted, hw, rounding_mode="floor")] * hw + p_sorted % hw  # full-state index
+        sel = torch.tensor(slots, device=sb.device)
+        gpix = _take(sel, sb) * hw + y * self.W + x  # index into the full state
+        t_min = t_ev.min()
+        cand = stable_argsort(gpix * (int(t_ev.max() - t_min) + 1) + (t_ev - t_min))  # by (pixel, t)
         last_flat = self.last_t.view(-1)
-        ref = self.refractory_us[sel][torch.div(p_sorted, hw, rounding_mode="floor")]
-        # visit candidates rank by rank (each pixel at most once per rank), each rank a contiguous segment
-        by_rank = torch.sort(rank, stable=True).indices
-        keep_sorted = torch.zeros_like(first)
-        lo = 0
-        for hi in torch.cumsum(torch.bincount(rank), 0).tolist():
-            seg = by_rank[lo:hi]
-            gp, tt = gpix[seg], t_sorted[seg]
-            ok = (tt - last_flat[gp]).double() > ref[seg]
-            keep_sorted[seg] = ok
-            last_flat[gp[ok]] = tt[ok]
-            lo = hi
-        keep = torch.empty_like(keep_sorted)
-        keep[order] = keep_sorted
+        keep = torch.zeros_like(t_ev, dtype=torch.bool)
+        while cand.numel():
+            gp, tt = _take(gpix, cand), _take(t_ev, cand)
+            ref = _take(self.refractory_us, torch.div(gp, hw, rounding_mode="floor"))
+            ok = torch.nonzero((tt - _take(last_flat, gp)).double() > ref).squeeze(1)
+            cand, gp, tt = _take(cand, ok), _take(gp, ok), _take(tt, ok)
+            first = torch.ones_like(gp, dtype=torch.bool)
+            first[1:] = gp[1:] != gp[:-1]
+            emit = torch.nonzero(first).squeeze(1)
+            keep[_take(cand, emit)] = True
+            last_flat.index_copy_(0, _take(gp, emit), _take(tt, emit))
+            cand = _take(cand, torch.nonzero(~first).squeeze(1))
         return keep
 
     def _store(self, slots, sel, **state) -> None:
@@ -400,6 +402,30 @@ class EventSimulator:
                 setattr(self, name, value if name != "t_prev" else value.clone())
             else:
                 getattr(self, name).index_copy_(0, sel, value)
+
+
+def stable_argsort(key: torch.Tensor) -> torch.Tensor:
+    """Stable argsort of non-negative int64 keys.
+
+    On CPU an LSD radix sort over 16-bit digits with numpy (its stable sort of uint16 is a radix sort,
+    ~10x faster than a comparison sort for the few-thousand-to-million keys of a step); elsewhere torch.sort.
+    """
+    if key.device.type != "cpu" or key.numel() < 2:
+        return torch.sort(key, stable=True).indices
+    k = key.numpy()
+    top = int(k.max())
+    order = None
+    shift = 0
+    while True:
+        digit = ((k >> shift) & 0xFFFF).astype(np.uint16)
+        if order is None:
+            order = np.argsort(digit, kind="stable")
+        else:
+            order = order[np.argsort(digit[order], kind="stable")]
+        shift += 16
+        if top >> shift == 0:
+            break
+    return torch.from_numpy(order.astype(np.int64))
 
 
 def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
