@@ -1,0 +1,641 @@
+"""Shard files: many samples (or stream sequences) in one HDF5 file, read one sample at a time.
+
+Layout (``format_version`` 1, full tables in ``docs/FORMAT.md``)::
+
+    /events/x, /events/y   u2   pixel column / row, all samples concatenated (chunks of 65536 events)
+    /events/p              u1   1 = ON, 0 = OFF (as DSEC)
+    /events/t              u4   microseconds relative to the sample's index/t_offset
+    /index/offset          u8   first event of sample i in /events/*
+    /index/count           u8   its number of events
+    /index/label           i4   class id (-1 = unlabelled)
+    /index/key             str  unique sample key (utf-8), e.g. "airplanes/image_0001"
+    /index/t_offset        i8   absolute us: the earliest of the sample's first event and first frame
+    /index/t_start, t_end  i8   absolute us, half-open range [t_start, t_end) holding all its events and frames
+    /index/attrs           str  per-sample JSON object ("{}" when none)
+    streams only:
+    /index/frame_offset    u8   first frame of sample i in /frames/*
+    /index/frame_count     u8   its number of frames
+    /frames/t              i8   absolute us of the source frames, all samples concatenated
+    /frames/event_idx      u8   per frame, relative to its sample start: first event with t >= frame time
+
+    root attrs: evforge_format = "shard", format_version = 1, kind ("samples" | "streams"), width, height,
+                num_samples, num_events, complete = True (written last), plus user attrs as in stream files.
+
+Reading sample ``i`` is one slice ``offset:offset+count`` of each event column; the index is read once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from evforge.errors import InputError
+from evforge.events import EVENT_DTYPE, EventFormatError, empty_events, validate_events
+from evforge.streamfile import CHUNK_EVENTS, _decode_attr, _filter_kwargs, _fsync_dir
+
+__all__ = [
+    "FORMAT", "FORMAT_VERSION", "KINDS", "CHUNK_EVENTS", "RAW_EVENT_BYTES", "DEFAULT_TARGET_BYTES",
+    "ShardWriter", "ShardReader", "RollingShardWriter", "estimate_sample_bytes", "sha256_file",
+]
+
+FORMAT = "shard"
+FORMAT_VERSION = 1
+KINDS = ("samples", "streams")
+RAW_EVENT_BYTES = 9  # x u2 + y u2 + p u1 + t u4: one event's column bytes before compression
+RAW_FRAME_BYTES = 16  # frames/t i8 + frames/event_idx u8
+RAW_INDEX_BYTES = 48  # one index row (offset, count, label, t_offset, t_start, t_end, key/attrs pointers)
+DEFAULT_TARGET_BYTES = 256 << 20
+
+_COLUMNS = {"x": "<u2", "y": "<u2", "p": "u1", "t": "<u4"}
+_INDEX = {"offset": "<u8", "count": "<u8", "label": "<i4", "t_offset": "<i8", "t_start": "<i8", "t_end": "<i8"}
+_STREAM_INDEX = {"frame_offset": "<u8", "frame_count": "<u8"}
+_RESERVED_ATTRS = {"evforge_format", "format_version", "kind", "width", "height", "num_samples", "num_events",
+                   "complete", "evforge_json_attrs"}
+_U4_MAX = np.iinfo(np.uint32).max
+_I4_MAX = np.iinfo(np.int32).max
+_FLUSH_EVENTS = 16 * CHUNK_EVENTS  # small samples are buffered so each chunk is compressed once
+_SLICE_EVENTS = 1 << 22  # large samples are converted and written in slices (bounded extra memory)
+_STR = h5py.string_dtype("utf-8")
+
+
+def estimate_sample_bytes(num_events: int, num_frames: int = 0) -> int:
+    """Uncompressed bytes a sample adds to a shard (event columns, frame index, index row): the size policy."""
+    return int(num_events) * RAW_EVENT_BYTES + int(num_frames) * RAW_FRAME_BYTES + RAW_INDEX_BYTES
+
+
+def sha256_file(path, block_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file, streamed in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(block_size):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _encode_user_attrs(attrs: dict) -> tuple[dict, list[str]]:
+    """User attrs as HDF5 values; dicts / lists / tuples / None become JSON strings (names returned)."""
+    out, json_names = {}, []
+    for key, value in attrs.items():
+        if key in _RESERVED_ATTRS:
+            raise ValueError(f"attr name {key!r} is reserved by the shard format")
+        if value is None or isinstance(value, (dict, list, tuple)):
+            out[key] = json.dumps(value)
+            json_names.append(key)
+        else:
+            out[key] = value
+    return out, json_names
+
+
+# ---------------------------------------------------------------------------------------------- writer
+class ShardWriter:
+    """Write one shard sample by sample; the file appears at ``path`` only when complete.
+
+    A context manager: on normal exit the index is written, ``complete=True`` set last, the temp file
+    (``<name>.tmp-<pid>`` next to ``path``) fsynced and renamed into place; on an exception it is deleted.
+    """
+
+    def __init__(self, path, *, sensor_size, kind: str = "samples", compression: str = "zstd",
+                 attrs: dict | None = None):
+        self.path = Path(path)
+        self.width, self.height = (int(v) for v in sensor_size)
+        if self.width <= 0 or self.height <= 0:
+            raise ValueError(f"sensor size must be positive, got {self.width}x{self.height}")
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        self.kind = kind
+        event_filter = _filter_kwargs(compression)
+        user_attrs, json_names = _encode_user_attrs(attrs or {})
+
+        self._rows: dict[str, list[int]] = {name: [] for name in (*_INDEX, *_STREAM_INDEX)}
+        self._keys: list[str] = []
+        self._key_set: set[str] = set()
+        self._sample_attrs: list[str] = []
+        self._frame_t: list[np.ndarray] = []
+        self._frame_idx: list[np.ndarray] = []
+        self._num_frames = 0
+        self._pending: dict[str, list[np.ndarray]] = {name: [] for name in _COLUMNS}
+        self._pending_n = 0
+        self._n = 0  # events accepted (written or pending)
+        self._written = 0  # events in the file
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+        self._file = h5py.File(self._tmp, "w")
+        try:
+            f = self._file
+            f.attrs.update({"evforge_format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind,
+                            "width": self.width, "height": self.height, "complete": False})
+            f.attrs.update(user_attrs)
+            if json_names:
+                f.attrs["evforge_json_attrs"] = json.dumps(json_names)
+            events = f.create_group("events")
+            for name, dtype in _COLUMNS.items():
+                events.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(CHUNK_EVENTS,),
+                                      **event_filter)
+        except BaseException:
+            self.abort()
+            raise
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    @property
+    def num_samples(self) -> int:
+        return len(self._keys)
+
+    @property
+    def num_events(self) -> int:
+        return self._n
+
+    @property
+    def raw_bytes(self) -> int:
+        """Uncompressed bytes so far, as :func:`estimate_sample_bytes` counts them."""
+        return self._n * RAW_EVENT_BYTES + self._num_frames * RAW_FRAME_BYTES + self.num_samples * RAW_INDEX_BYTES
+
+    def add_sample(self, events: np.ndarray, *, key: str, label: int = -1, frame_times=None,
+                   attrs: dict | None = None, allow_empty: bool = False) -> int:
+        """Append one sample (EVENT_DTYPE, absolute sorted ``t``) and return its index in the shard.
+
+        ``frame_times`` (absolute us, non-decreasing) is required for ``kind="streams"`` and refused otherwise;
+        ``attrs`` is a JSON-serialisable dict kept per sample. An empty sample needs ``allow_empty=True``.
+        """
+        if self._file is None:
+            raise ValueError(f"{self.path}: writer is closed")
+        if not isinstance(key, str) or not key or any(c in key for c in "\r\n\0"):
+            raise ValueError(f"{self.path}: sample key must be a non-empty one-line string, got {key!r}")
+        if key in self._key_set:
+            raise ValueError(f"{self.path}: duplicate sample key {key!r}")
+        what = f"{self.path}: sample {key!r}"
+        if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or not -1 <= label <= _I4_MAX:
+            raise ValueError(f"{what}: label must be an int >= -1 (-1 = unlabelled), got {label!r}")
+        validate_events(events, (self.width, self.height), what=what)
+        frames = self._check_frames(frame_times, what)
+        try:
+            attrs_json = json.dumps({} if attrs is None else dict(attrs))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{what}: attrs are not a JSON-serialisable dict ({err})") from None
+
+        n = len(events)
+        if n == 0 and not allow_empty:
+            raise EventFormatError(f"{what}: no events (pass allow_empty=True to store an empty sample)")
+        t = events["t"]
+        firsts = [int(a[0]) for a in (t, frames) if len(a)]
+        lasts = [int(a[-1]) for a in (t, frames) if len(a)]
+        t_offset = min(firsts) if firsts else 0
+        t_end = max(lasts) + 1 if lasts else 0  # half-open [t_start, t_end)
+        if n and int(t[-1]) - t_offset > _U4_MAX:
+            raise EventFormatError(f"{what}: spans {int(t[-1]) - t_offset} us, more than 2**32-1 (does not fit u4)")
+
+        for s in range(0, n, _SLICE_EVENTS):
+            part = events[s : s + _SLICE_EVENTS]
+            self._pending["x"].append(part["x"].astype("<u2"))  # astype copies: the caller may reuse its buffer
+            self._pending["y"].append(part["y"].astype("<u2"))
+            self._pending["p"].append((part["p"] > 0).astype("u1"))
+            self._pending["t"].append((part["t"] - t_offset).astype("<u4"))
+            self._pending_n += len(part)
+            if self._pending_n >= _FLUSH_EVENTS:
+                self._flush()
+
+        row = {"offset": self._n, "count": n, "label": int(label), "t_offset": t_offset, "t_start": t_offset,
+               "t_end": t_end, "frame_offset": self._num_frames, "frame_count": len(frames)}
+        for name, value in row.items():
+            self._rows[name].append(value)
+        if self.kind == "streams":
+            self._frame_t.append(frames)
+            self._frame_idx.append(np.searchsorted(t, frames, "left").astype(np.uint64))
+            self._num_frames += len(frames)
+        self._keys.append(key)
+        self._key_set.add(key)
+        self._sample_attrs.append(attrs_json)
+        self._n += n
+        return len(self._keys) - 1
+
+    def _check_frames(self, frame_times, what: str) -> np.ndarray:
+        if self.kind == "samples":
+            if frame_times is not None:
+                raise ValueError(f"{what}: frame_times given, but a 'samples' shard has no frames")
+            return np.zeros(0, dtype=np.int64)
+        if frame_times is None:
+            raise ValueError(f"{what}: a 'streams' shard needs frame_times")
+        frames = np.asarray(frame_times).reshape(-1)
+        if frames.size and frames.dtype.kind not in "iu":
+            raise ValueError(f"{what}: frame_times must be integer microseconds, got dtype {frames.dtype}")
+        frames = frames.astype(np.int64)
+        bad = np.flatnonzero(np.diff(frames) < 0)
+        if bad.size:
+            raise ValueError(f"{what}: frame_times not sorted at index {int(bad[0]) + 1}")
+        return frames
+
+    def _flush(self) -> None:
+        if not self._pending_n:
+            return
+        n0, n1 = self._written, self._written + self._pending_n
+        for name, parts in self._pending.items():
+            ds = self._file["events"][name]
+            ds.resize((n1,))
+            ds[n0:n1] = np.concatenate(parts)
+            parts.clear()
+        self._written, self._pending_n = n1, 0
+
+    def close(self) -> None:
+        """Write the index, set ``complete=True`` last, fsync and rename into place."""
+        if self._file is None:
+            return
+        try:
+            self._flush()
+            f = self._file
+            fields = dict(_INDEX, **(_STREAM_INDEX if self.kind == "streams" else {}))
+            for name, dtype in fields.items():
+                f.create_dataset(f"index/{name}", data=np.asarray(self._rows[name], dtype=dtype))
+            f.create_dataset("index/key", data=np.asarray(self._keys, dtype=object), dtype=_STR)
+            f.create_dataset("index/attrs", data=np.asarray(self._sample_attrs, dtype=object), dtype=_STR)
+            if self.kind == "streams":
+                cat = lambda parts, dtype: np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+                f.create_dataset("frames/t", data=cat(self._frame_t, "<i8"))
+                f.create_dataset("frames/event_idx", data=cat(self._frame_idx, "<u8"))
+            f.attrs["num_samples"] = self.num_samples
+            f.attrs["num_events"] = self._n
+            f.attrs["complete"] = True
+            f.flush()
+            f.close()
+            self._file = None
+            fd = os.open(self._tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        _fsync_dir(self.path.parent)
+
+    def abort(self) -> None:
+        """Discard the shard being written (nothing is left at ``path`` or in the temp file)."""
+        if self._file is not None:
+            try:
+                self._file.close()
+            except Exception:
+                pass
+            self._file = None
+        self._tmp.unlink(missing_ok=True)
+
+
+class RollingShardWriter:
+    """Write samples into ``<directory>/<prefix>-00000.h5``, ``-00001.h5``, ... cutting at ``target_bytes``.
+
+    A new shard starts when the next sample would push the current one past ``target_bytes`` of raw bytes
+    (:func:`estimate_sample_bytes`); a single larger sample gets a shard of its own. Finished shards are
+    complete files (listed in :attr:`paths`); on an exception only the shard in progress is discarded.
+    """
+
+    def __init__(self, directory, *, prefix: str, sensor_size, kind: str = "samples", compression: str = "zstd",
+                 attrs: dict | None = None, target_bytes: int = DEFAULT_TARGET_BYTES):
+        if target_bytes <= 0:
+            raise ValueError(f"target_bytes must be positive, got {target_bytes}")
+        self.directory = Path(directory)
+        self.prefix = prefix
+        self.target_bytes = int(target_bytes)
+        self._writer_kwargs = dict(sensor_size=sensor_size, kind=kind, compression=compression, attrs=attrs)
+        self._writer: ShardWriter | None = None
+        self.paths: list[Path] = []
+
+    def __enter__(self) -> "RollingShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        elif self._writer is not None:
+            self._writer.abort()
+            self._writer = None
+
+    def add_sample(self, events: np.ndarray, **kwargs) -> tuple[Path, int]:
+        """Add a sample (arguments as :meth:`ShardWriter.add_sample`); returns (shard path, index in shard)."""
+        frames = kwargs.get("frame_times")
+        size = estimate_sample_bytes(len(events), 0 if frames is None else np.size(frames))
+        w = self._writer
+        if w is not None and w.num_samples and w.raw_bytes + size > self.target_bytes:
+            self._finish()
+        if self._writer is None:
+            path = self.directory / f"{self.prefix}-{len(self.paths):05d}.h5"
+            self._writer = ShardWriter(path, **self._writer_kwargs)
+        return self._writer.path, self._writer.add_sample(events, **kwargs)
+
+    def _finish(self) -> None:
+        self._writer.close()
+        self.paths.append(self._writer.path)
+        self._writer = None
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._finish()
+
+
+# ---------------------------------------------------------------------------------------------- reader
+class ShardReader:
+    """Lazy reader of a complete shard: the index is loaded once, events are read one sample slice at a time.
+
+    The constructor validates the file and loads the index, then closes it; the HDF5 handle is opened on the
+    first event read, and again in a new process (after fork, or after unpickling: ``__getstate__`` drops it),
+    so a reader can be handed to DataLoader workers.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self._file = None
+        self._pid = None
+        self._key_map: dict[str, int] | None = None
+        f = self._open()
+        try:
+            a = f.attrs
+            self.kind = _decode_attr(a["kind"])
+            if self.kind not in KINDS:
+                raise InputError(self.path, f"unknown shard kind {self.kind!r}")
+            self.width, self.height = int(a["width"]), int(a["height"])
+            self.num_samples, self.num_events = int(a["num_samples"]), int(a["num_events"])
+            json_names = set(json.loads(_decode_attr(a.get("evforge_json_attrs", "[]"))))
+            self.attrs = {k: json.loads(_decode_attr(v)) if k in json_names else _decode_attr(v)
+                          for k, v in a.items() if k not in _RESERVED_ATTRS}
+            fields = dict(_INDEX, **(_STREAM_INDEX if self.kind == "streams" else {}))
+            index = np.zeros(self.num_samples, dtype=list(fields.items()))
+            for name in fields:
+                index[name] = self._column(f, f"index/{name}", self.num_samples)
+            index.setflags(write=False)
+            self._index = index
+            self._keys = [str(k) for k in self._column(f, "index/key", self.num_samples, string=True)]
+            self._attrs_json = list(self._column(f, "index/attrs", self.num_samples, string=True))
+            for name in _COLUMNS:
+                if f["events"][name].shape != (self.num_events,):
+                    raise InputError(self.path, f"events/{name} has shape {f['events'][name].shape}, "
+                                                f"expected ({self.num_events},) from num_events")
+            if self.kind == "streams":
+                num_frames = len(f["frames/t"])
+                self._frame_t = self._column(f, "frames/t", num_frames).astype(np.int64)
+                self._frame_idx = self._column(f, "frames/event_idx", num_frames).astype(np.int64)
+            else:
+                self._frame_t = self._frame_idx = np.zeros(0, dtype=np.int64)
+        except InputError:
+            raise
+        except (KeyError, OSError, ValueError, TypeError) as err:
+            raise InputError(self.path, f"malformed shard ({err})") from None
+        finally:
+            f.close()
+
+    def _open(self) -> h5py.File:
+        """Open and check format, version and completeness (InputError naming the file otherwise)."""
+        if not self.path.exists():
+            raise InputError(self.path, "no such file")
+        try:
+            f = h5py.File(self.path, "r")
+        except OSError as err:
+            raise InputError(self.path, f"not a readable HDF5 file ({err})") from None
+        try:
+            a = f.attrs
+            if _decode_attr(a.get("evforge_format")) != FORMAT:
+                raise InputError(self.path, "not an evforge shard (missing evforge_format='shard')")
+            version = _decode_attr(a.get("format_version"))
+            if isinstance(version, int) and version > FORMAT_VERSION:
+                raise InputError(self.path, f"shard format_version {version} is newer than this evforge reads "
+                                            f"({FORMAT_VERSION}): upgrade evforge")
+            if version != FORMAT_VERSION:
+                raise InputError(self.path, f"unsupported shard format_version {version!r}")
+            if _decode_attr(a.get("complete")) is not True:
+                raise InputError(self.path, "incomplete shard (interrupted write?)")
+        except BaseException:
+            f.close()
+            raise
+        return f
+
+    def _column(self, f: h5py.File, name: str, length: int, *, string: bool = False) -> np.ndarray:
+        ds = f[name]
+        if ds.shape != (length,):
+            raise InputError(self.path, f"{name} has shape {ds.shape}, expected ({length},)")
+        return ds.asstr()[:] if string else ds[:]
+
+    def _h5(self) -> h5py.File:
+        """The open HDF5 handle of this process (opened on first use, reopened in a forked child)."""
+        if self._file is None or self._pid != os.getpid():
+            self._file = self._open()
+            self._pid = os.getpid()
+            self._cols = {name: self._file["events"][name] for name in _COLUMNS}
+        return self._file
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_file"] = state["_pid"] = None  # h5py handles cannot cross processes
+        state.pop("_cols", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._index.setflags(write=False)  # unpickled arrays come back writeable
+
+    def close(self) -> None:
+        if self._file is not None and self._pid == os.getpid():
+            self._file.close()
+        self._file = None
+
+    def __enter__(self) -> "ShardReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    # ---- index (in memory)
+    @property
+    def sensor_size(self) -> tuple[int, int]:
+        return self.width, self.height
+
+    @property
+    def index(self) -> np.ndarray:
+        """Read-only structured array, one row per sample: offset, count, label, t_offset, t_start, t_end
+        (+ frame_offset, frame_count for streams)."""
+        return self._index
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._index["label"].copy()
+
+    def find(self, key: str) -> int:
+        """Index of the sample with ``key`` (KeyError if absent)."""
+        if self._key_map is None:
+            self._key_map = {k: i for i, k in enumerate(self._keys)}
+        return self._key_map[key]
+
+    def sample_attrs(self, i: int) -> dict:
+        return json.loads(self._attrs_json[self._check(i)])
+
+    def frame_times(self, i: int) -> np.ndarray:
+        """Absolute frame times (us) of sample ``i`` (empty for a 'samples' shard)."""
+        row = self._index[self._check(i)]
+        if self.kind != "streams":
+            return np.zeros(0, dtype=np.int64)
+        fo, fc = int(row["frame_offset"]), int(row["frame_count"])
+        return self._frame_t[fo : fo + fc].copy()
+
+    def frame_event_idx(self, i: int) -> np.ndarray:
+        """Per frame of sample ``i``: the first event (relative to the sample) with t >= the frame time."""
+        row = self._index[self._check(i)]
+        if self.kind != "streams":
+            return np.zeros(0, dtype=np.int64)
+        fo, fc = int(row["frame_offset"]), int(row["frame_count"])
+        return self._frame_idx[fo : fo + fc].copy()
+
+    def _check(self, i) -> int:
+        n = self.num_samples
+        if not isinstance(i, (int, np.integer)) or isinstance(i, bool) or not -n <= i < n:
+            raise IndexError(f"{self.path}: sample index {i!r} out of range ({n} samples)")
+        return int(i) % n
+
+    # ---- events (slices of the columns)
+    def sample(self, i: int) -> tuple[np.ndarray, int, str]:
+        """``(events, label, key)`` of sample ``i``: one slice of each event column."""
+        i = self._check(i)
+        return self.events(i), int(self._index["label"][i]), self._keys[i]
+
+    __getitem__ = sample
+
+    def events(self, i: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Events ``[start, stop)`` (indices within sample ``i``, clipped to it) as EVENT_DTYPE, t absolute."""
+        row = self._index[self._check(i)]
+        offset, count = int(row["offset"]), int(row["count"])
+        start, stop, _ = slice(start, stop).indices(count)
+        if stop <= start:
+            return empty_events()
+        a, b = offset + start, offset + stop
+        try:
+            self._h5()
+            cols = {name: ds[a:b] for name, ds in self._cols.items()}
+        except OSError as err:
+            raise InputError(self.path, f"cannot read sample {int(i)} ({err})") from None
+        ev = np.empty(b - a, dtype=EVENT_DTYPE)
+        ev["x"], ev["y"] = cols["x"], cols["y"]
+        ev["t"] = cols["t"].astype(np.int64) + int(row["t_offset"])
+        ev["p"] = cols["p"].astype(np.int8) * 2 - 1
+        return ev
+
+    def frame_window(self, i: int, j: int) -> np.ndarray:
+        """Events of stream sample ``i`` in ``[frame j, frame j+1)``."""
+        idx = self.frame_event_idx(i)
+        if self.kind != "streams":
+            raise ValueError(f"{self.path}: a 'samples' shard has no frames")
+        if not 0 <= j < len(idx) - 1:
+            raise IndexError(f"{self.path}: frame interval {j} of sample {i} out of range "
+                             f"(0 .. {len(idx) - 2})")
+        return self.events(i, int(idx[j]), int(idx[j + 1]))
+
+    # ---- integrity
+    def check(self, block_events: int = 16 * CHUNK_EVENTS) -> list[str]:
+        """Invariant faults ("<path>: <problem>", first occurrence of each kind), reading the columns in blocks.
+
+        Checks index consistency (contiguous offsets, counts, unique keys, labels >= -1, frame index), then per
+        event: coordinates inside the sensor, p in {0, 1}, t sorted within its sample and inside [t_start, t_end),
+        and each frame's event_idx is the first event with t >= the frame time.
+        """
+        faults: dict[str, str] = {}  # kind -> first message
+
+        def fault(kind: str, message: str) -> None:
+            faults.setdefault(kind, f"{self.path}: {message}")
+
+        ix = self._index
+        offset, count = ix["offset"].astype(np.int64), ix["count"].astype(np.int64)
+        starts = np.concatenate([[0], np.cumsum(count)])[:-1]
+        if np.any(offset != starts):
+            i = int(np.flatnonzero(offset != starts)[0])
+            fault("offset", f"index/offset[{i}] = {offset[i]}, expected {starts[i]} (samples not contiguous)")
+        if int(count.sum()) != self.num_events:
+            fault("count", f"index/count sums to {int(count.sum())}, but num_events = {self.num_events}")
+        if len(set(self._keys)) != len(self._keys) or not all(self._keys):
+            fault("key", "sample keys are empty or not unique")
+        if np.any(ix["label"] < -1):
+            fault("label", f"label {int(ix['label'].min())} < -1")
+        t_off, t_start, t_end = ix["t_offset"], ix["t_start"], ix["t_end"]
+        if np.any(t_start != t_off) or np.any(t_end < t_start):
+            fault("trange", "index t_start != t_offset or t_end < t_start")
+        ft_sample = self._check_frames(fault)
+        if faults:  # the per-event pass relies on a sane index
+            return list(faults.values())
+
+        ends = starts + count
+        prev_t = None  # (sample, absolute t) of the last event of the previous block
+        ft, fidx = self._frame_t, self._frame_idx
+        f_global = starts[ft_sample] + fidx if len(ft) else np.zeros(0, dtype=np.int64)
+        try:
+            self._h5()
+            for a in range(0, self.num_events, block_events):
+                b = min(a + block_events, self.num_events)
+                x, y, p, t = (self._cols[c][a:b] for c in ("x", "y", "p", "t"))
+                pos = np.arange(a, b)
+                sid = np.searchsorted(ends, pos, "right")
+                tabs = t.astype(np.int64) + t_off[sid]
+                for name, values, limit in (("x", x, self.width), ("y", y, self.height)):
+                    bad = np.flatnonzero(values >= limit)
+                    if bad.size:
+                        k = int(bad[0])
+                        fault(name, f"{name}={values[k]} at event {a + k} is outside the "
+                                    f"{self.width}x{self.height} sensor")
+                bad = np.flatnonzero(p > 1)
+                if bad.size:
+                    fault("p", f"p={p[bad[0]]} at event {a + int(bad[0])} is not 0 or 1")
+                bad = np.flatnonzero((tabs < t_start[sid]) | (tabs >= t_end[sid]))
+                if bad.size:
+                    k = int(bad[0])
+                    fault("tspan", f"event {a + k} (t={tabs[k]}) is outside its sample's [t_start, t_end)")
+                same = sid[1:] == sid[:-1]
+                bad = np.flatnonzero(same & (tabs[1:] < tabs[:-1]))
+                if bad.size or (prev_t is not None and len(t) and prev_t[0] == sid[0] and tabs[0] < prev_t[1]):
+                    k = a + (int(bad[0]) + 1 if bad.size else 0)
+                    sample = int(np.searchsorted(ends, k, "right"))
+                    fault("sort", f"timestamps not sorted at event {k} (sample {sample})")
+                if len(t):
+                    prev_t = (int(sid[-1]), int(tabs[-1]))
+                # frame j's event g = first with t >= ft[j]: t[g-1] < ft[j] (if any before) and t[g] >= ft[j]
+                before = (fidx > 0) & (f_global - 1 >= a) & (f_global - 1 < b)
+                after = (fidx < count[ft_sample]) & (f_global >= a) & (f_global < b)
+                late = tabs[f_global[before] - 1 - a] >= ft[before]
+                if np.any(late) or np.any(tabs[f_global[after] - a] < ft[after]):
+                    fault("frame_event_idx", "frames/event_idx does not point at the first event at or after "
+                                             "its frame time")
+        except OSError as err:
+            fault("read", f"cannot read events ({err})")
+        return list(faults.values())
+
+    def _check_frames(self, fault) -> np.ndarray:
+        """Check the frame index; returns the sample of each frame (empty for 'samples' shards)."""
+        if self.kind != "streams":
+            return np.zeros(0, dtype=np.int64)
+        ix = self._index
+        fo, fc = ix["frame_offset"].astype(np.int64), ix["frame_count"].astype(np.int64)
+        fstarts = np.concatenate([[0], np.cumsum(fc)])[:-1]
+        if np.any(fo != fstarts) or int(fc.sum()) != len(self._frame_t):
+            fault("frame_offset", "index/frame_offset / frame_count do not tile frames/t")
+            return np.zeros(0, dtype=np.int64)
+        sample_of = np.repeat(np.arange(self.num_samples), fc)
+        ft, fidx = self._frame_t, self._frame_idx
+        same = sample_of[1:] == sample_of[:-1]
+        if np.any(same & (np.diff(ft) < 0)):
+            fault("frame_sort", "frames/t not sorted within a sample")
+        if np.any(same & (np.diff(fidx) < 0)) or np.any(fidx > ix["count"].astype(np.int64)[sample_of]):
+            fault("frame_idx", "frames/event_idx decreasing within a sample or past the sample's end")
+        if np.any((ft < ix["t_start"][sample_of]) | (ft >= ix["t_end"][sample_of])):
+            fault("frame_span", "a frame time is outside its sample's [t_start, t_end)")
+        return sample_of
