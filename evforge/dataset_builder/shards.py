@@ -17,6 +17,9 @@ Layout (``format_version`` 1, full tables in ``docs/FORMAT.md``)::
     /index/frame_count     u8   its number of frames
     /frames/t              i8   absolute us of the source frames, all samples concatenated
     /frames/event_idx      u8   per frame, relative to its sample start: first event with t >= frame time
+    optional, streams given ``frame_images`` (readers ignore them when absent):
+    /frames/image          u1   (F, H_img, W_img) one image per frame (e.g. a label map), one frame per chunk
+    /frames/has_image      u1   (F,) 1 where frame j has an image, 0 where its row is zero fill
 
     root attrs: evforge_format = "shard", format_version = 1, kind ("samples" | "streams"), width, height,
                 num_samples, num_events, complete = True (written last), plus user attrs as in stream files.
@@ -63,9 +66,11 @@ _SLICE_EVENTS = 1 << 22  # large samples are converted and written in slices (bo
 _STR = h5py.string_dtype("utf-8")
 
 
-def estimate_sample_bytes(num_events: int, num_frames: int = 0) -> int:
-    """Uncompressed bytes a sample adds to a shard (event columns, frame index, index row): the size policy."""
-    return int(num_events) * RAW_EVENT_BYTES + int(num_frames) * RAW_FRAME_BYTES + RAW_INDEX_BYTES
+def estimate_sample_bytes(num_events: int, num_frames: int = 0, image_bytes: int = 0) -> int:
+    """Uncompressed bytes a sample adds to a shard (event columns, frame index, frame images, index row):
+    the size policy."""
+    return (int(num_events) * RAW_EVENT_BYTES + int(num_frames) * RAW_FRAME_BYTES + int(image_bytes)
+            + RAW_INDEX_BYTES)
 
 
 def sha256_file(path, block_size: int = 1 << 20) -> str:
@@ -118,6 +123,10 @@ class ShardWriter:
         self._frame_t: list[np.ndarray] = []
         self._frame_idx: list[np.ndarray] = []
         self._num_frames = 0
+        self._compression = compression
+        self._has_image: list[np.ndarray] = []  # per sample: u1 flag per frame (frame images)
+        self._image_shape: tuple[int, int] | None = None  # (H_img, W_img) once a sample brought images
+        self._image_bytes = 0
         self._pending: dict[str, list[np.ndarray]] = {name: [] for name in _COLUMNS}
         self._pending_n = 0
         self._n = 0  # events accepted (written or pending)
@@ -161,14 +170,18 @@ class ShardWriter:
     @property
     def raw_bytes(self) -> int:
         """Uncompressed bytes so far, as :func:`estimate_sample_bytes` counts them."""
-        return self._n * RAW_EVENT_BYTES + self._num_frames * RAW_FRAME_BYTES + self.num_samples * RAW_INDEX_BYTES
+        return (self._n * RAW_EVENT_BYTES + self._num_frames * RAW_FRAME_BYTES + self._image_bytes
+                + self.num_samples * RAW_INDEX_BYTES)
 
     def add_sample(self, events: np.ndarray, *, key: str, label: int = -1, frame_times=None,
-                   attrs: dict | None = None, allow_empty: bool = False) -> int:
+                   attrs: dict | None = None, allow_empty: bool = False,
+                   frame_images: np.ndarray | None = None) -> int:
         """Append one sample (EVENT_DTYPE, absolute sorted ``t``) and return its index in the shard.
 
         ``frame_times`` (absolute us, non-decreasing) is required for ``kind="streams"`` and refused otherwise;
         ``attrs`` is a JSON-serialisable dict kept per sample. An empty sample needs ``allow_empty=True``.
+        ``frame_images`` (streams only, optional): ``(F, H_img, W_img)`` uint8, one image per frame time (e.g.
+        a segmentation label); every image of a shard has the same size, which need not be the sensor's.
         """
         if self._file is None:
             raise ValueError(f"{self.path}: writer is closed")
@@ -181,6 +194,7 @@ class ShardWriter:
             raise ValueError(f"{what}: label must be an int >= -1 (-1 = unlabelled), got {label!r}")
         validate_events(events, (self.width, self.height), what=what)
         frames = self._check_frames(frame_times, what)
+        images = self._check_images(frame_images, len(frames), what)
         try:
             attrs_json = json.dumps({} if attrs is None else dict(attrs))
         except (TypeError, ValueError) as err:
@@ -214,6 +228,9 @@ class ShardWriter:
         if self.kind == "streams":
             self._frame_t.append(frames)
             self._frame_idx.append(np.searchsorted(t, frames, "left").astype(np.uint64))
+            if images is not None:
+                self._write_images(images, self._num_frames)
+            self._has_image.append(np.full(len(frames), images is not None, dtype=np.uint8))
             self._num_frames += len(frames)
         self._keys.append(key)
         self._key_set.add(key)
@@ -236,6 +253,33 @@ class ShardWriter:
         if bad.size:
             raise ValueError(f"{what}: frame_times not sorted at index {int(bad[0]) + 1}")
         return frames
+
+    def _check_images(self, frame_images, num_frames: int, what: str) -> np.ndarray | None:
+        if frame_images is None:
+            return None
+        if self.kind != "streams":
+            raise ValueError(f"{what}: frame_images given, but a 'samples' shard has no frames")
+        images = np.asarray(frame_images)
+        if images.dtype != np.uint8 or images.ndim != 3 or images.shape[0] != num_frames or 0 in images.shape[1:]:
+            raise ValueError(f"{what}: frame_images must be uint8 (F, H, W) with F = {num_frames} frames, "
+                             f"got {images.dtype} {images.shape}")
+        if self._image_shape is not None and images.shape[1:] != self._image_shape:
+            raise ValueError(f"{what}: frame images are {images.shape[2]}x{images.shape[1]}, but this shard's "
+                             f"are {self._image_shape[1]}x{self._image_shape[0]} (one size per shard)")
+        return images
+
+    def _write_images(self, images: np.ndarray, f0: int) -> None:
+        """Write rows ``f0 ..`` of frames/image (created on first use; earlier frames stay zero fill)."""
+        h, w = images.shape[1:]
+        if self._image_shape is None:
+            self._image_shape = (h, w)
+            self._file.create_dataset("frames/image", shape=(0, h, w), maxshape=(None, h, w), dtype="u1",
+                                      chunks=(1, h, w), fillvalue=0, **_filter_kwargs(self._compression))
+        ds = self._file["frames/image"]
+        f1 = f0 + len(images)
+        ds.resize((max(f1, len(ds)), h, w))
+        ds[f0:f1] = images
+        self._image_bytes += images.nbytes
 
     def _flush(self) -> None:
         if not self._pending_n:
@@ -264,6 +308,9 @@ class ShardWriter:
                 cat = lambda parts, dtype: np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
                 f.create_dataset("frames/t", data=cat(self._frame_t, "<i8"))
                 f.create_dataset("frames/event_idx", data=cat(self._frame_idx, "<u8"))
+                if self._image_shape is not None:
+                    f["frames/image"].resize((self._num_frames, *self._image_shape))  # trailing frames: zero fill
+                    f.create_dataset("frames/has_image", data=cat(self._has_image, "u1"))
             f.attrs["num_samples"] = self.num_samples
             f.attrs["num_events"] = self._n
             f.attrs["complete"] = True
@@ -323,8 +370,9 @@ class RollingShardWriter:
 
     def add_sample(self, events: np.ndarray, **kwargs) -> tuple[Path, int]:
         """Add a sample (arguments as :meth:`ShardWriter.add_sample`); returns (shard path, index in shard)."""
-        frames = kwargs.get("frame_times")
-        size = estimate_sample_bytes(len(events), 0 if frames is None else np.size(frames))
+        frames, images = kwargs.get("frame_times"), kwargs.get("frame_images")
+        size = estimate_sample_bytes(len(events), 0 if frames is None else np.size(frames),
+                                     0 if images is None else np.size(images))
         w = self._writer
         if w is not None and w.num_samples and w.raw_bytes + size > self.target_bytes:
             self._finish()
@@ -380,10 +428,19 @@ class ShardReader:
                 if f["events"][name].shape != (self.num_events,):
                     raise InputError(self.path, f"events/{name} has shape {f['events'][name].shape}, "
                                                 f"expected ({self.num_events},) from num_events")
+            self._has_image = None  # per frame: True where frames/image holds an image (None: no frame images)
+            self.frame_image_size = None  # (W_img, H_img) of the frame images, None without them
             if self.kind == "streams":
                 num_frames = len(f["frames/t"])
                 self._frame_t = self._column(f, "frames/t", num_frames).astype(np.int64)
                 self._frame_idx = self._column(f, "frames/event_idx", num_frames).astype(np.int64)
+                if "frames/image" in f:
+                    shape = f["frames/image"].shape
+                    if len(shape) != 3 or shape[0] != num_frames:
+                        raise InputError(self.path, f"frames/image has shape {shape}, expected "
+                                                    f"({num_frames}, H, W) from frames/t")
+                    self._has_image = self._column(f, "frames/has_image", num_frames).astype(bool)
+                    self.frame_image_size = (int(shape[2]), int(shape[1]))
             else:
                 self._frame_t = self._frame_idx = np.zeros(0, dtype=np.int64)
         except InputError:
@@ -499,6 +556,28 @@ class ShardReader:
             return np.zeros(0, dtype=np.int64)
         fo, fc = int(row["frame_offset"]), int(row["frame_count"])
         return self._frame_idx[fo : fo + fc].copy()
+
+    @property
+    def has_frame_images(self) -> bool:
+        """True when the shard stores per-frame images (``frames/image``)."""
+        return self._has_image is not None
+
+    def frame_image(self, i: int, j: int) -> np.ndarray | None:
+        """The (H_img, W_img) uint8 image of frame ``j`` of stream sample ``i`` (one chunk read), or None when
+        the shard or that frame has no image."""
+        row = self._index[self._check(i)]
+        if self.kind != "streams":
+            raise ValueError(f"{self.path}: a 'samples' shard has no frames")
+        fo, fc = int(row["frame_offset"]), int(row["frame_count"])
+        if isinstance(j, bool) or not isinstance(j, (int, np.integer)) or not -fc <= j < fc:
+            raise IndexError(f"{self.path}: frame {j!r} of sample {i} out of range ({fc} frames)")
+        g = fo + int(j) % fc
+        if self._has_image is None or not self._has_image[g]:
+            return None
+        try:
+            return self._h5()["frames/image"][g]
+        except OSError as err:
+            raise InputError(self.path, f"cannot read frame image {g} ({err})") from None
 
     def _check(self, i) -> int:
         n = self.num_samples

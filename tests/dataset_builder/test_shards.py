@@ -438,3 +438,78 @@ def test_sha256_file(tmp_path):
     data = os.urandom(3 * (1 << 20) + 123)
     path.write_bytes(data)
     assert sha256_file(path) == hashlib.sha256(data).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------- frame images
+def label_images(n_frames, h=11, w=13, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n_frames, h, w), dtype=np.uint8)
+
+
+def test_frame_images_round_trip_and_layout(tmp_path):
+    data = stream_data()
+    images = [label_images(len(ft), seed=i) for i, (_, ft) in enumerate(data)]
+    path = tmp_path / "img.h5"
+    with ShardWriter(path, sensor_size=(W, H), kind="streams") as w:
+        w.add_sample(data[0][0], key="seq0", frame_times=data[0][1], frame_images=images[0])
+        w.add_sample(data[1][0], key="no-images", frame_times=data[1][1])  # mixed: zero rows, has_image 0
+        w.add_sample(data[1][0], key="seq1", frame_times=data[1][1], frame_images=images[1])
+    with ShardReader(path) as r:
+        assert r.has_frame_images and r.frame_image_size == (13, 11)
+        for j in range(len(data[0][1])):
+            np.testing.assert_array_equal(r.frame_image(0, j), images[0][j])
+        assert r.frame_image(1, 0) is None and r.frame_image(1, -1) is None
+        np.testing.assert_array_equal(r.frame_image(2, -1), images[1][-1])
+        with pytest.raises(IndexError):
+            r.frame_image(0, len(data[0][1]))
+        assert r.check() == []
+        r2 = pickle.loads(pickle.dumps(r))  # reopened lazily after unpickling
+        np.testing.assert_array_equal(r2.frame_image(2, 0), images[1][0])
+    with h5py.File(path) as f:
+        ds = f["frames/image"]
+        assert ds.dtype == np.uint8 and ds.shape == (len(f["frames/t"]), 11, 13) and ds.chunks == (1, 11, 13)
+        plist = ds.id.get_create_plist()
+        assert [plist.get_filter(k)[0] for k in range(plist.get_nfilters())] == [BLOSC_FILTER_ID]
+        n0, n1 = len(data[0][1]), len(data[1][1])
+        np.testing.assert_array_equal(f["frames/has_image"][:], [1] * n0 + [0] * n1 + [1] * n1)
+        assert not ds[n0 : n0 + n1].any()
+        assert f.attrs["format_version"] == 1
+
+
+def test_frame_images_absent_and_refused(tmp_path):
+    data = stream_data()
+    path = tmp_path / "plain.h5"
+    with ShardWriter(path, sensor_size=(W, H), kind="streams") as w:
+        w.add_sample(data[0][0], key="seq0", frame_times=data[0][1])
+    with ShardReader(path) as r:
+        assert not r.has_frame_images and r.frame_image_size is None and r.frame_image(0, 0) is None
+    with h5py.File(path) as f:
+        assert "frames/image" not in f and "frames/has_image" not in f
+    ev, ft = data[1]
+    with ShardWriter(tmp_path / "bad.h5", sensor_size=(W, H), kind="streams") as w:
+        for bad, match in ((label_images(len(ft) + 1), "F = "), (label_images(len(ft)).astype(np.int16), "uint8"),
+                           (label_images(len(ft))[..., 0], "uint8")):
+            with pytest.raises(ValueError, match=match):
+                w.add_sample(ev, key="a", frame_times=ft, frame_images=bad)
+        w.add_sample(ev, key="b", frame_times=ft, frame_images=label_images(len(ft)))
+        with pytest.raises(ValueError, match="one size per shard"):
+            w.add_sample(ev, key="c", frame_times=ft, frame_images=label_images(len(ft), h=12))
+    with ShardReader(tmp_path / "bad.h5") as r:  # refused samples left nothing behind
+        assert r.keys == ["b"] and r.check() == []
+    with ShardWriter(tmp_path / "samples.h5", sensor_size=(W, H)) as w:
+        with pytest.raises(ValueError, match="no frames"):
+            w.add_sample(ev, key="a", frame_images=label_images(1))
+
+
+def test_frame_image_bytes_count_in_size_policy(tmp_path):
+    assert estimate_sample_bytes(10, 2, image_bytes=500) == estimate_sample_bytes(10, 2) + 500
+    ev, ft = stream_data()[1]
+    img = label_images(len(ft), h=100, w=100)
+    target = 2 * estimate_sample_bytes(len(ev), len(ft), img.nbytes)
+    with RollingShardWriter(tmp_path, prefix="train", sensor_size=(W, H), kind="streams",
+                            target_bytes=target) as rw:
+        for k in range(5):
+            rw.add_sample(ev, key=f"s{k}", frame_times=ft, frame_images=img)
+    assert [ShardReader(p).num_samples for p in rw.paths] == [2, 2, 1]
+    with ShardWriter(tmp_path / "one.h5", sensor_size=(W, H), kind="streams") as w:
+        w.add_sample(ev, key="s", frame_times=ft, frame_images=img)
+        assert w.raw_bytes == estimate_sample_bytes(len(ev), len(ft), img.nbytes)
