@@ -1,0 +1,640 @@
+"""Simulator throughput: evforge's batched BatchEngine against a straightforward per-frame v2e model.
+
+Measures frames/s and events/s of :class:`evforge.simulator.engine.BatchEngine` for presets ``ideal`` and
+``noisy``, at 346x260 and 640x480, batch 1/8/32, on the CPU and (when torch sees one) on CUDA, next to
+:class:`evforge.simulator.v2e_reference.V2EReference` (batch 1: it has no batching) on the same frames, in
+the same run, with the speed-up as a ratio column. Prints a table and writes JSON + Markdown under
+``bench/results/`` named after the machine.
+
+Input frames are procedural moving textured scenes (:mod:`evforge.simulator.scenes`), rendered once up front
+at the target resolution (not timed), one distinct scene per batch element, converted to gray float32 and
+kept in memory on the device. A run longer than the rendered clip plays it back and forth ("ping-pong"),
+so the motion stays continuous while the timestamps keep increasing.
+
+Rows:
+
+* ``evforge`` / upsample ``none``: one simulated step per source frame, source at ``--source-hz`` (default
+  1 kHz, i.e. frames already upsampled): the per-step comparison with the reference.
+* ``v2e-ref``: V2EReference on the same frames of batch element 0.
+* ``evforge`` / upsample ``linear``: end to end from a ``--e2e-hz`` (default 30 Hz) source with the default
+  adaptive log-linear upsampling; frames/s counts source frames, steps/s the simulated sub-steps.
+
+frames/s = batch * frames / seconds. Each measurement is repeated ``--repeats`` times (after a warm-up),
+interleaved across the rows of a (device, resolution, preset) group so that slow drifts of a shared machine
+hit all rows alike; tables quote the median with [min-max]. Events are copied to the host as one array per
+step (as the dataset pipeline does; the reference returns host arrays too) unless ``--events device``.
+
+Usage::
+
+    python bench/simulator.py                 # full run, CPU (+ CUDA if available)
+    python bench/simulator.py --device cuda   # CUDA only
+    python bench/simulator.py --quick         # smoke test (~1 min on 2 cores), results in the temp dir
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import datetime as _dt
+import gc
+import json
+import multiprocessing
+import math
+import os
+import platform
+import re
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from evforge.simulator.engine import BatchEngine  # noqa: E402
+from evforge.simulator.params import get_preset  # noqa: E402
+from evforge.simulator.resample import rgb_to_gray  # noqa: E402
+from evforge.simulator.scenes import SceneSpec, build_scene, render_frame  # noqa: E402
+from evforge.simulator.upsample import UpsampleConfig  # noqa: E402
+from evforge.simulator.v2e_reference import V2EReference  # noqa: E402
+
+RESULTS_DIR = REPO / "bench" / "results"
+
+# Frames per measurement for batch 1, per device and resolution; batch B runs ceil(N / B**BATCH_SCALING)
+# frames per slot (at least MIN_FRAMES), so that measurements take comparable times whatever the batch.
+# Chosen so that the full default CPU run stays under ~15 minutes on 2 cores.
+DEFAULT_FRAMES = {"cpu": {(346, 260): 64, (640, 480): 32}, "cuda": {(346, 260): 600, (640, 480): 400}}
+BATCH_SCALING = {"cpu": 0.5, "cuda": 0.25}  # a GPU gains much more from batching than a CPU
+DEFAULT_E2E_FRAMES = {"cpu": {(346, 260): 3, (640, 480): 2}, "cuda": {(346, 260): 60, (640, 480): 40}}
+MIN_FRAMES = 4
+QUICK = dict(resolutions="346x260", batches="1,8", repeats=1, frames=12, e2e_frames=2, e2e_batch=2, scene_frames=8)
+
+
+# --------------------------------------------------------------------------------------------- machine
+
+
+def _slug(text: str) -> str:
+    text = re.sub(r"\((r|tm)\)|\bcpu\b|\bprocessor\b|@.*$", " ", text, flags=re.I)
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+
+
+def _cpuinfo() -> dict:
+    model, cores = None, set()
+    phys = core = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, val = (s.strip() for s in line.partition(":"))
+            if key == "model name" and model is None:
+                model = val
+            elif key == "physical id":
+                phys = val
+            elif key == "core id":
+                core = val
+            elif not key and core is not None:
+                cores.add((phys, core))
+                phys = core = None
+        if core is not None:
+            cores.add((phys, core))
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    mem_gib = None
+    try:
+        kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
+        mem_gib = round(kb / 2**20, 1)
+    except (OSError, AttributeError):
+        pass
+    return {"cpu_model": model or platform.processor() or platform.machine(), "logical_cpus": os.cpu_count(),
+            "usable_cpus": usable, "physical_cores": len(cores) or None, "memory_gib": mem_gib}
+
+
+def _git_commit() -> str | None:
+    """The checked-out commit, read from .git without running git (None outside a plain checkout)."""
+    try:
+        git = REPO / ".git"
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref:"):
+            return head
+        ref = head.split(None, 1)[1]
+        if (git / ref).exists():
+            return (git / ref).read_text().strip()
+        for line in (git / "packed-refs").read_text().splitlines():
+            if line.endswith(" " + ref):
+                return line.split()[0]
+    except (OSError, IndexError):
+        pass
+    return None
+
+
+def machine_info(threads: int) -> dict:
+    info = {**_cpuinfo(), "torch": torch.__version__, "torch_threads": threads, "numpy": np.__version__,
+            "python": platform.python_version(), "platform": platform.platform(), "cuda": None, "gpu": None,
+            "evforge_commit": _git_commit()}
+    try:
+        info["load_avg_at_start"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        prop = torch.cuda.get_device_properties(0)
+        info["cuda"] = torch.version.cuda
+        info["gpu"] = {"name": prop.name, "memory_gib": round(prop.total_memory / 2**30, 1),
+                       "capability": f"{prop.major}.{prop.minor}", "count": torch.cuda.device_count()}
+    return info
+
+
+def machine_tag(device: str, info: dict) -> str:
+    if device == "cuda":
+        return "cuda-" + _slug(info["gpu"]["name"])
+    return f"cpu-{_slug(info['cpu_model'])}-{info['usable_cpus']}cpu"
+
+
+# --------------------------------------------------------------------------------------------- input frames
+
+
+def _render_clip(args) -> np.ndarray:
+    """One scene as RGB uint8 (N, H, W, 3); runs in a worker process."""
+    width, height, n, speed_px, seed = args
+    scene = build_scene(SceneSpec(width=width, height=height, frames=n, speed_px=speed_px, seed=seed))
+    return np.stack([render_frame(scene, i)[0] for i in range(n)])
+
+
+def render_clips(specs: dict, workers: int) -> dict:
+    """``specs``: {key: (width, height, scenes, frames, speed_px, seed)} -> {key: gray float32 tensor
+    (frames, scenes, 1, H, W)} on the CPU, scene s (seed + s) in column s. Runs before any torch work, so
+    the worker processes can be forked."""
+    jobs = [(key, (w, h, n, speed, seed + s)) for key, (w, h, S, n, speed, seed) in specs.items() for s in range(S)]
+    if workers > 1 and len(jobs) > 1:
+        methods = multiprocessing.get_all_start_methods()
+        ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as pool:
+            clips = list(pool.map(_render_clip, [j for _, j in jobs]))
+    else:
+        clips = [_render_clip(j) for _, j in jobs]
+    out = {}
+    for key, (w, h, S, n, _, _) in specs.items():
+        mine = [c for (k, _), c in zip(jobs, clips) if k == key]
+        rgb = torch.from_numpy(np.stack(mine, axis=1))  # (n, S, H, W, 3)
+        out[key] = rgb_to_gray(rgb.flatten(0, 1).permute(0, 3, 1, 2).float()).view(n, S, 1, h, w)
+    return out
+
+
+def pingpong(i: int, last: int) -> int:
+    """Index of step ``i`` when a clip of frames 0..last is played forward, backward, forward..."""
+    j = i % (2 * last)
+    return j if j <= last else 2 * last - j
+
+
+# --------------------------------------------------------------------------------------------- measuring
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rss_kib(field_name: str) -> int | None:
+    try:
+        m = re.search(rf"{field_name}:\s+(\d+)", Path("/proc/self/status").read_text())
+        return int(m.group(1)) if m else None
+    except OSError:
+        return None
+
+
+def _libc():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+
+
+def _malloc_trim() -> None:
+    """Hand freed heap pages back to the OS (glibc), so that the next block's RSS growth shows its memory."""
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
+
+
+class MemoryProbe:
+    """Peak memory over a block, as a delta in MiB from its start.
+
+    CPU: peak RSS. Freed heap pages are returned first (glibc malloc_trim) and the kernel's peak-RSS mark is
+    reset (/proc/self/clear_refs) where Linux allows it; otherwise getrusage's process-lifetime peak is used,
+    which undercounts blocks smaller than an earlier one. CUDA: torch.cuda.max_memory_allocated.
+    """
+
+    hwm_resettable: bool | None = None
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.before = torch.cuda.memory_allocated(self.device)
+        else:
+            _malloc_trim()
+            if MemoryProbe.hwm_resettable is not False:
+                try:
+                    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+                    MemoryProbe.hwm_resettable = True
+                except OSError:
+                    MemoryProbe.hwm_resettable = False
+            self.before = _rss_kib("VmRSS") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak_mib = (torch.cuda.max_memory_allocated(self.device) - self.before) / 2**20
+        else:
+            peak = (_rss_kib("VmHWM") if MemoryProbe.hwm_resettable else None) \
+                or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+            self.peak_mib = max(0, peak - self.before) / 1024
+        return False
+
+
+def _to_host(ev) -> np.ndarray:
+    """One device->host copy of a step's events, as the dataset pipeline does."""
+    return torch.stack([ev.b, ev.x, ev.y, ev.t, ev.p.long()], 1).cpu().numpy()
+
+
+def run_evforge(clip: torch.Tensor, batch: int, n_frames: int, preset: str, dt_us: int, upsample: UpsampleConfig,
+                host_events: bool, device: torch.device) -> dict:
+    """Simulate ``n_frames`` frame pairs for ``batch`` slots; times only the advance() loop."""
+    params = get_preset(preset)
+    last = clip.shape[0] - 1
+    _, _, _, H, W = clip.shape
+    with MemoryProbe(device) as mem:
+        eng = BatchEngine(batch, H, W, device, upsample)
+        for b in range(batch):
+            eng.start(b, clip[0, b], 0, params, seed=b)
+        active = [True] * batch
+        events = 0
+        _sync(device)
+        t0 = time.perf_counter()
+        for i in range(1, n_frames + 1):
+            ev = eng.advance(clip[pingpong(i, last), :batch], [i * dt_us] * batch, active)
+            events += len(ev)
+            if host_events and len(ev):
+                _to_host(ev)
+        _sync(device)
+        seconds = time.perf_counter() - t0
+        steps = sum(eng.substeps)
+        del eng, ev
+    return {"seconds": seconds, "frames": batch * n_frames, "steps": steps, "events": events,
+            "peak_mem_mib": mem.peak_mib}
+
+
+def run_reference(clip: torch.Tensor, n_frames: int, preset: str, dt_us: int, device: torch.device) -> dict:
+    """V2EReference on batch element 0 of the same frames; times every frame after the first."""
+    params = get_preset(preset)
+    last = clip.shape[0] - 1
+    with MemoryProbe(device) as mem:
+        ref = V2EReference(params, seed=0, device=device)
+        ref.generate_events(clip[0, 0, 0], 0.0)
+        events = 0
+        _sync(device)
+        t0 = time.perf_counter()
+        for i in range(1, n_frames + 1):
+            events += len(ref.generate_events(clip[pingpong(i, last), 0, 0], i * dt_us * 1e-6))
+        _sync(device)
+        seconds = time.perf_counter() - t0
+        del ref
+    return {"seconds": seconds, "frames": n_frames, "steps": n_frames, "events": events,
+            "peak_mem_mib": mem.peak_mib}
+
+
+@dataclass
+class Row:
+    device: str
+    resolution: tuple[int, int]
+    preset: str
+    impl: str  # "evforge" | "v2e-ref"
+    upsample: str  # "none" | "linear"
+    source_hz: float
+    batch: int
+    n_frames: int  # frame pairs per slot per measurement
+    runs: list = field(default_factory=list)
+
+    def run(self, clip, host_events, warmup: bool = False) -> dict:
+        dev = torch.device(self.device)
+        dt_us = int(round(1e6 / self.source_hz))
+        n = min(self.n_frames, 3 if dev.type == "cpu" else 20) if warmup else self.n_frames
+        if self.impl == "v2e-ref":
+            return run_reference(clip, n, self.preset, dt_us, dev)
+        return run_evforge(clip, self.batch, n, self.preset, dt_us, UpsampleConfig(mode=self.upsample),
+                           host_events, dev)
+
+    def stat(self, key: str) -> dict:
+        """median/min/max of ``key`` per second over the repeats."""
+        vals = [r[key] / r["seconds"] for r in self.runs]
+        return {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
+
+    def summary(self) -> dict:
+        first = self.runs[0]
+        return {"device": self.device, "resolution": f"{self.resolution[0]}x{self.resolution[1]}",
+                "preset": self.preset, "impl": self.impl, "upsample": self.upsample, "source_hz": self.source_hz,
+                "batch": self.batch, "frames_per_slot": self.n_frames, "repeats": len(self.runs),
+                "frames_per_s": self.stat("frames"), "steps_per_s": self.stat("steps"),
+                "events_per_s": self.stat("events"),
+                "events_per_frame": first["events"] / first["frames"],
+                "steps_per_frame": first["steps"] / first["frames"],
+                "seconds": {"median": statistics.median(r["seconds"] for r in self.runs),
+                            "min": min(r["seconds"] for r in self.runs),
+                            "max": max(r["seconds"] for r in self.runs)},
+                "peak_mem_mib": max(r["peak_mem_mib"] for r in self.runs),
+                "runs": self.runs}
+
+
+# --------------------------------------------------------------------------------------------- report
+
+
+def _num(x: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+def _spread(s: dict) -> str:
+    return f"{_num(s['median'])} [{_num(s['min'])}-{_num(s['max'])}]"
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """evforge frames/s over v2e-ref frames/s, same device, resolution, preset (per-step rows only)."""
+    refs = {(r["device"], r["resolution"], r["preset"]): r for r in rows if r["impl"] == "v2e-ref"}
+    for r in rows:
+        ref = refs.get((r["device"], r["resolution"], r["preset"]))
+        r["ratio_vs_v2e_ref"] = None
+        if ref and r["impl"] == "evforge" and r["upsample"] == "none":
+            r["ratio_vs_v2e_ref"] = r["frames_per_s"]["median"] / ref["frames_per_s"]["median"]
+            # the same from the interleaved repeats: median of the per-repeat ratios
+            pairs = zip(r["runs"], ref["runs"])
+            r["ratio_per_repeat"] = [(a["frames"] / a["seconds"]) / (b["frames"] / b["seconds"]) for a, b in pairs]
+
+
+def table(rows: list[dict]) -> str:
+    head = ["device", "res", "preset", "impl", "upsample", "src Hz", "batch", "frames/slot", "frames/s [min-max]",
+            "steps/s", "events/s", "ev/frame", "vs v2e-ref", "peak mem MiB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in rows:
+        ratio = "1.0x" if r["impl"] == "v2e-ref" else "-"
+        if r.get("ratio_vs_v2e_ref"):
+            ratio = f"{r['ratio_vs_v2e_ref']:.1f}x"
+            if len(r["ratio_per_repeat"]) > 1:
+                ratio += f" [{min(r['ratio_per_repeat']):.1f}-{max(r['ratio_per_repeat']):.1f}]"
+        cells = [r["device"], r["resolution"], r["preset"], r["impl"], r["upsample"], f"{r['source_hz']:g}",
+                 str(r["batch"]), str(r["frames_per_slot"]), _spread(r["frames_per_s"]),
+                 _num(r["steps_per_s"]["median"]), _num(r["events_per_s"]["median"]), _num(r["events_per_frame"]),
+                 ratio, f"{r['peak_mem_mib']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+CPU_TARGET_RATIO = 10.0  # CPU: at least 10x the per-frame v2e implementation
+GPU_TARGET_FPS = 20_000.0  # H100: 20,000 frames/s or more at 640x480 with batching
+GPU_TARGET_RES = "640x480"
+
+
+def targets(rows: list[dict], info: dict) -> list[str]:
+    """The issue's targets against this run's medians (best batch per device, resolution and preset)."""
+    out = []
+    best: dict[tuple, dict] = {}
+    for r in rows:
+        if r["impl"] == "evforge" and r["upsample"] == "none":
+            key = (r["device"], r["resolution"], r["preset"])
+            if key not in best or r["frames_per_s"]["median"] > best[key]["frames_per_s"]["median"]:
+                best[key] = r
+    for (device, res, preset), r in best.items():
+        if device == "cpu" and r.get("ratio_vs_v2e_ref"):
+            ok = r["ratio_vs_v2e_ref"] >= CPU_TARGET_RATIO
+            b1 = next((x for x in rows if x["impl"] == "evforge" and x["upsample"] == "none" and x["batch"] == 1
+                       and (x["device"], x["resolution"], x["preset"]) == (device, res, preset)), None)
+            at_b1 = f", batch 1 {b1['ratio_vs_v2e_ref']:.1f}x" if b1 and b1.get("ratio_vs_v2e_ref") else ""
+            out.append(f"- cpu {res} {preset}: {r['ratio_vs_v2e_ref']:.1f}x v2e-ref at batch {r['batch']}{at_b1} "
+                       f"(target >= {CPU_TARGET_RATIO:g}x: {'met' if ok else 'NOT met'})")
+        elif device == "cuda" and res == GPU_TARGET_RES:
+            fps = r["frames_per_s"]["median"]
+            gpu = (info.get("gpu") or {}).get("name", "?")
+            note = "" if "H100" in gpu.upper() else f"; the target is stated for an H100, this is {gpu}"
+            out.append(f"- cuda {res} {preset}: {_num(fps)} frames/s at batch {r['batch']} (target >= "
+                       f"{_num(GPU_TARGET_FPS)}: {'met' if fps >= GPU_TARGET_FPS else 'NOT met'}{note})")
+    return out
+
+
+def machine_lines(info: dict) -> list[str]:
+    gpu = info.get("gpu")
+    out = [f"- CPU: {info['cpu_model']}, {info['physical_cores'] or '?'} physical cores, "
+           f"{info['logical_cpus']} logical CPUs ({info['usable_cpus']} usable), {info['memory_gib']} GiB RAM",
+           f"- torch {info['torch']} ({info['torch_threads']} threads), numpy {info['numpy']}, "
+           f"Python {info['python']}, {info['platform']}"]
+    if gpu:
+        out.append(f"- GPU: {gpu['name']} ({gpu['memory_gib']} GiB, sm {gpu['capability']}), CUDA {info['cuda']}")
+    else:
+        out.append("- GPU: none")
+    if info.get("load_avg_at_start"):
+        out.append(f"- load average at start: {info['load_avg_at_start']}")
+    if info.get("evforge_commit"):
+        out.append(f"- evforge commit: {info['evforge_commit']}")
+    return out
+
+
+def write_results(path: Path, info: dict, config: dict, rows: list[dict], elapsed: float) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"benchmark": "simulator", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+           "machine": info, "config": config, "elapsed_s": round(elapsed, 1), "rows": rows}
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    md = [f"# Simulator benchmark ({doc['date']})", "", *machine_lines(info), "",
+          f"Command: `{config['command']}`", "",
+          f"Medians of {config['repeats']} repeats [min-max]; frames/s = batch x frames / s; per-step rows "
+          f"(upsample none) take a {config['source_hz']:g} Hz source, end-to-end rows (upsample linear) a "
+          f"{config['e2e_hz']:g} Hz source; events {'copied to the host' if config['events'] == 'host' else 'left on the device'}."
+          f" 'vs v2e-ref' = evforge frames/s / V2EReference frames/s, same device, resolution and preset.", "",
+          table(rows), ""]
+    goals = targets(rows, info)
+    if goals:
+        md += ["Targets (best batch; medians):", "", *goals, ""]
+    md += [f"Total time {elapsed:.0f} s.", ""]
+    path.with_suffix(".md").write_text("\n".join(md))
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def _resolutions(text: str) -> list[tuple[int, int]]:
+    out = []
+    for v in text.split(","):
+        w, h = (int(x) for x in v.lower().strip().split("x"))
+        out.append((w, h))
+    return out
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: 346x260, batch 1 and 8, few frames, 1 repeat; output in the temp dir")
+    p.add_argument("--device", choices=["cpu", "cuda", "all"], default="all",
+                   help="all = cpu, plus cuda when torch sees a GPU (default)")
+    p.add_argument("--presets", default="ideal,noisy")
+    p.add_argument("--resolutions", default=None, help="comma-separated WxH (default 346x260,640x480)")
+    p.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,8,32)")
+    p.add_argument("--frames", type=int, default=None,
+                   help="frames per slot per measurement at batch 1 (batch B: ceil(N / B**0.5) on the CPU, "
+                        "ceil(N / B**0.25) on CUDA); default per device and resolution, see DEFAULT_FRAMES")
+    p.add_argument("--e2e-frames", type=int, default=None, help="source frames per end-to-end measurement")
+    p.add_argument("--e2e-batch", type=int, default=None,
+                   help="batch of the end-to-end rows (default: largest batch, at most 8 on the CPU)")
+    p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end (30 Hz, linear upsampling) rows")
+    p.add_argument("--no-reference", action="store_true", help="skip the V2EReference baseline rows")
+    p.add_argument("--repeats", type=int, default=None, help="repeats per measurement (default 5)")
+    p.add_argument("--source-hz", type=float, default=1000.0, help="source frame rate of the per-step rows")
+    p.add_argument("--e2e-hz", type=float, default=30.0, help="source frame rate of the end-to-end rows")
+    p.add_argument("--speed", type=float, default=240.0, help="typical image motion of the scenes, pixels/s")
+    p.add_argument("--scene-frames", type=int, default=None,
+                   help="frames rendered per scene (played back and forth); default 13")
+    p.add_argument("--events", choices=["host", "device"], default="host",
+                   help="copy each step's events to the host (default, like the pipeline) or leave them")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: usable CPUs)")
+    p.add_argument("--seed", type=int, default=1000, help="seed of the first scene (scene s uses seed + s)")
+    p.add_argument("--render-workers", type=int, default=None, help="processes rendering scenes (default: CPUs)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON path (a .md table is written next to it); default "
+                        "bench/results/simulator-<machine tag>.json, one file per device")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.resolutions = a.resolutions or QUICK["resolutions"]
+        a.batches = a.batches or QUICK["batches"]
+        a.repeats = a.repeats or QUICK["repeats"]
+        a.frames = a.frames or QUICK["frames"]
+        a.e2e_frames = a.e2e_frames or QUICK["e2e_frames"]
+        a.scene_frames = a.scene_frames or QUICK["scene_frames"]
+        a.e2e_batch = a.e2e_batch or QUICK["e2e_batch"]
+    a.resolutions = _resolutions(a.resolutions or "346x260,640x480")
+    a.batches = sorted(set(_ints(a.batches or "1,8,32")))
+    a.presets = [v.strip() for v in a.presets.split(",") if v.strip()]
+    for name in a.presets:
+        get_preset(name)  # fail early on a typo
+    a.repeats = a.repeats or 5
+    a.scene_frames = a.scene_frames or 13
+    if a.scene_frames < 2 or a.repeats < 1 or min(a.batches) < 1:
+        p.error("--scene-frames >= 2, --repeats >= 1 and batches >= 1 please")
+    return a
+
+
+def frames_for(args, device: str, res, batch: int) -> int:
+    n = args.frames or DEFAULT_FRAMES[device].get(tuple(res), max(8, int(32 * 640 * 480 / (res[0] * res[1]))))
+    return max(MIN_FRAMES if not args.frames else 1, math.ceil(n / batch ** BATCH_SCALING[device]))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    threads = args.threads or _cpuinfo()["usable_cpus"] or 1  # torch.set_num_threads after rendering
+    devices = ["cpu"] if args.device == "cpu" else ["cuda"] if args.device == "cuda" else \
+        ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    if "cuda" in devices and not torch.cuda.is_available():
+        print("error: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    info = machine_info(threads)
+    print("Machine:\n" + "\n".join(machine_lines(info)), flush=True)
+    if args.device == "all" and devices == ["cpu"]:
+        print("(no CUDA device: CPU only)", flush=True)
+
+    started = time.perf_counter()
+    e2e_batches = {d: args.e2e_batch or (min(max(args.batches), 8) if d == "cpu" else max(args.batches))
+                   for d in devices}
+    n_scenes = max([*args.batches, *(e2e_batches.values() if not args.no_e2e else [])])
+    workers = max(1, args.render_workers or threads)
+
+    # Render everything up front (not timed).
+    specs = {}
+    for res in args.resolutions:
+        specs[res, "step"] = (*res, n_scenes, args.scene_frames, args.speed / args.source_hz, args.seed)
+        if not args.no_e2e:
+            specs[res, "e2e"] = (*res, max(e2e_batches.values()), min(args.scene_frames, 9), args.speed / args.e2e_hz,
+                                 args.seed)
+    t = time.perf_counter()
+    clips = render_clips(specs, workers)
+    torch.set_num_threads(threads)
+    print(f"Rendered {sum(c.shape[0] * c.shape[1] for c in clips.values())} frames in "
+          f"{time.perf_counter() - t:.1f} s ({n_scenes} scenes, {workers} workers; not timed)", flush=True)
+
+    all_rows: dict[str, list[dict]] = {d: [] for d in devices}
+    for device in devices:
+        dev_clips = {k: v.to(device) for k, v in clips.items()}
+        if device == "cuda":  # context creation and first kernels out of the way
+            torch.zeros(1, device=device).sum().item()
+        for res in args.resolutions:
+            for preset in args.presets:
+                group: list[Row] = []
+                if not args.no_reference:
+                    group.append(Row(device, res, preset, "v2e-ref", "none", args.source_hz, 1,
+                                     frames_for(args, device, res, 1)))
+                for b in args.batches:
+                    group.append(Row(device, res, preset, "evforge", "none", args.source_hz, b,
+                                     frames_for(args, device, res, b)))
+                if not args.no_e2e:
+                    n = args.e2e_frames or DEFAULT_E2E_FRAMES[device].get(tuple(res), 2)
+                    group.append(Row(device, res, preset, "evforge", "linear", args.e2e_hz, e2e_batches[device], n))
+                kind = lambda r: "e2e" if r.upsample != "none" else "step"  # noqa: E731
+                for r in group:
+                    r.run(dev_clips[res, kind(r)], args.events == "host", warmup=True)
+                for _ in range(args.repeats):
+                    for r in group:
+                        r.runs.append(r.run(dev_clips[res, kind(r)], args.events == "host"))
+                summaries = [r.summary() for r in group]
+                add_ratios(summaries)
+                all_rows[device].extend(summaries)
+                for s in summaries:
+                    ratio = f", {s['ratio_vs_v2e_ref']:.1f}x v2e-ref" if s.get("ratio_vs_v2e_ref") else ""
+                    print(f"  [{time.perf_counter() - started:6.0f} s] {device} {s['resolution']} {preset:5s} "
+                          f"{s['impl']:7s} {s['upsample']:6s} B={s['batch']:<2d}: {_spread(s['frames_per_s'])} "
+                          f"frames/s, {_num(s['events_per_s']['median'])} events/s{ratio}", flush=True)
+        del dev_clips
+
+    elapsed = time.perf_counter() - started
+    config = {"command": " ".join(["python", "bench/simulator.py", *(sys.argv[1:] if argv is None else argv)]),
+              "quick": args.quick, "devices": devices, "presets": args.presets,
+              "resolutions": [f"{w}x{h}" for w, h in args.resolutions], "batches": args.batches,
+              "repeats": args.repeats, "source_hz": args.source_hz, "e2e_hz": args.e2e_hz, "speed_px_s": args.speed,
+              "scene_frames": args.scene_frames, "events": args.events, "seed": args.seed,
+              "cpu_peak_rss_reset": MemoryProbe.hwm_resettable}
+    rows = [r for d in devices for r in all_rows[d]]
+    print("\n" + table(rows), flush=True)
+    goals = targets(rows, info)
+    if goals:
+        print("\nTargets (best batch; medians):\n" + "\n".join(goals))
+    print(f"\nTotal {elapsed:.0f} s", flush=True)
+
+    if args.out is not None:
+        outputs = {args.out: devices}
+    else:
+        folder = Path(tempfile.gettempdir()) / "evforge-bench" if args.quick else RESULTS_DIR
+        prefix = "simulator-quick-" if args.quick else "simulator-"
+        outputs = {folder / f"{prefix}{machine_tag(d, info)}.json": [d] for d in devices}
+    for path, devs in outputs.items():
+        write_results(path, info, config, [r for d in devs for r in all_rows[d]], elapsed)
+        print(f"wrote {path} and {path.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
