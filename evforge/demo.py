@@ -1,7 +1,9 @@
 """``evforge demo``: the chain as far as it exists, on procedural data, on CPU in well under two minutes.
 
 Today: procedural TartanAir-layout scenes -> simulated event streams (noisy preset, log-linear upsampling)
--> PNG previews. Later stages (shards, pretraining, finetuning) extend it.
+-> stream previews -> stream shards (TartanAir converter, one environment held out as test) and a synthetic
+classification set in N-Caltech101's format converted by the real converter -> verify, inspect, shard
+previews, and one batch through the training loader. Later stages (pretraining, finetuning) extend it.
 """
 
 from __future__ import annotations
@@ -9,6 +11,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from .dataset_builder.build import build_dataset
+from .dataset_builder.dataset import EventDataset, make_loader
+from .dataset_builder.inspect import format_report, inspect_path, verify_dataset
+from .dataset_builder.preview import render_shard_preview
+from .dataset_builder.synthetic import make_synthetic_classification
 from .preview import render_stream_preview
 from .simulator.pipeline import SimulateConfig, simulate_sequences
 from .simulator.scenes import SceneSpec, make_dataset
@@ -16,6 +23,7 @@ from .simulator.sources import discover_sequences
 from .simulator.upsample import UpsampleConfig
 
 DEMO_SPEC = SceneSpec(width=160, height=120, frames=24, planes=3, speed_px=2.5, seed=0)
+SYNTHETIC_SIZE = (64, 48)  # the synthetic classification set's sensor, (W, H)
 
 
 def run_demo(out="evforge_demo", *, device="auto", progress=True, log=print) -> dict:
@@ -24,7 +32,7 @@ def run_demo(out="evforge_demo", *, device="auto", progress=True, log=print) -> 
     t0 = time.perf_counter()
     scenes = out / "scenes"
     make_dataset(scenes, envs=("demo_office", "demo_garden"), trajectories=2, spec=DEMO_SPEC)
-    log(f"[1/3] procedural scenes (TartanAir v1 layout, 10 Hz): {scenes}")
+    log(f"[1/5] procedural scenes (TartanAir v1 layout, 10 Hz): {scenes}")
 
     streams = out / "streams"
     cfg = SimulateConfig(preset="noisy", resolution=None, upsample=UpsampleConfig(mode="linear", max_steps=8),
@@ -34,10 +42,30 @@ def run_demo(out="evforge_demo", *, device="auto", progress=True, log=print) -> 
     if failed:
         raise RuntimeError(f"demo simulation failed: {failed[0].error}")
     n_events = sum(r.events for r in results)
-    log(f"[2/3] event streams ({len(results)} sequences, {n_events:,} events, noisy preset): {streams}")
+    log(f"[2/5] event streams ({len(results)} sequences, {n_events:,} events, noisy preset): {streams}")
 
     previews = out / "previews"
     pngs = [render_stream_preview(r.path, previews / (r.name.replace("/", "__") + ".png")) for r in results]
-    log(f"[3/3] previews: {previews}  (e.g. {pngs[0]})")
+    log(f"[3/5] stream previews: {previews}  (e.g. {pngs[0]})")
+
+    datasets = out / "datasets"
+    stream_ds = build_dataset("tartanair", streams, datasets / "streams", test_envs=("demo_garden",),
+                              progress=progress, command="evforge demo")
+    raw = make_synthetic_classification(out / "synthetic_raw", per_class=12, size=SYNTHETIC_SIZE, seed=0)
+    class_ds = build_dataset("ncaltech101", raw, datasets / "synthetic", val_fraction=0.25, seed=0,
+                             sensor_size=SYNTHETIC_SIZE, progress=progress, command="evforge demo")
+    for report in (stream_ds, class_ds):
+        faults = verify_dataset(report.out)
+        if faults or report.num_errors:
+            raise RuntimeError(f"demo dataset {report.out} is faulty: {(faults or [report.errors_path])[0]}")
+        log(format_report(inspect_path(report.out)))
+        pngs.append(render_shard_preview(report.out, previews / f"{report.out.name}_shards.png", samples=8))
+    log(f"[4/5] shards + manifests (verified): {stream_ds.out}, {class_ds.out}")
+
+    loader = make_loader(EventDataset(class_ds.out, "train"), batch_size=8, shuffle=True, seed=0)
+    batch = next(iter(loader))
+    log(f"[5/5] training loader: a batch of {len(batch['key'])} samples, {int(batch['offsets'][-1]):,} events "
+        f"packed, labels {batch['label'].tolist()}")
     log(f"demo finished in {time.perf_counter() - t0:.1f} s; outputs under {out.resolve()}")
-    return {"scenes": scenes, "streams": [r.path for r in results], "previews": pngs}
+    return {"scenes": scenes, "streams": [r.path for r in results], "previews": pngs,
+            "datasets": [stream_ds.out, class_ds.out]}

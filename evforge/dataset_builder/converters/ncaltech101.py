@@ -41,7 +41,10 @@ class NCaltech101Converter:
     raw_bytes_per_file_byte = 9 / 5
 
     def scan(self, src, *, split_file=None, seed: int = 0, val_fraction: float = 0.2,
-             unsorted: str = "error") -> DatasetPlan:
+             unsorted: str = "error", sensor_size=SENSOR_SIZE) -> DatasetPlan:
+        """``sensor_size`` (W, H): N-Caltech101's 240x180 canvas by default; the same ATIS format holds N-MNIST
+        (34x34) and evforge's synthetic sets, which pass their own size."""
+        sensor_size = tuple(int(v) for v in sensor_size)
         src = Path(src)
         check_unsorted_policy(unsorted)
         if not src.is_dir():
@@ -55,7 +58,7 @@ class NCaltech101Converter:
         if not files:
             raise InputError(src, "no class folders with .bin files (expected SRC/<class>/image_XXXX.bin)")
 
-        params = {"sensor_size": list(SENSOR_SIZE), "unsorted": unsorted}
+        params = {"sensor_size": list(sensor_size), "unsorted": unsorted}
         if split_file is not None:
             splits, unlisted = _splits_from_file(Path(split_file), files)
             params.update(split="file", split_file=os.path.abspath(split_file), unlisted=unlisted)
@@ -68,7 +71,7 @@ class NCaltech101Converter:
             splits = {keys[i]: split for split, idx in parts.items() for i in idx}
             params.update(split="stratified", val_fraction=val_fraction, seed=seed)
         items = [SourceItem(key=k, path=files[k][0], label=files[k][1], split=s) for k, s in sorted(splits.items())]
-        return DatasetPlan(name=self.name, kind="samples", sensor_size=SENSOR_SIZE, classes=classes, items=items,
+        return DatasetPlan(name=self.name, kind="samples", sensor_size=sensor_size, classes=classes, items=items,
                            params=params)
 
     def read(self, item: SourceItem, plan: DatasetPlan) -> list[Sample]:
