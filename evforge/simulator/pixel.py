@@ -58,7 +58,7 @@ def lin_log(x: torch.Tensor, threshold: float = LIN_LOG_THRESHOLD) -> torch.Tens
     x = x.double()
     f = math.log(threshold) / threshold
     y = torch.where(x <= threshold, x * f, torch.log(x.clamp_min(threshold)))
-    return (torch.round(y * 1e8) / 1e8).float()
+    return y.mul_(1e8).round_().div_(1e8).float()
 
 
 def inverse_lin_log(y: torch.Tensor, threshold: float = LIN_LOG_THRESHOLD) -> torch.Tensor:
@@ -127,6 +127,7 @@ class EventSimulator:
         z = lambda dtype=torch.float32: torch.zeros(shape, dtype=dtype, device=self.device)  # noqa: E731
         self.base, self.lp = z(), z()
         self.pos_thres, self.neg_thres = z(), z()
+        self.on_candidate, self.off_candidate = z(), z()  # diff >= / <= these may fire (see _ALMOST)
         self.leak_factor, self.leak_speed = z(), z()  # R, and R * rate * (1 - jitter N) * pos_thres per s
         self.last_t = torch.full(shape, _NEVER, dtype=torch.int64, device=self.device)
         self.next_shot = torch.full((2,) + shape, _FOREVER, dtype=torch.int64, device=self.device)  # ON, OFF
@@ -177,6 +178,8 @@ class EventSimulator:
         else:
             self.pos_thres[b] = p.pos_thres
             self.neg_thres[b] = p.neg_thres
+        self.on_candidate[b] = self.pos_thres[b] * _ALMOST
+        self.off_candidate[b] = -self.neg_thres[b] * _ALMOST
         self.leak_factor[b] = 0.0
         self.leak_speed[b] = 0.0
         if p.leak_rate_hz > 0:
@@ -276,7 +279,7 @@ class EventSimulator:
         diff1 = lp1 - base1
 
         # 4. counts as v2e (floor of |diff| / threshold), computed only where a threshold may be crossed
-        maybe = (diff1 >= pos_thr * _ALMOST) | (-diff1 >= neg_thr * _ALMOST)
+        maybe = (diff1 >= pick(self.on_candidate)) | (diff1 <= pick(self.off_candidate))
         sb, y, x = torch.nonzero(maybe).unbind(1)  # slot among the selected, row, column (no divisions)
         flat = (sb * self.H + y) * self.W + x
         d1 = _take(diff1, flat)
@@ -315,7 +318,8 @@ class EventSimulator:
 
         # 8. memorise what was emitted: base += n_on * pos_thres - n_off * neg_thres (signal events only)
         if keep is None:
-            base_flat = base1.reshape(-1).clone() if base1 is base0 else base1.reshape(-1)
+            # in place when base1 is the state itself (no leak, all slots): d0 was read above
+            base_flat = base1.reshape(-1)
             old = _take(base_flat, flat)
             base_flat.index_copy_(0, flat, torch.where(is_on_px, old + cnt * thr_px, old - cnt * thr_px))
             base1 = base_flat.view_as(base0)
@@ -331,7 +335,7 @@ class EventSimulator:
             base1 = base1 - n_off.view_as(base1) * neg_thr
             idx = torch.nonzero(keep).squeeze(1)
             cols = [_take(c, idx) for c in cols]
-        self._store(slots, sel, base=base1, lp=lp1.clone() if lp1 is L1_all else lp1, t_prev=t1)
+        self._store(slots, sel, base=base1, lp=lp1, t_prev=t1)
 
         ev_sb, y, x, t_ev, p_ev = cols
         slot_ids = ev_sb if all_slots else _take(sel, ev_sb)
@@ -397,11 +401,14 @@ class EventSimulator:
         return keep
 
     def _store(self, slots, sel, **state) -> None:
+        """Write the new state of the selected slots into the state tensors (copying, never aliasing inputs)."""
         for name, value in state.items():
+            target = getattr(self, name)
             if sel is None:
-                setattr(self, name, value if name != "t_prev" else value.clone())
+                if value.data_ptr() != target.data_ptr():
+                    target.copy_(value)
             else:
-                getattr(self, name).index_copy_(0, sel, value)
+                target.index_copy_(0, sel, value)
 
 
 def stable_argsort(key: torch.Tensor) -> torch.Tensor:
