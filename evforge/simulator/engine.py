@@ -85,9 +85,14 @@ class BatchEngine:
             t_k = [self.prev_t[b] + int(round(float(fractions[b, k]) * dt_us[b])) if mask[b] else self.prev_t[b] + 1
                    for b in range(len(mask))]
             out.append(self.sim.step(log_k[:, 0], t_k, mask, new_interval=[k == 0] * len(mask)))
+        if len(slots) == len(active):
+            self.prev.copy_(frames)
+            self.prev_log.copy_(log1)
+        else:
+            idx = torch.tensor(slots, device=self.device)
+            self.prev.index_copy_(0, idx, frames.index_select(0, idx))
+            self.prev_log.index_copy_(0, idx, log1.index_select(0, idx))
         for b in slots:
-            self.prev[b] = frames[b]
-            self.prev_log[b] = log1[b]
             self.prev_t[b] = int(t_us[b])
             self.substeps[b] += steps[b]
         return StepEvents.cat(out) if len(out) > 1 else out[0]
