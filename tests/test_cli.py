@@ -84,12 +84,16 @@ def atis_dataset(tmp_path):
                                          seed=3)
 
 
-def test_convert_inspect_verify_preview(atis_dataset, tmp_path, capsys):
+def test_convert_inspect_verify_preview(atis_dataset, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # convert writes the split copy to ./manifests/ when it exists
+    (tmp_path / "manifests").mkdir()
     out = tmp_path / "ds"
     rc = main(["convert", "ncaltech101", str(atis_dataset), "--out", str(out), "--opt", "sensor_size=[32, 24]",
                "--val-fraction", "0.4", "--quiet"])
     assert rc == 0
     assert "10 samples (train 6, val 4)" in capsys.readouterr().out
+    split_copy = (tmp_path / "manifests" / "ncaltech101_split.txt").read_text().splitlines()
+    assert len(split_copy) == 10 and sum(line.startswith("val/") for line in split_copy) == 4
     assert main(["inspect", str(out)]) == 0
     report = capsys.readouterr().out
     assert "disc" in report and "bar" in report and "32x24" in report
@@ -106,7 +110,8 @@ def test_convert_inspect_verify_preview(atis_dataset, tmp_path, capsys):
     assert "sha256" in capsys.readouterr().out
 
 
-def test_convert_reports_bad_samples_and_exit_code(atis_dataset, tmp_path, capsys):
+def test_convert_reports_bad_samples_and_exit_code(atis_dataset, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     bad = next((atis_dataset / "bar").glob("*.bin"))
     bad.write_bytes(bad.read_bytes()[:-3])  # truncated: not a multiple of 5 bytes
     args = ["convert", "ncaltech101", str(atis_dataset), "--opt", "sensor_size=[32, 24]", "--quiet"]
