@@ -1,0 +1,109 @@
+"""2-process DDP on CPU (gloo): launched by Fabric (devices=2) and by torchrun, in subprocesses with a timeout."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from evforge.trainer import Trainer, load_checkpoint
+from evforge.trainer.toy import ToyTask, toy_config
+
+ROOT = Path(__file__).resolve().parents[2]
+TIMEOUT = 120
+
+SCRIPT = textwrap.dedent('''
+    import json, sys
+    import torch
+    from evforge.trainer import Trainer
+    from evforge.trainer.toy import ToyTask, toy_config
+
+    out, devices = sys.argv[1], sys.argv[2]
+    cfg = toy_config(devices="auto" if devices == "auto" else int(devices), strategy="ddp",
+                     accumulate_grad_batches=2, max_steps=6, val_every_n_steps=3, stop_signals=["SIGUSR1"])
+    cfg["task"]["dropout"] = 0.0  # per-rank dropout masks would make the loss differ from one process
+    task = ToyTask()
+    tr = Trainer(cfg, task, out_dir=out, resume=None)
+    summary = tr.fit()
+    params = torch.cat([p.detach().flatten() for p in tr.raw_model.state_dict().values()])
+    with open(f"{out}/rank{tr.rank}.json", "w") as f:
+        json.dump({"rank": tr.rank, "world": tr.world_size, "seen": task.seen, "params": params.tolist(),
+                   "history": tr.history, "summary": summary}, f)
+    tr.close()
+''')
+
+
+def _run(cmd: list[str], cwd: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1"}
+    for k in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS"):
+        env.pop(k, None)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole group: rank 0 and the ranks it started
+        out, _ = proc.communicate()
+        pytest.fail(f"DDP run hung for {TIMEOUT} s:\n{out[-3000:]}")
+    if proc.returncode != 0:
+        clues = [line for line in out.splitlines()
+                 if any(w in line for w in ("Error", "error:", "Traceback", "terminate", "what()", "Signal"))]
+        pytest.fail(f"exit status {proc.returncode}; clues:\n" + "\n".join(clues[:40]) + f"\n...\n{out[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> list[dict]:
+    """One process, same global batch (8 = 2 ranks x 4), same data order: its logged history."""
+    tmp_path = tmp_path_factory.mktemp("single")
+    cfg = toy_config(accumulate_grad_batches=2, max_steps=6, val_every_n_steps=3)
+    cfg["task"]["dropout"] = 0.0
+    cfg["data"]["batch_size"] = 8
+    tr = Trainer(cfg, ToyTask(), out_dir=tmp_path / "single", resume=None)
+    tr.fit()
+    tr.close()
+    return tr.history
+
+
+def _check(out: Path, reference: list[dict]) -> None:
+    r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert (r0["world"], r1["world"]) == (2, 2)
+    # different shards: disjoint indices in every micro-batch, together the single process's batch
+    for a, b in zip(r0["seen"], r1["seen"]):
+        assert not set(a) & set(b)
+    assert r0["params"] == r1["params"]  # replicas stay identical, bit for bit
+    ref_train = [h["loss"] for h in reference if h["split"] == "train"]
+    ddp_train = [h["loss"] for h in r0["history"] if h["split"] == "train"]
+    assert ddp_train == pytest.approx(ref_train, rel=1e-5, abs=1e-6)
+    ref_val = [h["mse"] for h in reference if h["split"] == "val"]
+    assert [h["mse"] for h in r0["history"] if h["split"] == "val"] == pytest.approx(ref_val, rel=1e-5)
+    assert [h["loss"] for h in r1["history"] if h["split"] == "train"] == ddp_train  # logs are rank means
+    ck = load_checkpoint(out / "checkpoints" / "last.ckpt")  # weights_only
+    assert ck["progress"]["step"] == 6 and ck["progress"]["world_size"] == 2
+    assert len(ck["rng"]) == 2 and not torch.equal(ck["rng"][0]["torch"], ck["rng"][1]["torch"])
+    lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if x["split"] == "train"] == list(range(1, 7))
+
+
+def test_ddp_fabric_launch(tmp_path, reference):
+    """devices=2 on one machine: fabric.launch() starts the second process itself."""
+    script = tmp_path / "ddp_run.py"
+    script.write_text(SCRIPT)
+    _run([sys.executable, str(script), str(tmp_path / "fabric"), "2"], tmp_path)
+    _check(tmp_path / "fabric", reference)
+
+
+def test_ddp_torchrun(tmp_path, reference):
+    """torchrun --nproc_per_node 2: devices "auto" are read from torchrun's environment."""
+    script = tmp_path / "ddp_run.py"
+    script.write_text(SCRIPT)
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+          str(tmp_path / "torchrun"), "auto"], tmp_path)
+    _check(tmp_path / "torchrun", reference)
