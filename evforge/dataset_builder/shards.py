@@ -29,12 +29,16 @@ Reading sample ``i`` is one slice ``offset:offset+count`` of each event column; 
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import h5py
+import hdf5plugin
 import numpy as np
 
 from evforge.errors import InputError
@@ -61,8 +65,8 @@ _RESERVED_ATTRS = {"evforge_format", "format_version", "kind", "width", "height"
                    "complete", "evforge_json_attrs"}
 _U4_MAX = np.iinfo(np.uint32).max
 _I4_MAX = np.iinfo(np.int32).max
-_FLUSH_EVENTS = 16 * CHUNK_EVENTS  # small samples are buffered so each chunk is compressed once
-_SLICE_EVENTS = 1 << 22  # large samples are converted and written in slices (bounded extra memory)
+_FLUSH_EVENTS = 16 * CHUNK_EVENTS  # events are buffered and written in whole chunks: each compressed once
+_SLICE_EVENTS = 1 << 22  # large samples are checked in slices (bounded extra memory)
 _STR = h5py.string_dtype("utf-8")
 
 
@@ -96,6 +100,120 @@ def _encode_user_attrs(attrs: dict) -> tuple[dict, list[str]]:
     return out, json_names
 
 
+# ------------------------------------------------------------------------------- parallel chunk compression
+# HDF5 runs a dataset's filters in the writing thread, one chunk at a time. For the Blosc filter (zstd, lz4)
+# the writer instead compresses whole chunks in a small thread pool with the very function the filter calls
+# (``blosc_compress_ctx`` of hdf5plugin's own Blosc plugin, same arguments: the dataset's cd_values, automatic
+# block size, one internal thread, output no larger than the input) and stores them with
+# ``write_direct_chunk``; a chunk that does not compress is stored raw with filter-mask bit 0 set, as HDF5 does
+# when this optional filter declines. The files are the same chunk for chunk. Each (dtype, cd_values) is
+# checked once per process against HDF5's own filter output on an in-memory file; if anything differs, or
+# the library cannot be loaded, or only one CPU is usable, the writer uses the ordinary filtered writes.
+_BLOSC_ID = 32001
+_BLOSC_CNAMES = {0: b"blosclz", 1: b"lz4", 2: b"lz4hc", 3: b"snappy", 4: b"zlib", 5: b"zstd"}
+_MAX_COMPRESS_THREADS = 4
+_direct_lock = threading.Lock()
+_blosc_fn = None  # ctypes blosc_compress_ctx; False once loading it failed
+_direct_ok: dict[tuple, bool] = {}  # (dtype, cd_values) -> verified against HDF5's filter
+_pool: ThreadPoolExecutor | None = None
+_pool_pid: int | None = None
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _blosc_compress_ctx():
+    """``blosc_compress_ctx`` from hdf5plugin's Blosc plugin library (the one HDF5 filters with), or None."""
+    global _blosc_fn
+    if _blosc_fn is None:
+        _blosc_fn = False
+        try:
+            registered = getattr(getattr(hdf5plugin, "_utils", None), "registered_filters", {}).get("blosc")
+            if registered is not None:
+                lib = registered[1]
+            else:
+                lib = ctypes.CDLL(os.path.join(hdf5plugin.PLUGIN_PATH, "libh5blosc.so"))
+            fn = lib.blosc_compress_ctx
+            fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_void_p,
+                           ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int]
+            fn.restype = ctypes.c_int
+            _blosc_fn = fn
+        except (AttributeError, OSError, TypeError, ValueError, IndexError):
+            pass
+    return _blosc_fn or None
+
+
+def _compress_chunk(fn, args: tuple, data: np.ndarray) -> tuple[int, np.ndarray]:
+    """Blosc-compress one whole chunk as the HDF5 filter does: ``(status, buffer)``; status 0 = no gain."""
+    clevel, shuffle, typesize, cname = args
+    out = np.empty(data.nbytes, dtype=np.uint8)
+    status = fn(clevel, shuffle, typesize, data.nbytes, data.ctypes.data, out.ctypes.data, data.nbytes, cname,
+                0, 1)
+    return status, out
+
+
+def _direct_args(ds: h5py.Dataset) -> tuple | None:
+    """Blosc arguments for compressing ``ds``'s chunks outside HDF5, or None (then use ordinary writes)."""
+    try:
+        plist = ds.id.get_create_plist()
+        if plist.get_nfilters() != 1 or ds.chunks != (CHUNK_EVENTS,):
+            return None
+        code, flags, cd, _ = plist.get_filter(0)
+        cd = tuple(int(v) for v in cd)
+        itemsize = ds.dtype.itemsize
+        if (code != _BLOSC_ID or not flags & h5py.h5z.FLAG_OPTIONAL or len(cd) < 7 or cd[2] != itemsize
+                or cd[3] != CHUNK_EVENTS * itemsize or cd[6] not in _BLOSC_CNAMES):
+            return None
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    if _usable_cpus() < 2 or _blosc_compress_ctx() is None:
+        return None
+    args = (cd[4], cd[5], itemsize, _BLOSC_CNAMES[cd[6]])
+    key = (ds.dtype.str, cd)
+    with _direct_lock:
+        if key not in _direct_ok:
+            _direct_ok[key] = _verify_direct(ds.dtype, cd, args)
+    return args if _direct_ok[key] else None
+
+
+def _verify_direct(dtype: np.dtype, cd: tuple, args: tuple) -> bool:
+    """True when our chunks equal HDF5's own filter output (a compressible and an incompressible chunk)."""
+    fn = _blosc_compress_ctx()
+    rng = np.random.default_rng(0)
+    n = CHUNK_EVENTS
+    smooth = (np.cumsum(rng.integers(0, 3, n)) % (1 << min(8 * dtype.itemsize, 20))).astype(dtype)
+    noise = rng.integers(0, 256, n * dtype.itemsize, dtype=np.uint8).view(dtype)
+    try:
+        with h5py.File(f"evforge-verify-{os.getpid()}-{id(cd)}.h5", "w", driver="core", backing_store=False) as f:
+            ds = f.create_dataset("v", shape=(2 * n,), dtype=dtype, chunks=(n,), compression=_BLOSC_ID,
+                                  compression_opts=cd)
+            ds[:n], ds[n:] = smooth, noise
+            for k, data in enumerate((smooth, noise)):
+                mask, stored = ds.id.read_direct_chunk((k * n,))
+                status, out = _compress_chunk(fn, args, data)
+                mine = (0, out[:status].tobytes()) if status > 0 else (1, data.tobytes()) if status == 0 else None
+                if mine != (mask, bytes(stored)):
+                    return False
+    except Exception:  # any surprise: ordinary writes
+        return False
+    return True
+
+
+def _compress_pool() -> ThreadPoolExecutor:
+    """The process's chunk-compression threads (a new pool after fork: threads do not survive it)."""
+    global _pool, _pool_pid
+    with _direct_lock:
+        if _pool is None or _pool_pid != os.getpid():
+            _pool = ThreadPoolExecutor(max_workers=min(_usable_cpus(), _MAX_COMPRESS_THREADS),
+                                       thread_name_prefix="evforge-shard-compress")
+            _pool_pid = os.getpid()
+        return _pool
+
+
 # ---------------------------------------------------------------------------------------------- writer
 class ShardWriter:
     """Write one shard sample by sample; the file appears at ``path`` only when complete.
@@ -127,10 +245,15 @@ class ShardWriter:
         self._has_image: list[np.ndarray] = []  # per sample: u1 flag per frame (frame images)
         self._image_shape: tuple[int, int] | None = None  # (H_img, W_img) once a sample brought images
         self._image_bytes = 0
-        self._pending: dict[str, list[np.ndarray]] = {name: [] for name in _COLUMNS}
-        self._pending_n = 0
-        self._n = 0  # events accepted (written or pending)
-        self._written = 0  # events in the file
+        # event columns are staged in preallocated buffers and leave them in whole chunks
+        self._buf: dict[str, np.ndarray] | None = None  # column -> buffer of _FLUSH_EVENTS events
+        self._fill = 0  # events staged in self._buf
+        self._spare: dict[str, np.ndarray] | None = None  # a free buffer set to swap in
+        self._inflight: list | None = None  # chunks being compressed: (dataset, offset, data, future)
+        self._inflight_buf: dict[str, np.ndarray] | None = None  # the buffer set they point into
+        self._direct: dict[str, tuple] | None = None  # column -> Blosc args when compressing in the pool
+        self._n = 0  # events accepted (written, in flight or staged)
+        self._written = 0  # events given to the file (the datasets' extent)
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
@@ -143,9 +266,11 @@ class ShardWriter:
             if json_names:
                 f.attrs["evforge_json_attrs"] = json.dumps(json_names)
             events = f.create_group("events")
-            for name, dtype in _COLUMNS.items():
-                events.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(CHUNK_EVENTS,),
-                                      **event_filter)
+            self._ds = {name: events.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype,
+                                                    chunks=(CHUNK_EVENTS,), **event_filter)
+                        for name, dtype in _COLUMNS.items()}
+            direct = {name: _direct_args(ds) for name, ds in self._ds.items()}
+            self._direct = direct if all(a is not None for a in direct.values()) else None
         except BaseException:
             self.abort()
             raise
@@ -192,7 +317,21 @@ class ShardWriter:
         what = f"{self.path}: sample {key!r}"
         if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or not -1 <= label <= _I4_MAX:
             raise ValueError(f"{what}: label must be an int >= -1 (-1 = unlabelled), got {label!r}")
-        validate_events(events, (self.width, self.height), what=what)
+        if not isinstance(events, np.ndarray) or events.dtype != EVENT_DTYPE or events.ndim != 1:
+            validate_events(events, (self.width, self.height), what=what)  # raises for a wrong dtype
+            raise EventFormatError(f"{what}: expected a 1-D event array, got shape {events.shape}")
+        n = len(events)
+        if n > _FLUSH_EVENTS - self._fill:
+            self._flush_chunks()  # leaves less than one chunk staged
+        staged = n <= _FLUSH_EVENTS - self._fill  # stage into the buffer now, checking the staged copy
+        if staged:
+            t = self._stage(events, self._fill)
+            ok = self._staged_ok(self._fill, n, t)
+        else:  # a large sample: check it in slices first, stage it piece by piece once everything passed
+            t = events["t"]
+            ok = self._events_ok(events)
+        if not ok:  # name the first broken invariant exactly as validate_events does
+            validate_events(events, (self.width, self.height), what=what)
         frames = self._check_frames(frame_times, what)
         images = self._check_images(frame_images, len(frames), what)
         try:
@@ -200,10 +339,8 @@ class ShardWriter:
         except (TypeError, ValueError) as err:
             raise ValueError(f"{what}: attrs are not a JSON-serialisable dict ({err})") from None
 
-        n = len(events)
         if n == 0 and not allow_empty:
             raise EventFormatError(f"{what}: no events (pass allow_empty=True to store an empty sample)")
-        t = events["t"]
         firsts = [int(a[0]) for a in (t, frames) if len(a)]
         lasts = [int(a[-1]) for a in (t, frames) if len(a)]
         t_offset = min(firsts) if firsts else 0
@@ -211,15 +348,22 @@ class ShardWriter:
         if n and int(t[-1]) - t_offset > _U4_MAX:
             raise EventFormatError(f"{what}: spans {int(t[-1]) - t_offset} us, more than 2**32-1 (does not fit u4)")
 
-        for s in range(0, n, _SLICE_EVENTS):
-            part = events[s : s + _SLICE_EVENTS]
-            self._pending["x"].append(part["x"].astype("<u2"))  # astype copies: the caller may reuse its buffer
-            self._pending["y"].append(part["y"].astype("<u2"))
-            self._pending["p"].append((part["p"] > 0).astype("u1"))
-            self._pending["t"].append((part["t"] - t_offset).astype("<u4"))
-            self._pending_n += len(part)
-            if self._pending_n >= _FLUSH_EVENTS:
-                self._flush()
+        # commit: everything is checked (nothing above this line changed the staged events' fate)
+        if staged:
+            self._finish_staged(self._fill, n, t, t_offset)
+            self._fill += n
+        else:
+            s = 0
+            while s < n:
+                if self._fill == _FLUSH_EVENTS:
+                    self._flush_chunks()
+                m = min(n - s, _FLUSH_EVENTS - self._fill)
+                part = events[s : s + m]
+                self._finish_staged(self._fill, m, self._stage(part, self._fill), t_offset)
+                self._fill += m
+                s += m
+        if self._fill == _FLUSH_EVENTS:
+            self._flush_chunks()
 
         row = {"offset": self._n, "count": n, "label": int(label), "t_offset": t_offset, "t_start": t_offset,
                "t_end": t_end, "frame_offset": self._num_frames, "frame_count": len(frames)}
@@ -281,16 +425,104 @@ class ShardWriter:
         ds[f0:f1] = images
         self._image_bytes += images.nbytes
 
-    def _flush(self) -> None:
-        if not self._pending_n:
+    # ---- event staging and chunk output
+    def _new_buffer(self) -> dict[str, np.ndarray]:
+        return {name: np.empty(_FLUSH_EVENTS, dtype=dtype) for name, dtype in _COLUMNS.items()}
+
+    def _stage(self, events: np.ndarray, a: int) -> np.ndarray:
+        """Copy x, y and the raw int8 p of ``events`` into buffer rows ``a..``; return t as a contiguous copy."""
+        if self._buf is None:
+            self._buf = self._new_buffer()
+        b, n = self._buf, len(events)
+        b["x"][a : a + n] = events["x"]
+        b["y"][a : a + n] = events["y"]
+        b["p"][a : a + n].view(np.int8)[...] = events["p"]
+        return np.ascontiguousarray(events["t"])
+
+    def _staged_ok(self, a: int, n: int, t: np.ndarray) -> bool:
+        """The checks of validate_events (t sorted, p = +-1, inside the sensor) on staged rows ``a..a+n``."""
+        if n == 0:
+            return True
+        b = self._buf
+        p = b["p"][a : a + n].view(np.int8)
+        return bool(not np.any(t[1:] < t[:-1]) and p.min() >= -1 and p.max() <= 1 and not np.any(p == 0)
+                    and b["x"][a : a + n].max() < self.width and b["y"][a : a + n].max() < self.height)
+
+    def _events_ok(self, events: np.ndarray) -> bool:
+        """As :meth:`_staged_ok` for a sample too large to stage at once (checked in slices)."""
+        prev = None
+        for s in range(0, len(events), _SLICE_EVENTS):
+            part = events[s : s + _SLICE_EVENTS]
+            t = np.ascontiguousarray(part["t"])
+            p = np.ascontiguousarray(part["p"])
+            if (np.any(t[1:] < t[:-1]) or (prev is not None and t[0] < prev) or p.min() < -1 or p.max() > 1
+                    or np.any(p == 0) or part["x"].max() >= self.width or part["y"].max() >= self.height):
+                return False
+            prev = t[-1]
+        return True
+
+    def _finish_staged(self, a: int, n: int, t: np.ndarray, t_offset: int) -> None:
+        """Turn staged rows ``a..a+n`` into stored form: p +1/-1 -> 1/0, t -> u4 relative to ``t_offset``."""
+        p = self._buf["p"][a : a + n].view(np.int8)
+        p += 1
+        p >>= 1
+        np.subtract(t, t_offset, out=self._buf["t"][a : a + n], casting="unsafe")
+
+    def _flush_chunks(self) -> None:
+        """Hand the whole chunks staged to the file (compressed in the pool when possible); keep the rest."""
+        k = self._fill - self._fill % CHUNK_EVENTS
+        if k == 0:
             return
-        n0, n1 = self._written, self._written + self._pending_n
-        for name, parts in self._pending.items():
-            ds = self._file["events"][name]
-            ds.resize((n1,))
-            ds[n0:n1] = np.concatenate(parts)
-            parts.clear()
-        self._written, self._pending_n = n1, 0
+        n0, n1 = self._written, self._written + k
+        buf, tail = self._buf, self._fill - k
+        if self._direct is None:
+            for name, ds in self._ds.items():
+                ds.resize((n1,))
+                ds[n0:n1] = buf[name][:k]
+                buf[name][:tail] = buf[name][k : k + tail]
+        else:
+            self._drain()  # at most one batch in flight: bounded memory, and its buffer becomes the spare
+            pool, fn = _compress_pool(), _blosc_compress_ctx()
+            jobs = []
+            for name, ds in self._ds.items():
+                ds.resize((n1,))
+                args = self._direct[name]
+                for c in range(0, k, CHUNK_EVENTS):
+                    data = buf[name][c : c + CHUNK_EVENTS]
+                    jobs.append((ds, n0 + c, data, pool.submit(_compress_chunk, fn, args, data)))
+            self._inflight, self._inflight_buf = jobs, buf
+            nxt = self._spare if self._spare is not None else self._new_buffer()
+            self._spare = None
+            for name in buf:
+                nxt[name][:tail] = buf[name][k : k + tail]
+            self._buf = nxt
+        self._fill, self._written = tail, n1
+
+    def _drain(self) -> None:
+        """Write the chunks compressed in the pool (in order, from this thread: HDF5 is not re-entrant)."""
+        jobs, self._inflight = self._inflight, None
+        if jobs is None:
+            return
+        for ds, offset, data, future in jobs:
+            status, out = future.result()
+            if status > 0:
+                ds.id.write_direct_chunk((offset,), out[:status], 0)
+            elif status == 0:  # no gain: stored raw, filter skipped (bit 0 of the filter mask), as HDF5 does
+                ds.id.write_direct_chunk((offset,), data, 1)
+            else:  # let HDF5's own filter run and report
+                ds[offset : offset + len(data)] = data
+        self._spare, self._inflight_buf = self._inflight_buf, None
+
+    def _flush(self) -> None:
+        """Write everything staged: whole chunks, then the last partial chunk through the ordinary filter."""
+        self._flush_chunks()
+        self._drain()
+        if self._fill:
+            n0, n1 = self._written, self._written + self._fill
+            for name, ds in self._ds.items():
+                ds.resize((n1,))
+                ds[n0:n1] = self._buf[name][: self._fill]
+            self._fill, self._written = 0, n1
 
     def close(self) -> None:
         """Write the index, set ``complete=True`` last, fsync and rename into place."""
@@ -330,6 +562,9 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Discard the shard being written (nothing is left at ``path`` or in the temp file)."""
+        for job in self._inflight or ():
+            job[3].cancel()
+        self._inflight = self._inflight_buf = None
         if self._file is not None:
             try:
                 self._file.close()

@@ -315,3 +315,80 @@ def test_encoders_refuse_what_the_format_cannot_hold(tmp_path):
         write_prophesee_dat(tmp_path / "o.dat", make_events([304], [0], [0], [1]), 304, 240)
     with pytest.raises(ValueError):
         write_prophesee_dat(tmp_path / "t.dat", make_events([0], [0], [2**32], [1]), 304, 240)
+
+
+# ------------------------------------------------------------------------------ fast paths and sort=False
+def _old_read_atis_bin(path) -> np.ndarray:
+    """The previous (row-gather) ATIS decoder, kept as a reference for the strided fast path."""
+    b = np.fromfile(path, dtype=np.uint8).reshape(-1, 5)
+    rows = np.flatnonzero(b[:, 1] != 240)
+    markers_before = rows - np.arange(len(rows))
+    b = b[rows]
+    t = ((b[:, 2].astype(np.int64) & 0x7F) << 16) | (b[:, 3].astype(np.int64) << 8) | b[:, 4]
+    t += 2**13 * markers_before
+    return make_events(b[:, 0], b[:, 1], t, (b[:, 2] >> 7).astype(np.int8))
+
+
+@pytest.mark.parametrize("markers", [False, True])
+@pytest.mark.parametrize("n", [1, 2, 7, 4096])
+def test_atis_any_bytes_match_reference_and_sort_false_keeps_file_order(tmp_path, markers, n):
+    """Every bit pattern (y up to 255, all p and t bits, with or without markers): file order as the
+    reference decoder, sorted stably by default."""
+    rng = np.random.default_rng(10 + n)
+    raw = rng.integers(0, 256, (n, 5), dtype=np.uint8)
+    raw[:, 1] = np.where(raw[:, 1] == 240, 241, raw[:, 1])  # no marker unless asked for
+    if markers:
+        raw[rng.random(n) < 0.1, 1] = 240
+        raw[-1, 1] = 0  # at least one event
+    path = tmp_path / "r.bin"
+    path.write_bytes(raw.tobytes())
+    ref = _old_read_atis_bin(path)
+    assert _same(read_atis_bin(path, sort=False), ref)
+    assert _same(read_atis_bin(path), ref[np.argsort(ref["t"], kind="stable")])
+    assert _same(read_atis_bin(path, sort=False), _tonic_read_mnist_file(path))
+
+
+def test_atis_sorted_file_is_returned_in_file_order(tmp_path):
+    ev = make_events([1, 2, 3, 4], [0, 0, 0, 0], [5, 5, 7, 2**23 + 9], [1, -1, 1, -1])  # ties, a marker
+    path = tmp_path / "s.bin"
+    write_atis_bin(path, ev)
+    assert _same(read_atis_bin(path), ev) and _same(read_atis_bin(path, sort=False), ev)
+
+
+def test_dat_and_npz_sort_false_keep_file_order(tmp_path):
+    ev = make_events([1, 2, 3, 4], [0, 0, 0, 0], [30, 10, 30, 10], [1, -1, 1, -1])
+    raw = np.empty(4, dtype=[("t", "<u4"), ("w", "<u4")])
+    raw["t"] = ev["t"]
+    raw["w"] = ev["x"].astype(np.uint32) | ((ev["p"] > 0).astype(np.uint32) << 28)
+    dat = tmp_path / "u.dat"
+    dat.write_bytes(b"% Version 2\n" + bytes([0, 8]) + raw.tobytes())
+    assert _same(read_prophesee_dat(dat, sort=False), ev)
+    assert _same(read_prophesee_dat(dat), ev[np.argsort(ev["t"], kind="stable")])
+    data = np.zeros(4, dtype=[("x", "<u2"), ("y", "<u2"), ("t", "<i8"), ("p", "?")])
+    data["x"], data["t"], data["p"] = ev["x"], ev["t"], ev["p"] > 0
+    npz = tmp_path / "u.npz"
+    np.savez(npz, event_data=data)
+    assert _same(read_nimagenet_npz(npz, sort=False), ev)
+    assert _same(read_nimagenet_npz(npz), ev[np.argsort(ev["t"], kind="stable")])
+
+
+def test_check_events_fast_path_agrees_with_full_checks(tmp_path):
+    """Each broken invariant alone, and several at once: the message names the first, as before."""
+    path = tmp_path / "e.bin"
+    ev = make_events(np.arange(10) % 8, np.arange(10) % 6, np.arange(10) * 3, np.where(np.arange(10) % 2, 1, -1))
+    assert check_events(ev, (8, 6), path) is ev
+    cases = []
+    for field, i, value, match in [("x", 4, 8, "x=8 at index 4"), ("y", 9, 6, "y=6 at index 9"),
+                                   ("t", 5, 0, "not sorted at index 5 (12 > 0)"), ("p", 3, 0, "polarity 0 at index 3"),
+                                   ("p", 2, 2, "polarity 2 at index 2")]:
+        bad = ev.copy()
+        bad[field][i] = value
+        cases.append((bad, match))
+    both = ev.copy()
+    both["p"][1], both["t"][8], both["y"][7] = 0, 0, 6  # y is checked first, then t, then p
+    cases.append((both.copy(), "y=6 at index 7"))
+    both["y"][7] = 0
+    cases.append((both, "not sorted at index 8"))
+    for bad, match in cases:
+        _raises_input_error(path, check_events, bad, (8, 6), path, match=match)
+    assert check_events(ev, None, path) is ev

@@ -513,3 +513,118 @@ def test_frame_image_bytes_count_in_size_policy(tmp_path):
     with ShardWriter(tmp_path / "one.h5", sensor_size=(W, H), kind="streams") as w:
         w.add_sample(ev, key="s", frame_times=ft, frame_images=img)
         assert w.raw_bytes == estimate_sample_bytes(len(ev), len(ft), img.nbytes)
+
+
+# ---------------------------------------------------------------------- chunks compressed in the thread pool
+from evforge.dataset_builder import shards as shards_module  # noqa: E402
+
+
+def _all_chunks(path):
+    """Every stored chunk of the event columns: (offset, filter mask, stored bytes)."""
+    out = {}
+    with h5py.File(path) as f:
+        for c in "xypt":
+            dsid = f["events"][c].id
+            infos = [dsid.get_chunk_info(k) for k in range(dsid.get_num_chunks())]
+            out[c] = [(i.chunk_offset, *dsid.read_direct_chunk(i.chunk_offset)) for i in infos]
+    return out
+
+
+def _write(path, samples, compression, sensor=(W, H)):
+    with ShardWriter(path, sensor_size=sensor, compression=compression) as w:
+        direct = w._direct is not None
+        for i, ev in enumerate(samples):
+            w.add_sample(ev, key=f"k{i}", label=i % 3, allow_empty=True)
+    return direct
+
+
+@pytest.mark.parametrize("compression", ["zstd", "lz4"])
+def test_pool_compressed_chunks_equal_hdf5_filter_chunks(tmp_path, monkeypatch, compression):
+    """The thread-pool path stores exactly the chunks HDF5's own Blosc filter stores, incompressible ones
+    (raw, filter mask 1) included, for samples of every size (empty, single events, several flushes)."""
+    monkeypatch.setattr(shards_module, "_usable_cpus", lambda: 2)  # the pool path even on one CPU
+    rng = np.random.default_rng(9)
+    sizes = [1, 0, 70_000, 3, 16 * CHUNK_EVENTS - 5, 2 * 16 * CHUNK_EVENTS + 7, 4000, 1]
+    samples = [random_events(n, seed=i) if n else empty_events() for i, n in enumerate(sizes)]
+    noisy = make_events(rng.integers(0, 65535, 3 * CHUNK_EVENTS), rng.integers(0, 65535, 3 * CHUNK_EVENTS),
+                        np.sort(rng.integers(T0, T0 + 2**31, 3 * CHUNK_EVENTS)), rng.choice([1, -1], 3 * CHUNK_EVENTS))
+    for name, data, sensor in (("plain", samples, (W, H)), ("noisy", [noisy, samples[2]], (65535, 65535))):
+        fast, slow = tmp_path / f"{name}-fast.h5", tmp_path / f"{name}-slow.h5"
+        assert _write(fast, data, compression, sensor)
+        with monkeypatch.context() as m:
+            m.setattr(shards_module, "_direct_args", lambda ds: None)
+            assert not _write(slow, data, compression, sensor)
+        a, b = _all_chunks(fast), _all_chunks(slow)
+        assert a == b, name
+        if name == "noisy":
+            assert any(mask == 1 for _, mask, _ in a["x"])  # some chunks were stored raw
+        with ShardReader(fast) as r:
+            for i, ev in enumerate(data):
+                assert r.sample(i)[0].tobytes() == ev.tobytes()
+            assert r.check() == []
+
+
+def test_rejected_samples_leave_no_trace_in_the_buffer(tmp_path, monkeypatch):
+    """A sample refused after it was staged (bad frame/attrs/label data, or bad events) is not written; the
+    large-sample path names the first broken invariant as validate_events does."""
+    monkeypatch.setattr(shards_module, "_usable_cpus", lambda: 2)
+    monkeypatch.setattr(shards_module, "_SLICE_EVENTS", 1 << 18)  # large samples are checked in 4 slices
+    good = [random_events(n, seed=i) for i, n in enumerate([60_000] * 20 + [5])]
+    big = random_events(16 * CHUNK_EVENTS + 100, seed=50)
+    with ShardWriter(tmp_path / "s.h5", sensor_size=(W, H)) as w:
+        for i, ev in enumerate(good[:10]):
+            w.add_sample(ev, key=f"g{i}")
+            with pytest.raises(ValueError, match="JSON"):
+                w.add_sample(good[-1 - i], key=f"bad{i}", attrs={"f": object()})
+            with pytest.raises(EventFormatError, match="u4"):
+                long = good[i + 1].copy()
+                long["t"][-1] = long["t"][0] + 2**32
+                w.add_sample(long, key=f"long{i}")
+        unsorted = big.copy()
+        unsorted["t"][1 << 18] = unsorted["t"][(1 << 18) - 1] - 1  # exactly at a check slice boundary
+        with pytest.raises(EventFormatError) as err:
+            w.add_sample(unsorted, key="u")
+        with pytest.raises(EventFormatError) as ref:
+            shards_module.validate_events(unsorted, (W, H), what=f"{w.path}: sample 'u'")
+        assert str(err.value) == str(ref.value) and "not sorted" in str(err.value)
+        for field, value in (("x", W), ("y", H), ("p", 0)):
+            bad = big.copy()
+            bad[field][-1] = value
+            with pytest.raises(EventFormatError) as err:
+                w.add_sample(bad, key="b")
+            with pytest.raises(EventFormatError) as ref:
+                shards_module.validate_events(bad, (W, H), what=f"{w.path}: sample 'b'")
+            assert str(err.value) == str(ref.value)
+        w.add_sample(big, key="big")
+        for i, ev in enumerate(good[10:]):
+            w.add_sample(ev, key=f"g{10 + i}")
+    expected = good[:10] + [big] + good[10:]
+    with ShardReader(tmp_path / "s.h5") as r:
+        assert r.keys == [f"g{i}" for i in range(10)] + ["big"] + [f"g{i}" for i in range(10, len(good))]
+        for i, ev in enumerate(expected):
+            assert r.sample(i)[0].tobytes() == ev.tobytes()
+        assert r.check() == []
+
+
+def _write_in_child(path, queue):
+    try:
+        samples = [random_events(50_000, seed=i) for i in range(30)]
+        _write(path, samples, "zstd")
+        with ShardReader(path) as r:
+            queue.put(all(r.sample(i)[0].tobytes() == ev.tobytes() for i, ev in enumerate(samples)))
+    except BaseException as err:  # pragma: no cover (reported to the parent)
+        queue.put(repr(err))
+
+
+def test_writer_in_forked_child_after_parent_used_the_pool(tmp_path, monkeypatch):
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork start method here")
+    monkeypatch.setattr(shards_module, "_usable_cpus", lambda: 2)
+    _write(tmp_path / "parent.h5", [random_events(40 * CHUNK_EVENTS, seed=1)], "zstd")  # pool threads running
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_write_in_child, args=(tmp_path / "child.h5", queue))
+    proc.start()
+    got = queue.get(timeout=120)
+    proc.join(timeout=60)
+    assert got is True and proc.exitcode == 0
