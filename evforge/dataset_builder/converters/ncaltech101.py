@@ -24,7 +24,7 @@ import numpy as np
 
 from evforge.errors import InputError
 
-from ..decoders import ATIS_OVERFLOW_STEP, ATIS_OVERFLOW_Y, check_events, read_atis_bin
+from ..decoders import check_events, read_atis_bin
 from ..manifest import stratified_split
 from .base import DatasetPlan, Sample, SourceItem
 
@@ -75,9 +75,10 @@ class NCaltech101Converter:
                            params=params)
 
     def read(self, item: SourceItem, plan: DatasetPlan) -> list[Sample]:
-        events = read_atis_bin(item.path)
-        if plan.params.get("unsorted", "error") == "error":
-            check_file_order(item.path, atis_file_order_t(item.path))
+        strict = plan.params.get("unsorted", "error") == "error"
+        events = read_atis_bin(item.path, sort=not strict)  # strict: keep file order and check it here (one decode)
+        if strict:
+            check_file_order(item.path, events["t"])
         check_events(events, tuple(plan.sensor_size), item.path)
         return [Sample(key=item.key, events=events, label=item.label,
                        attrs={"source": item.key + Path(item.path).suffix})]
@@ -126,17 +127,3 @@ def check_file_order(path, t: np.ndarray) -> None:
         i = int(bad[0]) + 1
         raise InputError(path, f"timestamps not sorted in the file at event {i} ({t[i - 1]} > {t[i]}); "
                                f"convert with unsorted='sort' to accept sorted copies")
-
-
-def atis_file_order_t(path) -> np.ndarray:
-    """Timestamps (us) of an ATIS .bin file's events in file order, with the overflow rule applied."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as err:
-        raise InputError(path, f"cannot read file: {err.strerror or err}") from None
-    b = np.frombuffer(data[: len(data) - len(data) % 5], dtype=np.uint8).reshape(-1, 5)
-    marker = b[:, 1] == ATIS_OVERFLOW_Y
-    t = ((b[:, 2].astype(np.int64) & 0x7F) << 16) | (b[:, 3].astype(np.int64) << 8) | b[:, 4]
-    t += ATIS_OVERFLOW_STEP * np.cumsum(marker)  # every marker before an event adds 2**13 us to it
-    return t[~marker]

@@ -13,11 +13,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
-
 from evforge.errors import InputError
 
-from ..decoders import check_events, read_prophesee_dat, read_prophesee_dat_header
+from ..decoders import check_events, read_prophesee_dat
 from .base import DatasetPlan, Sample, SourceItem
 from .ncaltech101 import check_file_order, check_unsorted_policy
 
@@ -57,21 +55,10 @@ class NCarsConverter:
                            items=items, params=params)
 
     def read(self, item: SourceItem, plan: DatasetPlan) -> list[Sample]:
-        events = read_prophesee_dat(item.path)
-        if plan.params.get("unsorted", "error") == "error":
-            check_file_order(item.path, dat_file_order_t(item.path))
+        strict = plan.params.get("unsorted", "error") == "error"
+        events = read_prophesee_dat(item.path, sort=not strict)  # strict: keep file order and check it here (one decode)
+        if strict:
+            check_file_order(item.path, events["t"])
         check_events(events, tuple(plan.sensor_size), item.path)
         return [Sample(key=item.key, events=events, label=item.label,
                        attrs={"source": item.key + Path(item.path).suffix})]
-
-
-def dat_file_order_t(path) -> np.ndarray:
-    """Timestamps of a DAT file's events in file order (the u32 before each event word)."""
-    offset = read_prophesee_dat_header(path)["data_offset"]
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            data = f.read()
-    except OSError as err:
-        raise InputError(path, f"cannot read file: {err.strerror or err}") from None
-    return np.frombuffer(data[: len(data) - len(data) % 8], dtype="<u4")[::2].astype(np.int64)
