@@ -260,6 +260,54 @@ def _cmd_convert(args) -> int:
     return report.exit_code
 
 
+def _add_pretrain(sub) -> None:
+    p = sub.add_parser("pretrain", help="self-supervised pretraining (ECDDP) on the shared trainer",
+                       description="Train with a YAML config (task.name picks the method). Multi-GPU: "
+                                   "--set trainer.devices=N, or launch under torchrun / srun.")
+    p.add_argument("config_pos", nargs="?", metavar="CONFIG", help="YAML config (or use --config)")
+    p.add_argument("--config", default=None, help="YAML config, e.g. configs/pretrain/ecddp_tiny.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set data.batch_size=32 (repeatable)")
+    p.add_argument("--out", default=None, help="run folder (default: runs/<config name>)")
+    p.add_argument("--resume", default="auto", help="auto (resume from OUT if it has a checkpoint), none, or a .ckpt")
+    p.set_defaults(func=_cmd_pretrain)
+
+
+def _cmd_pretrain(args) -> int:
+    from .pretrain import get_task
+    from .trainer.config import load_config
+    from .trainer.trainer import Trainer
+
+    config = args.config or args.config_pos
+    if not config:
+        raise ValueError("pretrain: give a config (CONFIG or --config)")
+    cfg = load_config(config, args.overrides)
+    task = get_task(cfg.get("task", {}).get("name", ""))
+    out = args.out or str(Path("runs") / Path(config).stem)
+    resume = None if args.resume == "none" else args.resume
+    with Trainer(cfg, task, out_dir=out, resume=resume) as trainer:
+        summary = trainer.fit()
+    if summary.get("checkpoint"):
+        print(f"{summary['stopped']} at step {summary['step']}: checkpoint {summary['checkpoint']}")
+    return 0
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export-backbone", help="pretrained backbone -> timm-compatible .safetensors")
+    p.add_argument("ckpt", help="a pretraining checkpoint (runs/<name>/checkpoints/last.ckpt)")
+    p.add_argument("--out", required=True, help="output .safetensors")
+    p.add_argument("--which", default="teacher", choices=["teacher", "student"])
+    p.add_argument("--with-neck", action="store_true", help="also store ECDDP's fusion neck (ecddp_neck.*)")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args) -> int:
+    from .export import export_backbone
+
+    print(export_backbone(args.ckpt, args.out, which=args.which, with_neck=args.with_neck))
+    return 0
+
+
 def _err(msg: str) -> None:
     print(f"evforge: {msg}", file=sys.stderr)
 
@@ -268,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evforge", description=__doc__.splitlines()[0].replace("The ``evforge`` command", "evforge"))
     parser.add_argument("--version", action="version", version=f"evforge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_demo, _add_scenes, _add_simulate, _add_convert, _add_inspect, _add_verify, _add_preview):
+    for add in (_add_demo, _add_scenes, _add_simulate, _add_convert, _add_inspect, _add_verify, _add_preview,
+                _add_pretrain, _add_export):
         add(sub)
     return parser
 

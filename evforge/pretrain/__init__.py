@@ -1,1 +1,19 @@
-"""evforge.pretrain (see the open issues for what lands here next)."""
+"""Self-supervised pretraining methods, each a Task for the shared trainer (:mod:`evforge.trainer`).
+
+A config's ``task.name`` picks the method; tasks are imported only when asked for (they pull in timm).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+TASKS = {"ecddp": "evforge.pretrain.ecddp.task:ECDDPTask"}
+
+
+def get_task(name: str):
+    """A new task object for ``name`` (ValueError naming the known ones otherwise)."""
+    try:
+        module, cls = TASKS[name].split(":")
+    except KeyError:
+        raise ValueError(f"unknown pretraining task {name!r}; known: {sorted(TASKS)}") from None
+    return getattr(importlib.import_module(module), cls)()

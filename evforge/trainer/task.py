@@ -36,6 +36,10 @@ class Task(Protocol):
         steps done), ``epoch``, the current scheduled scalars (``lr``, ``weight_decay`` and any task scalar
         such as ``ema_momentum`` or ``teacher_temp``) and ``device``."""
 
+    def before_optimizer_step(self, model: nn.Module, state: dict) -> None:
+        """Optional: called after gradient clipping, before each optimizer step (e.g. zeroing the gradients
+        of prototype layers during the first epoch). ``model`` is the plain module."""
+
     def after_optimizer_step(self, model: nn.Module, state: dict) -> None:
         """Called after each optimizer step (EMA teacher update, prototype freezing, ...)."""
 

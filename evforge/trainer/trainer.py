@@ -378,6 +378,9 @@ class Trainer:
             norm = fabric.clip_gradients(self.model, self.optimizer, max_norm=self.grad_clip,
                                          error_if_nonfinite=False)
             out["grad_norm"] = norm.detach().float()
+        before = getattr(self.task, "before_optimizer_step", None)
+        if before is not None:  # e.g. freezing prototype layers early on (after clipping, as DINO does)
+            before(self.raw_model, state)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.task.after_optimizer_step(self.raw_model, {**state, "step": self.step + 1})
