@@ -273,6 +273,16 @@ def _add_pretrain(sub) -> None:
     p.set_defaults(func=_cmd_pretrain)
 
 
+def resolve_config(path: str) -> str:
+    """A config path as given, or else the packaged copy (``configs/pretrain/x.yaml`` works anywhere)."""
+    if Path(path).exists():
+        return path
+    packaged = Path(__file__).resolve().parent / path
+    if not packaged.exists() and Path(path).parts[:1] == ("configs",):
+        packaged = Path(__file__).resolve().parent / "configs" / Path(*Path(path).parts[1:])
+    return str(packaged) if packaged.exists() else path
+
+
 def _cmd_pretrain(args) -> int:
     from .pretrain import get_task
     from .trainer.config import load_config
@@ -281,6 +291,7 @@ def _cmd_pretrain(args) -> int:
     config = args.config or args.config_pos
     if not config:
         raise ValueError("pretrain: give a config (CONFIG or --config)")
+    config = resolve_config(config)
     cfg = load_config(config, args.overrides)
     task = get_task(cfg.get("task", {}).get("name", ""))
     out = args.out or str(Path("runs") / Path(config).stem)

@@ -3,7 +3,8 @@
 Today: procedural TartanAir-layout scenes -> simulated event streams (noisy preset, log-linear upsampling)
 -> stream previews -> stream shards (TartanAir converter, one environment held out as test) and a synthetic
 classification set in N-Caltech101's format converted by the real converter -> verify, inspect, shard
-previews, and one batch through the training loader. Later stages (pretraining, finetuning) extend it.
+previews, and one batch through the training loader -> a short ECDDP pretraining run (tiny config) on the
+stream shards -> the backbone exported as timm-compatible safetensors. Finetuning extends it later.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from .dataset_builder.dataset import EventDataset, make_loader
 from .dataset_builder.inspect import format_report, inspect_path, verify_dataset
 from .dataset_builder.preview import render_shard_preview
 from .dataset_builder.synthetic import make_synthetic_classification
+from .export import export_backbone
 from .preview import render_stream_preview
 from .simulator.pipeline import SimulateConfig, simulate_sequences
 from .simulator.scenes import SceneSpec, make_dataset
@@ -24,6 +26,8 @@ from .simulator.upsample import UpsampleConfig
 
 DEMO_SPEC = SceneSpec(width=160, height=120, frames=24, planes=3, speed_px=2.5, seed=0)
 SYNTHETIC_SIZE = (64, 48)  # the synthetic classification set's sensor, (W, H)
+DEMO_PRETRAIN_STEPS = 20
+TINY_ECDDP_CONFIG = Path(__file__).resolve().parent / "configs" / "pretrain" / "ecddp_tiny.yaml"  # packaged
 
 
 def run_demo(out="evforge_demo", *, device="auto", progress=True, log=print) -> dict:
@@ -32,7 +36,7 @@ def run_demo(out="evforge_demo", *, device="auto", progress=True, log=print) -> 
     t0 = time.perf_counter()
     scenes = out / "scenes"
     make_dataset(scenes, envs=("demo_office", "demo_garden"), trajectories=2, spec=DEMO_SPEC)
-    log(f"[1/5] procedural scenes (TartanAir v1 layout, 10 Hz): {scenes}")
+    log(f"[1/6] procedural scenes (TartanAir v1 layout, 10 Hz): {scenes}")
 
     streams = out / "streams"
     cfg = SimulateConfig(preset="noisy", resolution=None, upsample=UpsampleConfig(mode="linear", max_steps=8),
@@ -42,11 +46,11 @@ def run_demo(out="evforge_demo", *, device="auto", progress=True, log=print) -> 
     if failed:
         raise RuntimeError(f"demo simulation failed: {failed[0].error}")
     n_events = sum(r.events for r in results)
-    log(f"[2/5] event streams ({len(results)} sequences, {n_events:,} events, noisy preset): {streams}")
+    log(f"[2/6] event streams ({len(results)} sequences, {n_events:,} events, noisy preset): {streams}")
 
     previews = out / "previews"
     pngs = [render_stream_preview(r.path, previews / (r.name.replace("/", "__") + ".png")) for r in results]
-    log(f"[3/5] stream previews: {previews}  (e.g. {pngs[0]})")
+    log(f"[3/6] stream previews: {previews}  (e.g. {pngs[0]})")
 
     datasets = out / "datasets"
     stream_ds = build_dataset("tartanair", streams, datasets / "streams", test_envs=("demo_garden",),
@@ -60,12 +64,33 @@ def run_demo(out="evforge_demo", *, device="auto", progress=True, log=print) -> 
             raise RuntimeError(f"demo dataset {report.out} is faulty: {(faults or [report.errors_path])[0]}")
         log(format_report(inspect_path(report.out)))
         pngs.append(render_shard_preview(report.out, previews / f"{report.out.name}_shards.png", samples=8))
-    log(f"[4/5] shards + manifests (verified): {stream_ds.out}, {class_ds.out}")
+    log(f"[4/6] shards + manifests (verified): {stream_ds.out}, {class_ds.out}")
 
     loader = make_loader(EventDataset(class_ds.out, "train"), batch_size=8, shuffle=True, seed=0)
     batch = next(iter(loader))
-    log(f"[5/5] training loader: a batch of {len(batch['key'])} samples, {int(batch['offsets'][-1]):,} events "
+    log(f"[5/6] training loader: a batch of {len(batch['key'])} samples, {int(batch['offsets'][-1]):,} events "
         f"packed, labels {batch['label'].tolist()}")
+    backbone = pretrain_ecddp(stream_ds.out, out / "runs" / "ecddp_tiny", device=device, progress=progress,
+                              log=log)
     log(f"demo finished in {time.perf_counter() - t0:.1f} s; outputs under {out.resolve()}")
     return {"scenes": scenes, "streams": [r.path for r in results], "previews": pngs,
-            "datasets": [stream_ds.out, class_ds.out]}
+            "datasets": [stream_ds.out, class_ds.out], "backbone": backbone}
+
+
+def pretrain_ecddp(dataset, run_dir, *, steps: int = DEMO_PRETRAIN_STEPS, device="auto", progress=True, log=print):
+    """A short ECDDP run with ``configs/pretrain/ecddp_tiny.yaml``'s settings on ``dataset``; exports the
+    backbone next to the run and returns its path."""
+    from .pretrain import get_task
+    from .trainer.config import load_config
+    from .trainer.trainer import Trainer
+
+    overrides = [f"data.path={dataset}", f"trainer.max_steps={steps}", "checkpoint.every_n_steps=null",
+                 f"trainer.accelerator={'cpu' if device == 'cpu' else 'auto'}",
+                 f"log.progress={'true' if progress else 'false'}"]
+    cfg = load_config(TINY_ECDDP_CONFIG, overrides)
+    with Trainer(cfg, get_task("ecddp"), out_dir=run_dir, resume=None) as trainer:
+        summary = trainer.fit()
+    backbone = export_backbone(summary["checkpoint"], Path(run_dir) / "backbone.safetensors")
+    log(f"[6/6] ECDDP pretraining, {summary['step']} steps (loss {summary['train']['loss']:.2f}): {run_dir}; "
+        f"backbone: {backbone}")
+    return backbone

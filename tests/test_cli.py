@@ -65,7 +65,8 @@ def test_bad_parameter_value(scenes, tmp_path, capsys):
 def test_demo_runs_the_chain(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "demo finished" in out and "[5/5] training loader" in out
+    assert "demo finished" in out and "[5/6] training loader" in out and "[6/6] ECDDP pretraining" in out
+    assert (tmp_path / "demo" / "runs" / "ecddp_tiny" / "backbone.safetensors").is_file()
     streams = sorted((tmp_path / "demo" / "streams").rglob("*.h5"))
     previews = sorted((tmp_path / "demo" / "previews").glob("*.png"))
     assert len(streams) == 4 and len(previews) == 6

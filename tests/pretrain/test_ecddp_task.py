@@ -1,11 +1,13 @@
 """ECDDP on the shared trainer, on stream shards made by the real chain (scenes -> simulate -> convert)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import evforge
 from evforge.cli import main
 from evforge.dataset_builder.build import build_dataset
 from evforge.export import export_backbone, load_backbone, read_backbone
@@ -17,7 +19,7 @@ from evforge.simulator.sources import discover_sequences
 from evforge.trainer.config import load_config
 from evforge.trainer.trainer import Trainer
 
-CONFIG = "configs/pretrain/ecddp_tiny.yaml"
+CONFIG = str(Path(evforge.__file__).resolve().parent / "configs" / "pretrain" / "ecddp_tiny.yaml")
 
 
 @pytest.fixture(scope="module")
