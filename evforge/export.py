@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .atomic import atomic_output
 from .errors import InputError
 
 FORMAT = "evforge-backbone/1"
@@ -63,7 +64,23 @@ def _ecddp_backbone(state: dict, cfg: dict, which: str, with_neck: bool) -> tupl
     return tensors, meta
 
 
-EXPORTERS = {"ecddp": _ecddp_backbone}
+def _mem_backbone(state: dict, cfg: dict, which: str, with_neck: bool) -> tuple[dict, dict]:
+    """MEM's ViT (``vit.*`` of :class:`~evforge.pretrain.mem.model.MEMModel`) under timm's keys; the mask token
+    and the MIM head are pretraining-only. MEM has one network, so ``which`` does not apply."""
+    from .pretrain.mem.task import mem_model_config
+
+    if with_neck:
+        raise ValueError("MEM has no neck to export (with_neck is for ECDDP)")
+    tensors = {key[len("vit."):]: value for key, value in state.items() if key.startswith("vit.")}
+    if not tensors:
+        raise ValueError("no 'vit.' weights in the checkpoint (not a MEM model)")
+    model_cfg = mem_model_config(cfg)
+    meta = {"arch": model_cfg.variant, "in_chans": int(model_cfg.in_chans), "timm_kwargs": model_cfg.timm_kwargs(),
+            "norm_eps": 1e-6}  # timm's ViT LayerNorms use eps 1e-6
+    return tensors, meta
+
+
+EXPORTERS = {"ecddp": _ecddp_backbone, "mem": _mem_backbone}
 
 
 def export_backbone(ckpt_path, out, *, which: str = "teacher", with_neck: bool = False) -> Path:
@@ -82,11 +99,9 @@ def export_backbone(ckpt_path, out, *, which: str = "teacher", with_neck: bool =
                  "step": int(ckpt.get("progress", {}).get("step", -1)) if isinstance(ckpt.get("progress"), dict)
                  else -1})
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp")
-    save_file({k: v.contiguous().clone() for k, v in tensors.items()}, str(tmp),
-              metadata={k: json.dumps(v) for k, v in meta.items()})
-    tmp.replace(out)
+    with atomic_output(out) as tmp:
+        save_file({k: v.contiguous().clone() for k, v in tensors.items()}, str(tmp),
+                  metadata={k: json.dumps(v) for k, v in meta.items()})
     return out
 
 

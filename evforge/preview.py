@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from .atomic import atomic_output
 from .streamfile import StreamFile
 
 RATE_BINS = 100
@@ -116,12 +116,6 @@ def render_stream_preview(stream_path, out_png, *, windows: int = 4, dpi: int = 
         ax_rate.legend(loc="upper right")
         fig.tight_layout()
 
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(f"{out_png.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_output(out_png) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
-        os.replace(tmp, out_png)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return out_png

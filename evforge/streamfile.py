@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import h5py
 import hdf5plugin  # noqa: F401  (registers the Blosc filter so Blosc-compressed files can be read)
 import numpy as np
 
+from .atomic import commit, temp_path
 from .errors import InputError
 from .events import EVENT_DTYPE, EventFormatError, validate_events
 
@@ -106,7 +106,7 @@ class StreamWriter:
         self._frame_t: list[int] = []
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+        self._tmp = temp_path(self.path)
         self._file = h5py.File(self._tmp, "w")
         try:
             f = self._file
@@ -224,16 +224,10 @@ class StreamWriter:
             f.flush()
             f.close()
             self._file = None
-            fd = os.open(self._tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(self._tmp, self.path)
+            commit(self._tmp, self.path)
         except BaseException:
             self.abort()
             raise
-        _fsync_dir(self.path.parent)
 
     def abort(self) -> None:
         """Discard the file being written (nothing is left at ``path`` or in the temp file)."""
@@ -244,20 +238,6 @@ class StreamWriter:
                 pass
             self._file = None
         self._tmp.unlink(missing_ok=True)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable (best effort: not every platform can open a directory)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def write_stream(path, events: np.ndarray, frame_times, *, width: int, height: int, attrs: dict | None = None,

@@ -38,7 +38,7 @@ import torch
 
 import evforge
 from evforge.errors import InputError
-from evforge.streamfile import _fsync_dir
+from evforge.atomic import atomic_write_text as _atomic_write_text
 
 from .shards import KINDS, ShardReader, sha256_file
 
@@ -304,21 +304,6 @@ def _provenance_problem(prov: dict) -> str | None:
         if not isinstance(prov[key], expected):
             return f"provenance.{key} has a wrong type ({type(prov[key]).__name__})"
     return None
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 # ------------------------------------------------------------------------------------------- building

@@ -7,13 +7,13 @@ A quick look at what a converter produced: each panel is one item of :class:`Eve
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ..atomic import atomic_output
 from ..errors import InputError
 from ..preview import event_frame
 from .dataset import EventDataset
@@ -85,12 +85,6 @@ def render_shard_preview(path, out_png, *, samples: int = 8, split: str | None =
     for ds in datasets:
         ds.close()
 
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(f"{out_png.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_output(out_png) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
-        os.replace(tmp, out_png)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return out_png

@@ -43,7 +43,8 @@ import numpy as np
 
 from evforge.errors import InputError
 from evforge.events import EVENT_DTYPE, EventFormatError, empty_events, validate_events
-from evforge.streamfile import CHUNK_EVENTS, _decode_attr, _filter_kwargs, _fsync_dir
+from evforge.atomic import commit, temp_path
+from evforge.streamfile import CHUNK_EVENTS, _decode_attr, _filter_kwargs
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "KINDS", "CHUNK_EVENTS", "RAW_EVENT_BYTES", "DEFAULT_TARGET_BYTES",
@@ -256,7 +257,7 @@ class ShardWriter:
         self._written = 0  # events given to the file (the datasets' extent)
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+        self._tmp = temp_path(self.path)
         self._file = h5py.File(self._tmp, "w")
         try:
             f = self._file
@@ -549,16 +550,10 @@ class ShardWriter:
             f.flush()
             f.close()
             self._file = None
-            fd = os.open(self._tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(self._tmp, self.path)
+            commit(self._tmp, self.path)
         except BaseException:
             self.abort()
             raise
-        _fsync_dir(self.path.parent)
 
     def abort(self) -> None:
         """Discard the shard being written (nothing is left at ``path`` or in the temp file)."""

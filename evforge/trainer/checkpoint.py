@@ -16,22 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..atomic import atomic_output
+
 __all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "CheckpointManager", "LAST"]
 
 LAST = "last.ckpt"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # not possible on every platform / file system
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
@@ -40,18 +29,8 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
     A crash or error at any point leaves the previous file at ``path`` untouched (and no temp file behind).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)
     return path
 
 

@@ -17,6 +17,7 @@ from typing import Any, Iterable
 
 import yaml
 
+from ..atomic import atomic_write_text
 from ..errors import InputError
 
 __all__ = ["ConfigError", "DEFAULTS", "STRICT_SECTIONS", "load_config", "load_yaml", "parse_value", "apply_override",
@@ -212,18 +213,7 @@ def dump_config(cfg: dict) -> str:
 
 def save_config(cfg: dict, path: str | os.PathLike) -> None:
     """Write ``cfg`` as YAML, atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(dump_config(cfg))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write_text(path, dump_config(cfg))
 
 
 def config_hash(cfg: dict) -> str:

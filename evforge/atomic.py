@@ -1,0 +1,64 @@
+"""Atomic file output: write a temp file next to the target, fsync it, rename it into place, fsync the folder.
+
+A crash at any moment leaves either the previous file or the complete new one at the path, never a partial
+one. Temp files are named ``<name>.tmp-<pid>``; builds and reruns remove such leftovers of killed runs.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+def temp_path(path) -> Path:
+    path = Path(path)
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
+
+
+def fsync_dir(directory) -> None:
+    """Make a rename durable (best effort: not every platform or file system can open a directory)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def commit(tmp, path) -> Path:
+    """fsync ``tmp``, rename it to ``path`` and fsync the folder."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(Path(path).parent)
+    return Path(path)
+
+
+@contextmanager
+def atomic_output(path) -> Iterator[Path]:
+    """Yield a temp path to write; on success it becomes ``path``, on an exception it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        yield tmp
+        commit(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path, text: str) -> Path:
+    with atomic_output(path) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+    return Path(path)
