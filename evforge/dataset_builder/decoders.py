@@ -30,7 +30,6 @@ The ``write_*`` encoders exist for tests; they raise ``ValueError`` for events t
 
 from __future__ import annotations
 
-import os
 import re
 import zipfile
 

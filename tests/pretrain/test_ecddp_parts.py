@@ -37,7 +37,7 @@ def gen(seed=0):
 @pytest.fixture(scope="module")
 def tiny_model():
     torch.manual_seed(0)
-    return ECDDPModel(ECDDPConfig.tiny())
+    return ECDDPModel(ECDDPConfig.tiny_config())
 
 
 # ---------------------------------------------------------------- k-means
@@ -375,7 +375,7 @@ def test_full_model_tiny_forward_backward(tiny_model):
 
 def test_sgd_steps_decrease_loss():
     torch.manual_seed(0)
-    m = ECDDPModel(ECDDPConfig.tiny(legacy_mask_ratio=True))
+    m = ECDDPModel(ECDDPConfig.tiny_config(legacy_mask_ratio=True))
     assert m.mask_generator.count_base == 64
     x = torch.randn(2, 6, 96, 96, generator=gen(0))
     params = [p for p in m.student.parameters() if p.requires_grad]
@@ -390,3 +390,10 @@ def test_sgd_steps_decrease_loss():
         losses.append(loss.item())
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < losses[0] - 0.3, losses
+
+
+def test_default_config_is_the_paper_model_not_the_tiny_one():
+    # regression: a ``tiny`` classmethod once shadowed the ``tiny: bool = False`` field, making it truthy
+    cfg = ECDDPConfig()
+    assert cfg.tiny is False and ECDDPConfig.from_dict({}).tiny is False
+    assert ECDDPConfig.tiny_config().tiny is True

@@ -101,7 +101,8 @@ class ECDDPConfig:
         )
 
     @classmethod
-    def tiny(cls, **overrides) -> "ECDDPConfig":
+    def tiny_config(cls, **overrides) -> "ECDDPConfig":
+        """The CPU-sized config (named so it cannot shadow the ``tiny`` field's default)."""
         return cls(**{**cls.tiny_defaults(), **overrides})
 
 
