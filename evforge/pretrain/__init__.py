@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import importlib
 
-TASKS = {"ecddp": "evforge.pretrain.ecddp.task:ECDDPTask"}
+TASKS = {"ecddp": "evforge.pretrain.ecddp.task:ECDDPTask",
+         "mem_dvae": "evforge.pretrain.mem.task:MEMDVAETask",
+         "mem": "evforge.pretrain.mem.task:MEMTask"}
 
 
 def get_task(name: str):
