@@ -170,6 +170,9 @@ def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="run the whole chain on built-in procedural data (CPU, < 2 minutes)")
     p.add_argument("--out", default="evforge_demo", help="output folder (default: ./evforge_demo)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--method", default="ecddp", choices=["ecddp", "mem"],
+                   help="pretraining stage: ECDDP on the streams, or MEM (tokenizer + masked modelling) on "
+                        "the classification set")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_demo)
 
@@ -177,7 +180,7 @@ def _add_demo(sub) -> None:
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, device=args.device, progress=not args.quiet)
+    run_demo(args.out, device=args.device, method=args.method, progress=not args.quiet)
     return 0
 
 
@@ -261,7 +264,7 @@ def _cmd_convert(args) -> int:
 
 
 def _add_pretrain(sub) -> None:
-    p = sub.add_parser("pretrain", help="self-supervised pretraining (ECDDP) on the shared trainer",
+    p = sub.add_parser("pretrain", help="self-supervised pretraining (ECDDP, MEM) on the shared trainer",
                        description="Train with a YAML config (task.name picks the method). Multi-GPU: "
                                    "--set trainer.devices=N, or launch under torchrun / srun.")
     p.add_argument("config_pos", nargs="?", metavar="CONFIG", help="YAML config (or use --config)")

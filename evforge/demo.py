@@ -30,7 +30,7 @@ DEMO_PRETRAIN_STEPS = 20
 TINY_ECDDP_CONFIG = Path(__file__).resolve().parent / "configs" / "pretrain" / "ecddp_tiny.yaml"  # packaged
 
 
-def run_demo(out="evforge_demo", *, device="auto", progress=True, log=print) -> dict:
+def run_demo(out="evforge_demo", *, device="auto", method: str = "ecddp", progress=True, log=print) -> dict:
     """Run the demo into ``out``; returns the paths it made (scenes, streams, previews)."""
     out = Path(out)
     t0 = time.perf_counter()
@@ -70,8 +70,17 @@ def run_demo(out="evforge_demo", *, device="auto", progress=True, log=print) -> 
     batch = next(iter(loader))
     log(f"[5/6] training loader: a batch of {len(batch['key'])} samples, {int(batch['offsets'][-1]):,} events "
         f"packed, labels {batch['label'].tolist()}")
-    backbone = pretrain_ecddp(stream_ds.out, out / "runs" / "ecddp_tiny", device=device, progress=progress,
-                              log=log)
+    if method == "mem":
+        from .pretrain.mem.demo import pretrain_mem
+
+        backbone = pretrain_mem(class_ds.out, out / "runs" / "mem_tiny", device=device, progress=progress,
+                                log=log)
+        log(f"[6/6] MEM pretraining on the classification shards; backbone: {backbone}")
+    elif method == "ecddp":
+        backbone = pretrain_ecddp(stream_ds.out, out / "runs" / "ecddp_tiny", device=device, progress=progress,
+                                  log=log)
+    else:
+        raise ValueError(f"unknown demo method {method!r}: ecddp or mem")
     log(f"demo finished in {time.perf_counter() - t0:.1f} s; outputs under {out.resolve()}")
     return {"scenes": scenes, "streams": [r.path for r in results], "previews": pngs,
             "datasets": [stream_ds.out, class_ds.out], "backbone": backbone}

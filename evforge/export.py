@@ -94,7 +94,9 @@ def export_backbone(ckpt_path, out, *, which: str = "teacher", with_neck: bool =
     if method not in EXPORTERS:
         raise InputError(ckpt_path, f"no backbone exporter for task {method!r} (known: {sorted(EXPORTERS)})")
     tensors, meta = EXPORTERS[method](ckpt["model"], cfg, which, with_neck)
-    meta.update({"format": FORMAT, "method": method, "which": which,
+    if method == "ecddp":  # only a student/teacher method has a choice to record
+        meta["which"] = which
+    meta.update({"format": FORMAT, "method": method,
                  "source_checkpoint": str(Path(ckpt_path).resolve()),
                  "step": int(ckpt.get("progress", {}).get("step", -1)) if isinstance(ckpt.get("progress"), dict)
                  else -1})
