@@ -397,3 +397,13 @@ def test_default_config_is_the_paper_model_not_the_tiny_one():
     cfg = ECDDPConfig()
     assert cfg.tiny is False and ECDDPConfig.from_dict({}).tiny is False
     assert ECDDPConfig.tiny_config().tiny is True
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_tiny_model_step_on_cuda_with_a_cuda_generator():
+    # the task draws crops and masks from a generator on the training device
+    model = ECDDPModel(ECDDPConfig.tiny_config()).cuda()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    loss, parts = model(torch.randn(2, 6, 96, 96, device="cuda"), teacher_temp=0.04, generator=g)
+    loss.backward()
+    assert torch.isfinite(loss)

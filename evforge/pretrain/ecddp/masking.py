@@ -93,7 +93,8 @@ class BlockMaskGenerator:
     def __call__(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Masks for ``batch_size`` crops: (batch_size, h*w) bool; ``int(batch_size * mask_probability)`` of
         them masked with stratified ratios, the rest empty, in random order (as the public ``collate_data``)."""
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+        device = generator.device if generator is not None else "cpu"
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=device).item())
         rng = random.Random(seed)
         n_masked = int(batch_size * self.mask_probability)
         lo, hi = self.ratio_range

@@ -95,10 +95,11 @@ def sample_boxes(
     w = torch.sqrt(area * r)  # as fractions of the view side
     h = torch.sqrt(area / r)
     ok = (w <= 1.0) & (h <= 1.0)
-    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1))
+    dev = area.device  # the generator's: everything below stays there
+    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1, device=dev))
     idx = first.clamp(min=0).unsqueeze(1)
-    w = torch.where(first >= 0, w.gather(1, idx).squeeze(1), torch.ones(n))
-    h = torch.where(first >= 0, h.gather(1, idx).squeeze(1), torch.ones(n))
+    w = torch.where(first >= 0, w.gather(1, idx).squeeze(1), torch.ones(n, device=dev))
+    h = torch.where(first >= 0, h.gather(1, idx).squeeze(1), torch.ones(n, device=dev))
     pos = _rand((n, 2), generator)
     x0 = pos[:, 0] * (1.0 - w)
     y0 = pos[:, 1] * (1.0 - h)
