@@ -100,7 +100,7 @@ class Preset:
 
 
 PRESETS = {
-    # ECDDPConfig.tiny(): tiny Swin (embed 24, window 4), 96 view / 64 global / 32 local crops, 4 locals, K = 4
+    # ECDDPConfig.tiny_config(): tiny Swin (embed 24, window 4), 96 view / 64 global / 32 local crops, 4 locals, K = 4
     "tiny": Preset(model={"preset": "tiny"}, input_size=128, sensor=(160, 128), render=(160, 128),
                    batch={"cpu": 8, "cuda": 64}, steps={"cpu": 8, "cuda": 20}, warmup={"cpu": 3, "cuda": 10}),
     # the paper: Swin-T/7, 224 view / 2 x 192 global / 8 x 96 local, 32768 prototypes, 320 crop of 640x480
