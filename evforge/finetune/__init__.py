@@ -1,1 +1,23 @@
-"""evforge.finetune (see the open issues for what lands here next)."""
+"""Supervised finetuning and evaluation on the shared trainer: classification and segmentation tasks.
+
+A config's ``task.name`` picks the task; tasks are imported only when asked for (they pull in timm).
+:func:`evforge.finetune.evaluate.evaluate` scores a checkpoint on a split and writes the reports.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+TASKS = {
+    "classification": "evforge.finetune.classification:ClassificationTask",
+    "segmentation": "evforge.finetune.segmentation:SegmentationTask",
+}
+
+
+def get_task(name: str):
+    """A new task object for ``name`` (ValueError naming the known ones otherwise)."""
+    try:
+        module, cls = TASKS[name].split(":")
+    except KeyError:
+        raise ValueError(f"unknown finetuning task {name!r}; known: {sorted(TASKS)}") from None
+    return getattr(importlib.import_module(module), cls)()

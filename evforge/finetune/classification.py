@@ -1,0 +1,485 @@
+"""Event classification finetuning (full finetune or linear probe) as a :class:`~evforge.trainer.task.Task`.
+
+Data: a ``samples`` dataset (``evforge convert ncaltech101|ncars|nimagenet``), the training split or one of
+its label-efficiency subsets (``data.subset``, e.g. ``train_10pct``). On the device each batch becomes a
+representation at the sensor size (``task.representation``: MEM's 3-channel image, a 2-channel histogram or
+a voxel grid), resized (bilinear, antialiased) to ``task.input_size`` and fed to a timm ViT or Swin
+(:mod:`.backbones`). Training draws MEM's event augmentations per sample from a generator seeded by
+``(seed, step, micro-batch, rank)`` (exact resume): a random window of ``max_events`` events, a random
+shift, flips in x and in time. Validation and evaluation are deterministic: the central (or first / last)
+``val_window.max_events`` events, no augmentation.
+
+Splits (``data.*``; :func:`resolve_splits`): the trainer validates, and checkpoints are selected, on
+``val_split``; :func:`evforge.finetune.evaluate.evaluate` reports on ``test_split``. ``auto`` picks
+``test_split`` = ``test`` when the manifest has one, else ``val``; and ``val_split`` = ``val`` when that is
+not the test split, else ``train_holdout`` (:func:`holdout_indices`): a stratified ``holdout_fraction`` of the
+training split, drawn (seeded by ``holdout_seed``) from the samples in none of the manifest's label-efficiency
+subsets of that split, and left out of training. So the holdout is the same for every run on a dataset, and a
+``subset`` run trains on exactly the subset's samples. N-Cars (train/test) thus selects on a slice of train and
+reports test; N-Caltech101 / N-ImageNet (train/val, val being what papers report) select on a slice of train and
+report val; ``data.val_split=val`` gives MEM's protocol (best val reported).
+
+Validation metrics (``top1``, ``top5``, ``mean_class_acc``, ``loss``; on the EMA model when enabled) are
+exact over the validation split although the trainer averages per-batch values: each batch's sums are
+weighted by (batches in the split) / (items), see :meth:`ClassificationTask._val_plan`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from .. import augment
+from ..dataset_builder.dataset import EventDataset, collate_events, resolve_manifest
+from ..dataset_builder.manifest import Manifest, stratified_split
+from ..representations import histogram, mem_image, voxel_grid
+from ..trainer.config import ConfigError, merge
+from ..trainer.sampler import mix_seed
+from .backbones import ModelSpec, build_classifier
+from .ema import ModelEMA
+from .layer_decay import layer_decay_groups
+from .metrics import confusion_matrix, topk_correct
+
+__all__ = ["ClassificationTask", "ClassifierModel", "TASK_DEFAULTS", "HOLDOUT", "resolve_splits", "holdout_indices"]
+
+HOLDOUT = "train_holdout"
+REPRESENTATIONS = ("mem_image", "histogram", "voxel_grid")
+MODES = ("finetune", "linear_probe")
+WINDOW_POSITIONS = ("center", "first", "last")
+
+# Every task option with its default (MEM's finetuning recipe where it has one).
+TASK_DEFAULTS: dict = {
+    "name": "classification",
+    "mode": "finetune",               # finetune | linear_probe (frozen backbone, linear head on pooled features)
+    "init": None,                     # exported backbone (.safetensors) to start from; null = random init
+    "num_classes": None,              # null = the manifest's class count
+    "model": {
+        "arch": "vit_small_patch16_224",  # timm ViT or Swin (ignored with init: the backbone's metadata wins)
+        "kwargs": {},                 # timm architecture kwargs (embed_dim, depth, ...; ignored with init)
+        "norm_eps": None,             # LayerNorm eps (null = timm's; exported backbones carry theirs)
+        "global_pool": "avg",         # MEM: mean pool over the patch tokens
+        "drop_path_rate": 0.1,
+        "drop_rate": None,
+    },
+    "representation": {
+        "name": "mem_image",          # mem_image (3 ch) | histogram (2 ch) | voxel_grid (bins ch)
+        "bins": 5,                    # voxel_grid
+        "polarity_split": False,      # voxel_grid: ON and OFF bins separately (2 * bins channels)
+        "normalize": "nonzero_std",   # voxel_grid: null | nonzero_std; histogram: null | max
+        "hot_pixel_std": 10.0,        # mem_image: MEM's hot-pixel filter (null = off)
+    },
+    "input_size": [224, 224],         # [H, W] (or one int) the representation is resized to; null = sensor size
+    "augment": {                      # training only, MEM's event augmentations
+        "max_events": 30000,          # random contiguous window of at most this many events (null = all)
+        "shift": 8,                   # random integer shift in [-shift, shift] pixels (0 = off)
+        "flip_x": 0.5,                # probability of a horizontal flip
+        "time_flip": 0.5,             # probability of playing the sample backwards (t -> -t, p -> -p)
+    },
+    "val_window": {"max_events": 30000, "position": "center"},  # deterministic window at val/test
+    "label_smoothing": 0.1,
+    "layer_decay": 0.9,               # lr scale layer_decay ** (depth - layer) (see layer_decay.py)
+    "ema": {"enabled": True, "decay": 0.9999, "warmup": True},
+    "eval_ema": True,                 # validate / evaluate the EMA weights when the EMA is enabled
+}
+DATA_DEFAULTS: dict = {"train_split": "train", "subset": None, "val_split": "auto", "test_split": "auto",
+                       "holdout_fraction": 0.1, "holdout_seed": 0}
+
+
+def _check_keys(given: dict, defaults: dict, where: str) -> None:
+    """Reject unknown option names (typos) in ``task`` and its sections; ``model.kwargs`` is open (timm's)."""
+    import difflib
+
+    for k, v in given.items():
+        if k not in defaults:
+            close = difflib.get_close_matches(k, list(defaults), n=1)
+            raise ConfigError(f"{where}.{k}: unknown option" + (f"; did you mean {close[0]!r}?" if close else ""))
+        if isinstance(v, dict) and isinstance(defaults[k], dict) and defaults[k] and k != "kwargs":
+            _check_keys(v, defaults[k], f"{where}.{k}")
+
+
+def resolve_splits(splits, data: dict) -> tuple[str, str]:
+    """``(val_split, test_split)`` for a manifest with ``splits`` (see the module docstring for ``auto``)."""
+    splits = list(splits)
+    test = data.get("test_split", "auto")
+    if test in (None, "auto"):
+        test = "test" if "test" in splits else "val" if "val" in splits else None
+        if test is None:
+            raise ConfigError(f"data.test_split: the dataset has no test or val split (splits: {splits})")
+    val = data.get("val_split", "auto")
+    if val in (None, "auto"):
+        val = "val" if "val" in splits and test != "val" else HOLDOUT
+    for key, name in (("val_split", val), ("test_split", test)):
+        if name != HOLDOUT and name not in splits:
+            raise ConfigError(f"data.{key}: no split {name!r} in the dataset (splits: {splits}, or {HOLDOUT!r})")
+    return val, test
+
+
+def holdout_indices(full: EventDataset, manifest: Manifest, split: str, fraction: float, seed: int) -> np.ndarray:
+    """Indices into ``full`` (the whole training split) of the :data:`HOLDOUT` validation items.
+
+    ``round(fraction * len(full))`` items, stratified by class, drawn with a seed mixed from ``seed`` among the
+    samples that belong to none of the manifest's subsets of ``split`` (the label-efficiency subsets are nested,
+    so this is the complement of the largest); when that pool is too small, all of it. Deterministic.
+    """
+    if not 0 < fraction < 1:
+        raise ConfigError(f"data.holdout_fraction: expected a number in (0, 1), got {fraction!r}")
+    reserved = set()
+    for sub in manifest.subsets.values():
+        if sub["split"] == split:
+            reserved.update(sub["keys"])
+    keys = full.keys
+    pool = np.asarray([i for i, k in enumerate(keys) if k not in reserved], dtype=np.int64)
+    want = int(round(fraction * len(keys)))
+    if want < 1 or not len(pool):
+        raise ConfigError(f"data.holdout_fraction: {fraction} of {len(keys)} training samples "
+                          f"({len(pool)} outside the subsets) leaves no validation items; set data.val_split")
+    if want >= len(pool):
+        return pool
+    f = want / len(pool)
+    parts = stratified_split(full.labels[pool], {"holdout": f, "rest": 1.0 - f}, seed=mix_seed(seed, 0x401D))
+    return pool[parts["holdout"]]
+
+
+class _Items(Dataset):
+    """Some items of an :class:`EventDataset`, by index (keeps ``close``, ``labels`` and the sensor size)."""
+
+    def __init__(self, base: EventDataset, index: np.ndarray):
+        self.base, self.index = base, np.asarray(index, dtype=np.int64)
+        self.sensor_size, self.classes = base.sensor_size, base.classes
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i):
+        return self.base[int(self.index[i])]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.base.labels[self.index]
+
+    def close(self) -> None:
+        self.base.close()
+
+
+class ClassifierModel(nn.Module):
+    """The trained network (``net``, a timm classifier) and its EMA copy (``ema``, or None).
+
+    ``linear_probe`` freezes everything but the classifier (``net.get_classifier()``) and keeps the backbone
+    in eval mode, so only the head changes.
+    """
+
+    def __init__(self, net: nn.Module, *, linear_probe: bool = False, ema: dict | None = None):
+        super().__init__()
+        self.net, self.linear_probe = net, bool(linear_probe)
+        if self.linear_probe:
+            net.requires_grad_(False)
+            net.get_classifier().requires_grad_(True)
+        self.ema = ModelEMA(net, float(ema["decay"]), bool(ema.get("warmup", True))) if ema else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def eval_net(self, use_ema: bool = True) -> nn.Module:
+        """The network that validation / evaluation scores: the EMA when present and asked for."""
+        return self.ema.module if use_ema and self.ema is not None else self.net
+
+    def train(self, mode: bool = True) -> "ClassifierModel":
+        super().train(mode)
+        if self.linear_probe:
+            self.net.eval()  # frozen features: no dropout / drop path in the backbone
+        return self
+
+
+class ClassificationTask:
+    """Finetuning or linear probing of a ViT / Swin on event classification (see the module docstring)."""
+
+    name = "classification"
+    default_metric = "top1"  # what checkpoint selection maximises
+
+    def __init__(self):
+        self.cfg: dict = {}
+        self.spec: ModelSpec | None = None
+        self.classes: list[str] = []
+        self.sensor_size: tuple[int, int] | None = None  # (W, H)
+        self._val_labels: np.ndarray | None = None
+        self._plans: dict = {}
+        self._manifest_cache: tuple | None = None
+
+    # ----------------------------------------------------------------------------------------- options
+    def options(self, cfg: dict) -> dict:
+        """``cfg["task"]`` over :data:`TASK_DEFAULTS`, checked."""
+        _check_keys(cfg.get("task", {}), TASK_DEFAULTS, "task")
+        o = merge(TASK_DEFAULTS, cfg.get("task", {}))
+        if o["mode"] not in MODES:
+            raise ConfigError(f"task.mode: expected one of {MODES}, got {o['mode']!r}")
+        if o["representation"]["name"] not in REPRESENTATIONS:
+            raise ConfigError(f"task.representation.name: expected one of {REPRESENTATIONS}, "
+                              f"got {o['representation']['name']!r}")
+        if o["val_window"]["position"] not in WINDOW_POSITIONS:
+            raise ConfigError(f"task.val_window.position: expected one of {WINDOW_POSITIONS}")
+        if not 0 <= float(o["label_smoothing"]) < 1:
+            raise ConfigError(f"task.label_smoothing: expected a number in [0, 1), got {o['label_smoothing']!r}")
+        return o
+
+    @staticmethod
+    def data_options(cfg: dict) -> dict:
+        return merge(DATA_DEFAULTS, cfg.get("data", {}))
+
+    def in_chans(self, o: dict) -> int:
+        rep = o["representation"]
+        if rep["name"] == "mem_image":
+            return 3
+        if rep["name"] == "histogram":
+            return 2
+        return int(rep["bins"]) * (2 if rep["polarity_split"] else 1)
+
+    def input_size(self, o: dict) -> tuple[int, int]:
+        """(H, W) the network sees."""
+        size = o["input_size"]
+        if size is None:
+            W, H = self.sensor_size
+            return int(H), int(W)
+        if isinstance(size, (int, float)):
+            return int(size), int(size)
+        return int(size[0]), int(size[1])
+
+    def _manifest(self, cfg: dict) -> Manifest:
+        path = cfg.get("data", {}).get("path")
+        if not path:
+            raise ConfigError("data.path: give the dataset folder (manifest.json)")
+        where = resolve_manifest(path)
+        if self._manifest_cache is not None and self._manifest_cache[0] == where:
+            return self._manifest_cache[1]  # large datasets (N-ImageNet) have large manifests: read once
+        m = Manifest.load(where)
+        if m.kind != "samples":
+            raise ConfigError(f"data.path: classification needs a 'samples' dataset, {path} holds {m.kind}")
+        self._manifest_cache = (where, m)
+        return m
+
+    def splits(self, cfg: dict) -> tuple[str, str]:
+        """``(val_split, test_split)`` of the configured dataset."""
+        return resolve_splits(self._manifest(cfg).splits, self.data_options(cfg))
+
+    # ---------------------------------------------------------------------------------------------- model
+    def build_model(self, cfg: dict) -> nn.Module:
+        self.cfg = cfg
+        o = self.options(cfg)
+        m = self._manifest(cfg)
+        self.classes, self.sensor_size = list(m.classes), tuple(m.sensor_size)
+        num_classes = int(o["num_classes"] or len(self.classes))
+        if num_classes < 1:
+            raise ConfigError("task.num_classes: the dataset lists no classes; set task.num_classes")
+        net, self.spec = build_classifier(o["model"], in_chans=self.in_chans(o), num_classes=num_classes,
+                                          input_size=self.input_size(o), init=o["init"], spec=self.spec)
+        ema = o["ema"] if o["ema"].get("enabled") else None
+        return ClassifierModel(net, linear_probe=o["mode"] == "linear_probe", ema=ema)
+
+    def param_groups(self, model: ClassifierModel, cfg: dict) -> list[dict]:
+        o = self.options(cfg)
+        decay = 1.0 if o["mode"] == "linear_probe" else float(o["layer_decay"])
+        return layer_decay_groups(model.net, weight_decay=float(cfg["optim"]["weight_decay"]), layer_decay=decay,
+                                  no_decay=cfg["optim"].get("no_decay", ()), prefix="net.")
+
+    def state_dict(self) -> dict:
+        """What evaluation needs to rebuild the network without the backbone file (checkpointed)."""
+        return {"model_spec": self.spec.to_dict() if self.spec else None, "classes": list(self.classes)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("model_spec"):
+            self.spec = ModelSpec.from_dict(state["model_spec"])
+
+    # ----------------------------------------------------------------------------------------------- data
+    def dataset(self, cfg: dict, split: str) -> Dataset:
+        """Items of a manifest split, of :data:`HOLDOUT`, or of ``"train"`` (the training items: the train
+        split or its ``subset``, without the holdout when validation uses it)."""
+        d = self.data_options(cfg)
+        val, _ = self.splits(cfg)
+        if split == HOLDOUT or (split == "train" and val == HOLDOUT):
+            full = EventDataset(d["path"], d["train_split"])
+            held = holdout_indices(full, self._manifest(cfg), d["train_split"], float(d["holdout_fraction"]),
+                                   int(d["holdout_seed"]))
+            if split == HOLDOUT:
+                return _Items(full, held)
+            base = full if d["subset"] is None else EventDataset(d["path"], d["train_split"], subset=d["subset"])
+            held_keys = {full.key(int(i)) for i in held}
+            keep = [i for i, k in enumerate(base.keys) if k not in held_keys]
+            return _Items(base, np.asarray(keep, dtype=np.int64))
+        if split == "train":
+            return EventDataset(d["path"], d["train_split"], subset=d["subset"])
+        return EventDataset(d["path"], split)
+
+    def build_dataset(self, cfg: dict, split: str) -> Dataset:
+        ds = self.dataset(cfg, self.splits(cfg)[0] if split == "val" else split)
+        self.sensor_size = tuple(ds.sensor_size)
+        if split == "val":
+            self._val_labels, self._plans = np.asarray(ds.labels, dtype=np.int64), {}
+        return ds
+
+    def collate(self, items: list):
+        return collate_events(items)
+
+    # --------------------------------------------------------------------------------------------- inputs
+    def inputs(self, batch: dict, cfg: dict, *, train: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The network input ``(B, C, H, W)``: augmented (train) or fixed-window events -> representation -> resize."""
+        o = self.options(cfg)
+        W, H = self.sensor_size
+        if train:
+            a = o["augment"]
+            if a["max_events"]:
+                batch = augment.random_window(batch, int(a["max_events"]), generator=generator)
+            if a["shift"]:
+                batch = augment.shift(batch, int(a["shift"]), H, W, generator=generator)
+            if a["flip_x"]:
+                batch = augment.flip_x(batch, W, float(a["flip_x"]), generator=generator)
+            if a["time_flip"]:
+                batch = augment.time_flip(batch, float(a["time_flip"]), generator=generator)
+        else:
+            batch = self.fixed_window(batch, o["val_window"])
+        x = self.represent(batch, o["representation"], H, W)
+        size = self.input_size(o)
+        if tuple(x.shape[-2:]) != size:
+            down = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=down)
+        return x
+
+    @staticmethod
+    def fixed_window(batch: dict, window: dict) -> dict:
+        """The deterministic evaluation window: ``max_events`` consecutive events at ``position`` of each sample."""
+        if not window.get("max_events"):
+            return batch
+        k = int(window["max_events"])
+        offsets = batch["offsets"].to(batch["t"].device, torch.int64)
+        room = (offsets[1:] - offsets[:-1] - k).clamp(min=0)
+        pos = window.get("position", "center")
+        starts = room // 2 if pos == "center" else room if pos == "last" else torch.zeros_like(room)
+        return augment.random_window(batch, k, starts=starts)
+
+    @staticmethod
+    def represent(batch: dict, rep: dict, height: int, width: int) -> torch.Tensor:
+        name = rep["name"]
+        if name == "mem_image":
+            return mem_image(batch, height=height, width=width, hot_pixel_std=rep.get("hot_pixel_std"))
+        if name == "histogram":
+            x = histogram(batch, height=height, width=width)
+            if rep.get("normalize") == "max":
+                m = x.amax(dim=(1, 2, 3), keepdim=True)
+                x = x / torch.where(m > 0, m, torch.ones_like(m))
+            return x
+        norm = rep.get("normalize")
+        return voxel_grid(batch, bins=int(rep["bins"]), height=height, width=width,
+                          polarity_split=bool(rep.get("polarity_split")), normalize=norm)
+
+    def _generator(self, cfg: dict, state: dict, salt: int) -> torch.Generator:
+        # a CPU generator: the same augmentation on CPU and GPU (augment.py draws on the generator's device)
+        return torch.Generator().manual_seed(mix_seed(int(cfg.get("seed", 0)), salt, state["step"],
+                                                      state.get("micro_step", 0), state.get("rank", 0)))
+
+    # ------------------------------------------------------------------------------------------- training
+    def training_step(self, model: nn.Module, batch, state: dict):
+        cfg = self.cfg
+        x = self.inputs(batch, cfg, train=True, generator=self._generator(cfg, state, salt=1))
+        logits = model(x).float()
+        label = batch["label"]
+        loss = F.cross_entropy(logits, label, label_smoothing=float(self.options(cfg)["label_smoothing"]))
+        return loss, {"top1": (logits.argmax(-1) == label).float().mean().detach()}
+
+    def after_optimizer_step(self, model: ClassifierModel, state: dict) -> None:
+        if model.ema is not None:
+            model.ema.update(model.net, int(state["step"]))
+
+    # ----------------------------------------------------------------------------------------- validation
+    def _val_plan(self, world_size: int) -> dict:
+        """Weights making the trainer's mean of per-batch values the exact split metric.
+
+        The trainer's validation sampler is sequential, unpadded, rank ``r`` taking items ``r, r + w, ...``
+        in batches of ``val_batch_size`` (at most ``limit_val_batches`` per rank), and the trainer divides
+        the sum of per-batch values by the number of batches ``T``. A batch therefore reports its *sums*
+        times ``T / N`` (``N`` items covered), and for the mean class accuracy each correct item adds
+        ``T / (K * n_y)`` (``n_y`` covered items of its class, ``K`` classes present).
+        """
+        if world_size in self._plans:
+            return self._plans[world_size]
+        labels = self._val_labels
+        d, t = self.cfg["data"], self.cfg.get("trainer", {})
+        bs = int(d.get("val_batch_size") or d["batch_size"])
+        limit = t.get("limit_val_batches")
+        n, batches, covered = len(labels), 0, []
+        for r in range(world_size):
+            n_r = len(range(r, n, world_size))
+            b_r = -(-n_r // bs) if limit is None else min(-(-n_r // bs), int(limit))
+            batches += b_r
+            covered.append(np.arange(min(n_r, b_r * bs)) * world_size + r)
+        idx = np.concatenate(covered) if covered else np.zeros(0, np.int64)
+        k = len(self.classes) if self.spec is None else self.spec.num_classes
+        counts = np.bincount(labels[idx][labels[idx] >= 0], minlength=k)
+        present = int((counts > 0).sum())
+        per_class = np.where(counts > 0, batches / np.maximum(present * counts, 1), 0.0)
+        plan = {"scale": batches / max(len(idx), 1), "per_class": torch.as_tensor(per_class, dtype=torch.float64)}
+        self._plans[world_size] = plan
+        return plan
+
+    @torch.no_grad()
+    def validation_step(self, model: ClassifierModel, batch, state: dict) -> dict:
+        cfg = self.cfg
+        o = self.options(cfg)
+        logits = model.eval_net(bool(o["eval_ema"]))(self.inputs(batch, cfg, train=False)).float()
+        label = batch["label"]
+        plan = self._val_plan(int(state.get("world_size", 1)))
+        correct = logits.argmax(-1) == label
+        loss = F.cross_entropy(logits, label, label_smoothing=float(o["label_smoothing"]), reduction="sum")
+        per_class = plan["per_class"].to(logits.device)[label.clamp(min=0)]
+        return {"loss": float(loss) * plan["scale"],
+                "top1": float(correct.sum()) * plan["scale"],
+                "top5": float(topk_correct(logits, label, 5).sum()) * plan["scale"],
+                "mean_class_acc": float((correct.double() * per_class).sum())}
+
+    # ----------------------------------------------------------------------------------------- evaluation
+    def test_split(self, cfg: dict) -> str:
+        return self.splits(cfg)[1]
+
+    @torch.no_grad()
+    def evaluate_split(self, model: ClassifierModel, cfg: dict, split: str, *, device="cpu",
+                       batch_size: int | None = None) -> dict:
+        """Score ``model`` on ``split`` deterministically (fixed windows, in dataset order).
+
+        Returns ``{"metrics", "confusion" (K x K int64, [true, predicted]), "class_names", "num_samples",
+        "per_class"}``; metrics: ``top1``, ``top5``, ``mean_class_acc``, ``nll`` (cross-entropy without
+        label smoothing), ``loss`` (with it, as in training).
+        """
+        from .metrics import class_accuracy_from_confusion, mean_class_accuracy_from_confusion
+
+        self.cfg = cfg
+        o = self.options(cfg)
+        ds = self.dataset(cfg, split)
+        self.sensor_size = tuple(ds.sensor_size)
+        bs = int(batch_size or cfg["data"].get("val_batch_size") or cfg["data"]["batch_size"])
+        loader = DataLoader(ds, batch_size=bs, shuffle=False, collate_fn=self.collate, num_workers=0)
+        net = model.eval_net(bool(o["eval_ema"])).to(device).eval()
+        logits_all, labels_all = [], []
+        for batch in loader:
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            logits_all.append(net(self.inputs(batch, cfg, train=False)).float().cpu())
+            labels_all.append(batch["label"].cpu())
+        k = int(self.spec.num_classes if self.spec else len(self.classes))
+        logits = torch.cat(logits_all) if logits_all else torch.zeros(0, k)
+        labels = torch.cat(labels_all) if labels_all else torch.zeros(0, dtype=torch.int64)
+        n = len(labels)
+        cm = confusion_matrix(logits.argmax(-1), labels, k)
+        nan = math.nan
+        metrics = {
+            "top1": float((logits.argmax(-1) == labels).double().mean()) if n else nan,
+            "top5": float(topk_correct(logits, labels, 5).double().mean()) if n else nan,
+            "mean_class_acc": mean_class_accuracy_from_confusion(cm),
+            "nll": float(F.cross_entropy(logits, labels)) if n else nan,
+            "loss": float(F.cross_entropy(logits, labels, label_smoothing=float(o["label_smoothing"]))) if n else nan,
+        }
+        names = [self.classes[i] if i < len(self.classes) else str(i) for i in range(k)]
+        acc = class_accuracy_from_confusion(cm)
+        per_class = [{"class": names[i], "support": int(cm[i].sum()), "accuracy": float(acc[i])} for i in range(k)]
+        return {"metrics": metrics, "confusion": cm, "class_names": names, "num_samples": n,
+                "per_class": per_class, "predictions": logits.argmax(-1), "labels": labels}
