@@ -306,6 +306,61 @@ def _cmd_pretrain(args) -> int:
     return 0
 
 
+def _add_finetune(sub) -> None:
+    p = sub.add_parser("finetune", help="finetune a pretrained backbone: classification or DSEC segmentation",
+                       description="Train with a YAML config (task.name: classification or segmentation), "
+                                   "initialised from an exported backbone (--init).")
+    p.add_argument("config_pos", nargs="?", metavar="CONFIG", help="YAML config (or use --config)")
+    p.add_argument("--config", default=None, help="e.g. configs/finetune/ncaltech101_vit_s.yaml")
+    p.add_argument("--init", default=None, help="backbone .safetensors from 'evforge export-backbone'")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (repeatable)")
+    p.add_argument("--out", default=None, help="run folder (default: runs/<config name>)")
+    p.add_argument("--resume", default="auto", help="auto, none, or a .ckpt")
+    p.set_defaults(func=_cmd_finetune)
+
+
+def _cmd_finetune(args) -> int:
+    from .finetune import get_task
+    from .trainer.config import load_config
+    from .trainer.trainer import Trainer
+
+    config = args.config or args.config_pos
+    if not config:
+        raise ValueError("finetune: give a config (CONFIG or --config)")
+    config = resolve_config(config)
+    cfg = load_config(config, args.overrides)
+    if args.init:
+        if not Path(args.init).is_file():
+            raise InputError(args.init, "no such backbone file")
+        cfg.setdefault("task", {})["init"] = str(args.init)  # set directly: a path is not YAML to parse
+    task = get_task(cfg.get("task", {}).get("name", ""))
+    out = args.out or str(Path("runs") / Path(config).stem)
+    with Trainer(cfg, task, out_dir=out, resume=None if args.resume == "none" else args.resume) as trainer:
+        summary = trainer.fit()
+    print(f"{summary['stopped']} at step {summary['step']}: checkpoint {summary['checkpoint']}")
+    return 0
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a finetuning checkpoint (or a run's best one): JSON, Markdown, PNGs")
+    p.add_argument("ckpt", help="a .ckpt, or a run folder (its best validation checkpoint is used)")
+    p.add_argument("--split", default=None, help="split to report (default: test if the dataset has one, else val)")
+    p.add_argument("--out", default=None, help="report folder (default: next to the checkpoint)")
+    p.add_argument("--metric", default=None, help="metric that picks the best checkpoint of a run folder")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args) -> int:
+    from .finetune.evaluate import evaluate
+
+    res = evaluate(args.ckpt, split=args.split, out_dir=args.out, metric=args.metric, device=args.device)
+    print(Path(res["files"]["markdown"]).read_text())
+    print(f"reports: {Path(res['files']['json']).parent}")
+    return 0
+
+
 def _add_export(sub) -> None:
     p = sub.add_parser("export-backbone", help="pretrained backbone -> timm-compatible .safetensors")
     p.add_argument("ckpt", help="a pretraining checkpoint (runs/<name>/checkpoints/last.ckpt)")
@@ -331,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"evforge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in (_add_demo, _add_scenes, _add_simulate, _add_convert, _add_inspect, _add_verify, _add_preview,
-                _add_pretrain, _add_export):
+                _add_pretrain, _add_export, _add_finetune, _add_eval):
         add(sub)
     return parser
 

@@ -4,7 +4,8 @@ Today: procedural TartanAir-layout scenes -> simulated event streams (noisy pres
 -> stream previews -> stream shards (TartanAir converter, one environment held out as test) and a synthetic
 classification set in N-Caltech101's format converted by the real converter -> verify, inspect, shard
 previews, and one batch through the training loader -> a short ECDDP pretraining run (tiny config) on the
-stream shards -> the backbone exported as timm-compatible safetensors. Finetuning extends it later.
+stream shards -> the backbone exported as timm-compatible safetensors -> a short finetune of that backbone
+on the classification set, evaluated on a split it was not selected on (reports: JSON, Markdown, PNG).
 """
 
 from __future__ import annotations
@@ -26,8 +27,11 @@ from .simulator.upsample import UpsampleConfig
 
 DEMO_SPEC = SceneSpec(width=160, height=120, frames=24, planes=3, speed_px=2.5, seed=0)
 SYNTHETIC_SIZE = (64, 48)  # the synthetic classification set's sensor, (W, H)
+SYNTHETIC_PER_CLASS = 100
+DEMO_FINETUNE_STEPS = 400
 DEMO_PRETRAIN_STEPS = 20
 TINY_ECDDP_CONFIG = Path(__file__).resolve().parent / "configs" / "pretrain" / "ecddp_tiny.yaml"  # packaged
+FINETUNE_CONFIG = Path(__file__).resolve().parent / "configs" / "finetune" / "classification_tiny.yaml"
 
 
 def run_demo(out="evforge_demo", *, device="auto", method: str = "ecddp", progress=True, log=print) -> dict:
@@ -36,7 +40,7 @@ def run_demo(out="evforge_demo", *, device="auto", method: str = "ecddp", progre
     t0 = time.perf_counter()
     scenes = out / "scenes"
     make_dataset(scenes, envs=("demo_office", "demo_garden"), trajectories=2, spec=DEMO_SPEC)
-    log(f"[1/6] procedural scenes (TartanAir v1 layout, 10 Hz): {scenes}")
+    log(f"[1/7] procedural scenes (TartanAir v1 layout, 10 Hz): {scenes}")
 
     streams = out / "streams"
     cfg = SimulateConfig(preset="noisy", resolution=None, upsample=UpsampleConfig(mode="linear", max_steps=8),
@@ -46,16 +50,17 @@ def run_demo(out="evforge_demo", *, device="auto", method: str = "ecddp", progre
     if failed:
         raise RuntimeError(f"demo simulation failed: {failed[0].error}")
     n_events = sum(r.events for r in results)
-    log(f"[2/6] event streams ({len(results)} sequences, {n_events:,} events, noisy preset): {streams}")
+    log(f"[2/7] event streams ({len(results)} sequences, {n_events:,} events, noisy preset): {streams}")
 
     previews = out / "previews"
     pngs = [render_stream_preview(r.path, previews / (r.name.replace("/", "__") + ".png")) for r in results]
-    log(f"[3/6] stream previews: {previews}  (e.g. {pngs[0]})")
+    log(f"[3/7] stream previews: {previews}  (e.g. {pngs[0]})")
 
     datasets = out / "datasets"
     stream_ds = build_dataset("tartanair", streams, datasets / "streams", test_envs=("demo_garden",),
                               progress=progress, command="evforge demo")
-    raw = make_synthetic_classification(out / "synthetic_raw", per_class=12, size=SYNTHETIC_SIZE, seed=0)
+    raw = make_synthetic_classification(out / "synthetic_raw", per_class=SYNTHETIC_PER_CLASS, size=SYNTHETIC_SIZE,
+                                        seed=0)
     class_ds = build_dataset("ncaltech101", raw, datasets / "synthetic", val_fraction=0.25, seed=0,
                              sensor_size=SYNTHETIC_SIZE, progress=progress, command="evforge demo")
     for report in (stream_ds, class_ds):
@@ -64,26 +69,52 @@ def run_demo(out="evforge_demo", *, device="auto", method: str = "ecddp", progre
             raise RuntimeError(f"demo dataset {report.out} is faulty: {(faults or [report.errors_path])[0]}")
         log(format_report(inspect_path(report.out)))
         pngs.append(render_shard_preview(report.out, previews / f"{report.out.name}_shards.png", samples=8))
-    log(f"[4/6] shards + manifests (verified): {stream_ds.out}, {class_ds.out}")
+    log(f"[4/7] shards + manifests (verified): {stream_ds.out}, {class_ds.out}")
 
     loader = make_loader(EventDataset(class_ds.out, "train"), batch_size=8, shuffle=True, seed=0)
     batch = next(iter(loader))
-    log(f"[5/6] training loader: a batch of {len(batch['key'])} samples, {int(batch['offsets'][-1]):,} events "
+    log(f"[5/7] training loader: a batch of {len(batch['key'])} samples, {int(batch['offsets'][-1]):,} events "
         f"packed, labels {batch['label'].tolist()}")
     if method == "mem":
         from .pretrain.mem.demo import pretrain_mem
 
         backbone = pretrain_mem(class_ds.out, out / "runs" / "mem_tiny", device=device, progress=progress,
                                 log=log)
-        log(f"[6/6] MEM pretraining on the classification shards; backbone: {backbone}")
+        log(f"[6/7] MEM pretraining on the classification shards; backbone: {backbone}")
     elif method == "ecddp":
         backbone = pretrain_ecddp(stream_ds.out, out / "runs" / "ecddp_tiny", device=device, progress=progress,
                                   log=log)
     else:
         raise ValueError(f"unknown demo method {method!r}: ecddp or mem")
+    report = finetune_and_evaluate(class_ds.out, backbone, out / "runs" / "classification_tiny", device=device,
+                                   progress=progress, log=log)
     log(f"demo finished in {time.perf_counter() - t0:.1f} s; outputs under {out.resolve()}")
     return {"scenes": scenes, "streams": [r.path for r in results], "previews": pngs,
-            "datasets": [stream_ds.out, class_ds.out], "backbone": backbone}
+            "datasets": [stream_ds.out, class_ds.out], "backbone": backbone, "report": report}
+
+
+def finetune_and_evaluate(dataset, backbone, run_dir, *, steps: int = DEMO_FINETUNE_STEPS, device="auto",
+                          progress=True, log=print) -> dict:
+    """Finetune ``backbone`` on a classification dataset with the tiny classification config, then evaluate
+    the best validation checkpoint on the reported split; returns :func:`evforge.finetune.evaluate.evaluate`'s
+    result."""
+    from .finetune import get_task as get_finetune_task
+    from .finetune.evaluate import evaluate
+    from .trainer.config import load_config
+    from .trainer.trainer import Trainer
+
+    overrides = [f"data.path={dataset}", f"trainer.max_steps={steps}", "trainer.val_every_n_steps=50",
+                 "checkpoint.keep_every_n_steps=50", f"trainer.accelerator={'cpu' if device == 'cpu' else 'auto'}",
+                 f"log.progress={'true' if progress else 'false'}"]
+    cfg = load_config(FINETUNE_CONFIG, overrides)
+    cfg["task"]["init"] = str(backbone)
+    with Trainer(cfg, get_finetune_task("classification"), out_dir=run_dir, resume=None) as trainer:
+        summary = trainer.fit()
+    res = evaluate(run_dir, out_dir=Path(run_dir) / "eval")
+    log(f"[7/7] finetune, {summary['step']} steps from the pretrained backbone; {res['split']} top-1 "
+        f"{res['metrics']['top1']:.2f} (chance {1 / max(1, len(res.get('class_names') or [])):.2f}): "
+        f"{res['files']['markdown']}")
+    return res
 
 
 def pretrain_ecddp(dataset, run_dir, *, steps: int = DEMO_PRETRAIN_STEPS, device="auto", progress=True, log=print):
@@ -100,6 +131,6 @@ def pretrain_ecddp(dataset, run_dir, *, steps: int = DEMO_PRETRAIN_STEPS, device
     with Trainer(cfg, get_task("ecddp"), out_dir=run_dir, resume=None) as trainer:
         summary = trainer.fit()
     backbone = export_backbone(summary["checkpoint"], Path(run_dir) / "backbone.safetensors")
-    log(f"[6/6] ECDDP pretraining, {summary['step']} steps (loss {summary['train']['loss']:.2f}): {run_dir}; "
+    log(f"[6/7] ECDDP pretraining, {summary['step']} steps (loss {summary['train']['loss']:.2f}): {run_dir}; "
         f"backbone: {backbone}")
     return backbone

@@ -1,5 +1,6 @@
 """The evforge command: exit codes, one-line errors, and the demo's fast path."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -65,7 +66,10 @@ def test_bad_parameter_value(scenes, tmp_path, capsys):
 def test_demo_runs_the_chain(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "demo finished" in out and "[5/6] training loader" in out and "[6/6] ECDDP pretraining" in out
+    assert "demo finished" in out and "[5/7] training loader" in out and "[6/7] ECDDP pretraining" in out
+    assert "[7/7] finetune" in out
+    metrics = json.loads((tmp_path / "demo" / "runs" / "classification_tiny" / "eval" / "metrics.json").read_text())
+    assert metrics["metrics"]["top1"] > 0.5  # 4 classes: chance is 0.25
     assert (tmp_path / "demo" / "runs" / "ecddp_tiny" / "backbone.safetensors").is_file()
     streams = sorted((tmp_path / "demo" / "streams").rglob("*.h5"))
     previews = sorted((tmp_path / "demo" / "previews").glob("*.png"))
