@@ -286,24 +286,33 @@ def resolve_config(path: str) -> str:
     return str(packaged) if packaged.exists() else path
 
 
-def _cmd_pretrain(args) -> int:
-    from .pretrain import get_task
+def _train(args, command: str, get_task, init: str | None = None) -> int:
+    """The body of ``pretrain`` and ``finetune``: config (+ overrides) -> task -> Trainer.fit."""
     from .trainer.config import load_config
     from .trainer.trainer import Trainer
 
     config = args.config or args.config_pos
     if not config:
-        raise ValueError("pretrain: give a config (CONFIG or --config)")
+        raise ValueError(f"{command}: give a config (CONFIG or --config)")
     config = resolve_config(config)
     cfg = load_config(config, args.overrides)
+    if init:
+        if not Path(init).is_file():
+            raise InputError(init, "no such backbone file")
+        cfg.setdefault("task", {})["init"] = str(init)  # set directly: a path is not YAML to parse
     task = get_task(cfg.get("task", {}).get("name", ""))
     out = args.out or str(Path("runs") / Path(config).stem)
-    resume = None if args.resume == "none" else args.resume
-    with Trainer(cfg, task, out_dir=out, resume=resume) as trainer:
+    with Trainer(cfg, task, out_dir=out, resume=None if args.resume == "none" else args.resume) as trainer:
         summary = trainer.fit()
     if summary.get("checkpoint"):
         print(f"{summary['stopped']} at step {summary['step']}: checkpoint {summary['checkpoint']}")
     return 0
+
+
+def _cmd_pretrain(args) -> int:
+    from .pretrain import get_task
+
+    return _train(args, "pretrain", get_task)
 
 
 def _add_finetune(sub) -> None:
@@ -322,24 +331,8 @@ def _add_finetune(sub) -> None:
 
 def _cmd_finetune(args) -> int:
     from .finetune import get_task
-    from .trainer.config import load_config
-    from .trainer.trainer import Trainer
 
-    config = args.config or args.config_pos
-    if not config:
-        raise ValueError("finetune: give a config (CONFIG or --config)")
-    config = resolve_config(config)
-    cfg = load_config(config, args.overrides)
-    if args.init:
-        if not Path(args.init).is_file():
-            raise InputError(args.init, "no such backbone file")
-        cfg.setdefault("task", {})["init"] = str(args.init)  # set directly: a path is not YAML to parse
-    task = get_task(cfg.get("task", {}).get("name", ""))
-    out = args.out or str(Path("runs") / Path(config).stem)
-    with Trainer(cfg, task, out_dir=out, resume=None if args.resume == "none" else args.resume) as trainer:
-        summary = trainer.fit()
-    print(f"{summary['stopped']} at step {summary['step']}: checkpoint {summary['checkpoint']}")
-    return 0
+    return _train(args, "finetune", get_task, init=args.init)
 
 
 def _add_eval(sub) -> None:
