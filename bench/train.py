@@ -25,6 +25,12 @@ Component rows (``--no-components`` drops them), to see where the trainer's extr
 ``task-inputs`` (host batch -> device, voxel grid, random crop: ``ECDDPTask.inputs``) and ``data-loader``
 (``EventDataset`` + ``collate_events`` through a DataLoader with ``--workers`` workers, no model).
 
+MEM rows (``--methods mem``): ``mem-dvae-step`` (tokenizer train step), ``mem-step`` (MEMModel step incl. the
+tokenizer's targets; also tokens/s = masked patches predicted per second), ``mem-targets`` (the targets alone),
+``mem-trainer`` (``Trainer.fit`` with MEMTask). Finetune rows (``--methods finetune``): ``cls-finetune-trainer``
+(``Trainer.fit`` with ClassificationTask) and ``seg-finetune-step`` (SegmentationModel on random 20-channel
+inputs). Both on a synthetic samples dataset (64x48) built once; see ROW_DOC and bench/README.md.
+
 Every timed repeat of every row starts with one untimed step (for the trainer: the first step of its ``fit``
 call). The issue's target: the trainer and data path add under 10 % over the model step (row 3 vs row 2).
 Repeats of all rows of a group are interleaved; overheads are medians of the per-repeat ratios [min-max].
@@ -33,12 +39,14 @@ Usage::
 
     python bench/train.py                 # full run: tiny + paper presets, CPU (+ CUDA if available)
     python bench/train.py --device cuda   # CUDA only
+    python bench/train.py --methods mem   # one family: ecddp, mem, finetune (default all)
     python bench/train.py --quick         # smoke test (tiny, CPU, 2 repeats, 1 thread; < 1 min on 2 cores)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import ctypes
 import ctypes.util
@@ -70,9 +78,13 @@ import torch  # noqa: E402
 
 from evforge.dataset_builder.build import build_dataset  # noqa: E402
 from evforge.dataset_builder.dataset import collate_events, make_loader  # noqa: E402
+from evforge.dataset_builder.synthetic import make_synthetic_classification  # noqa: E402
+from evforge.finetune.classification import ClassificationTask  # noqa: E402
+from evforge.finetune.segmentation import SegmentationTask  # noqa: E402
 from evforge.pretrain.ecddp.backbone import TINY_SWIN_KWARGS  # noqa: E402
 from evforge.pretrain.ecddp.model import ECDDPConfig  # noqa: E402
 from evforge.pretrain.ecddp.task import ECDDPTask  # noqa: E402
+from evforge.pretrain.mem.task import MEMDVAETask, MEMTask  # noqa: E402
 from evforge.simulator.pipeline import SimulateConfig, simulate_sequences  # noqa: E402
 from evforge.simulator.scenes import SceneSpec, make_dataset  # noqa: E402
 from evforge.simulator.sources import discover_sequences  # noqa: E402
@@ -112,6 +124,7 @@ PRESETS = {
 QUICK = dict(presets="tiny", device="cpu", repeats=2, steps=4, warmup=2, threads=1)
 FRAMES_PER_TRAJECTORY = 41  # 40 samples (frame intervals) per simulated trajectory
 PRECISIONS = {"fp32": "32-true", "bf16": "bf16-mixed"}
+FAMILIES = ("ecddp", "mem", "finetune")
 
 
 # --------------------------------------------------------------------------------------------- machine
@@ -381,6 +394,12 @@ class Row:
         return {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
 
     def summary(self) -> dict:
+        out = self._summary()
+        if self.runs and "tokens" in self.runs[0]:  # mem-step: masked tokens predicted per second
+            out["tokens_per_s"] = self.stat(lambda r: r["tokens"] / r["seconds"])
+        return out
+
+    def _summary(self) -> dict:
         return {"row": self.name, "batch": self.batch, "repeats": len(self.runs),
                 "steps_per_repeat": self.runs[0]["steps"] if self.runs else None,
                 "samples_per_s": self.stat(lambda r: r["samples"] / r["seconds"]),
@@ -637,6 +656,364 @@ def share_stats(part: Row, whole: Row) -> dict | None:
     return {"median": statistics.median(pct), "min": min(pct), "max": max(pct)} if pct else None
 
 
+# --------------------------------------------------------------------------------------------- MEM and finetune
+# (--methods mem,finetune): the same conventions as the ECDDP rows (one untimed lead-in step per timed repeat,
+# interleaved repeats, medians [min-max], peak memory per repeat), on a small samples dataset built once.
+
+CONFIGS = REPO / "evforge" / "configs"
+SAMPLES_SENSOR = (64, 48)  # (W, H) of the synthetic N-Caltech101-layout samples (as tests/pretrain/test_mem.py)
+SAMPLES_CLASSES = 4        # make_synthetic_classification's default shapes
+SAMPLES_TRAIN_FRACTION = 0.75 * 0.75  # val_fraction 0.25, then the classification holdout (tiny config: 0.25)
+MEM_PRESETS = {
+    # mem_tiny / mem_dvae_tiny: 2-block ViT (dim 64, patch 8) on 64x64 images, 64 codes
+    "tiny": {"dvae": "mem_dvae_tiny.yaml", "mem": "mem_tiny.yaml", "batch": {"cpu": 8, "cuda": 64}},
+    # the paper: ViT-B/16 at 224 (98 of 196 patches masked), dVAE of 4 x 384-channel convs, 8192 codes
+    "paper": {"dvae": "mem_dvae.yaml", "mem": "mem_ncaltech101.yaml", "batch": {"cpu": 2, "cuda": 64}},
+}
+FT_PRESETS = {
+    # classification_tiny (ViT patch 4, 2 blocks of 64, 24x32 input); dsec_tiny (tiny Swin + 32-ch UPerNet, 112x160)
+    "tiny": {"cls": "classification_tiny.yaml", "seg": "dsec_tiny.yaml", "batch": {"cpu": 16, "cuda": 64},
+             "seg_batch": {"cpu": 2, "cuda": 16}},
+    # ncaltech101_vit_s (ViT-S/16 at 224); dsec_swin_t (Swin-T/7 + 512-ch UPerNet, 448x640)
+    "paper": {"cls": "ncaltech101_vit_s.yaml", "seg": "dsec_swin_t.yaml", "batch": {"cpu": 2, "cuda": 64},
+              "seg_batch": {"cpu": 2, "cuda": 8}},  # >= 2: BatchNorm in the PPM
+}
+FAMILY_BATCH = {"mem": MEM_PRESETS, "finetune": FT_PRESETS}
+
+
+def samples_dataset(root: Path, train_items: int, seed: int, log=print) -> Path:
+    """A samples dataset (synthetic shapes -> ncaltech101 converter, 64x48, val 25 %) with at least
+    ``train_items`` training samples after the classification holdout, built once under ``root`` (reused)."""
+    per_class = max(8, math.ceil(train_items / SAMPLES_TRAIN_FRACTION / SAMPLES_CLASSES))
+    w, h = SAMPLES_SENSOR
+    name = f"samples-{w}x{h}-{per_class}pc-seed{seed}"
+    out = root / name / "dataset"
+    if (out / "manifest.json").exists():
+        log(f"  samples dataset: reusing {out}")
+        return out
+    work = root / name
+    shutil.rmtree(work, ignore_errors=True)
+    t0 = time.perf_counter()
+    raw = make_synthetic_classification(work / "raw", per_class=per_class, size=SAMPLES_SENSOR, seed=seed)
+    report = build_dataset("ncaltech101", raw, out, val_fraction=0.25, seed=seed, sensor_size=SAMPLES_SENSOR,
+                           progress=False, command="bench/train.py")
+    if report.num_errors:
+        raise RuntimeError(f"samples dataset: {report.num_errors} conversion errors")
+    shutil.rmtree(work / "raw", ignore_errors=True)
+    log(f"  samples dataset: built {out} ({report.splits}, {time.perf_counter() - t0:.0f} s, not timed)")
+    return out
+
+
+class _Marks:
+    """Notes the time at the end of chosen optimizer steps (the trainer rows' clock), as BenchTask."""
+
+    def _init_marks(self, device: torch.device) -> None:
+        self.device, self.want, self.marks = device, set(), {}
+
+    def after_optimizer_step(self, model, state):
+        super().after_optimizer_step(model, state)
+        step = int(state["step"])
+        if step in self.want:
+            _sync(self.device)
+            self.marks[step] = time.perf_counter()
+
+
+class MarkedMEMTask(_Marks, MEMTask):
+    def __init__(self, device):
+        super().__init__()
+        self._init_marks(device)
+
+
+class MarkedClsTask(_Marks, ClassificationTask):
+    def __init__(self, device):
+        super().__init__()
+        self._init_marks(device)
+
+
+def bench_trainer_config(cfg: dict, device: str, precision: str, batch: int, workers: int, data: Path, seed: int,
+                         log_every: int | None) -> dict:
+    """A task config on one device for the bench: no validation, no checkpoints, no progress bar."""
+    cfg["seed"] = seed
+    cfg["data"].update(path=str(data), batch_size=batch, num_workers=workers)
+    cfg["trainer"].update(accelerator=device, devices=1, num_nodes=1, strategy="auto", precision=precision,
+                          epochs=None, max_steps=10**7, val_every_n_epochs=None, val_every_n_steps=None,
+                          stop_signals=[])
+    if log_every is not None:
+        cfg["trainer"]["log_every_n_steps"] = log_every
+    cfg.setdefault("checkpoint", {}).update(every_n_steps=None, every_n_epochs=None, keep_every_n_steps=None)
+    cfg.setdefault("log", {}).update(progress=False, tensorboard=False)
+    return cfg
+
+
+def _autocast(device: torch.device, precision: str):
+    if device.type == "cuda" and precision == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class FamilyGroup:
+    """Rows of one family (mem or finetune) for one (device, preset, precision, batch), measured like Group:
+    every row once as warm-up, then ``repeats`` interleaved repeats of all rows."""
+
+    family = ""
+
+    def __init__(self, args, device: str, preset: str, precision: str, batch: int):
+        self.args, self.preset, self.precision, self.batch = args, preset, precision, batch
+        self.device = torch.device(device)
+        self.steps = args.steps or PRESETS[preset].steps[device]
+        self.warmup = args.warmup if args.warmup is not None else PRESETS[preset].warmup[device]
+        self.workers = args.workers if args.workers is not None else default_workers(device)
+        self.items: list = []  # (Row, kind "step" | "trainer", fn)
+        self.trainers: list = []
+        self.info: dict = {}
+        self.ratios: dict = {}  # overhead name -> (row name, reference row name, "ratio" | "share")
+
+    def _trainer(self, cfg: dict, task, out_dir: Path) -> Trainer:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tr = Trainer(cfg, task, out_dir=out_dir, resume=None)
+        tr.save_checkpoint = lambda keep=False: None
+        self.trainers.append(tr)
+        if tr.steps_per_epoch < 1 + self.steps:
+            raise RuntimeError(f"the dataset gives {tr.steps_per_epoch} steps per epoch at batch {tr.cfg['data']['batch_size']}, "
+                               f"fewer than the {1 + self.steps} of one timed trainer window")
+        return tr
+
+    def _timed(self, row: Row, fn, steps: int, warm: bool) -> None:
+        dev = self.device
+        with MemoryProbe(dev) as mem:
+            fn(1)
+            _sync(dev)
+            t0 = time.perf_counter()
+            extra = fn(steps)
+            _sync(dev)
+            seconds = time.perf_counter() - t0
+        if not warm:
+            row.runs.append({"seconds": seconds, "steps": steps, "samples": steps * row.batch,
+                             "peak_mem_mib": mem.peak_mib, **(extra or {})})
+
+    def _window(self, row: Row, tr: Trainer, task, steps: int, warm: bool) -> None:
+        """One ``fit`` call of 1 + ``steps`` steps, timed from the end of its first step to the end of its last,
+        within one epoch (as Group.run_trainer)."""
+        left = tr.steps_per_epoch - tr.batch_in_epoch // tr.accumulate
+        skipped = 0
+        if left < 1 + steps:
+            tr.fit(stop_at_step=tr.step + left)
+            skipped = left
+        s = tr.step
+        task.want, task.marks = {s + 1, s + 1 + steps}, {}
+        with MemoryProbe(self.device) as mem:
+            tr.fit(stop_at_step=s + 1 + steps)
+        m = task.marks
+        if not warm:
+            row.runs.append({"seconds": m[s + 1 + steps] - m[s + 1], "steps": steps, "samples": steps * row.batch,
+                             "peak_mem_mib": mem.peak_mib, "untimed_steps": 1 + skipped, "first_step": s + 2})
+
+    def _run(self, row, kind, fn, steps, warm):
+        if kind == "trainer":
+            fn(row, steps, warm)
+        else:
+            self._timed(row, fn, steps, warm)
+
+    def measure(self, repeats: int, progress) -> None:
+        for row, kind, fn in self.items:
+            self._run(row, kind, fn, max(self.warmup - 1, 1) if kind == "trainer" else self.warmup, True)
+        self.resident()
+        for r in range(repeats):
+            for row, kind, fn in self.items:
+                self._run(row, kind, fn, self.steps, False)
+            progress(f"repeat {r + 1}/{repeats}: " + ", ".join(
+                f"{row.name} {row.runs[-1]['samples'] / row.runs[-1]['seconds']:.3g}/s" for row in self.rows()))
+
+    def resident(self) -> None:
+        pass
+
+    def rows(self) -> list[Row]:
+        return [row for row, _, _ in self.items]
+
+    def summary(self) -> dict:
+        rows = {r.name: r for r in self.rows()}
+        ov = {}
+        for key, (a, b, how) in self.ratios.items():
+            ov[key] = (ratio_stats if how == "ratio" else share_stats)(rows[a], rows[b])
+        return {"family": self.family, "device": self.device.type, "preset": self.preset,
+                "precision": self.precision, "trainer_precision": PRECISIONS[self.precision], "batch": self.batch,
+                "steps": self.steps, "warmup": self.warmup, "workers": self.workers, **self.info,
+                "rows": [r.summary() for r in self.rows()], "overheads": ov}
+
+    def close(self) -> None:
+        for tr in self.trainers:
+            tr.close(distributed=False)
+        self.trainers = []
+
+
+class MEMGroup(FamilyGroup):
+    """``mem-dvae-step``, ``mem-step``, ``mem-targets``, ``mem-trainer`` (see ROW_DOC). The tokenizer is a
+    randomly initialised DiscreteVAE of the preset's mem_dvae config, written as a mem_dvae checkpoint for
+    MEMTask to load (its codes are as costly to compute as a trained one's)."""
+
+    family = "mem"
+
+    def __init__(self, args, device, preset, precision, batch, data: Path, workdir: Path):
+        super().__init__(args, device, preset, precision, batch)
+        dev, P = self.device, MEM_PRESETS[preset]
+        dcfg = load_config(CONFIGS / "pretrain" / P["dvae"])
+        torch.manual_seed(args.seed)
+        dvae = MEMDVAETask().build_model(dcfg)
+        tok = workdir / "tokenizer.ckpt"
+        torch.save({"model": dvae.state_dict(), "config": json.dumps(dcfg, default=str)}, tok)
+        cfg = load_config(CONFIGS / "pretrain" / P["mem"])
+        cfg["task"]["tokenizer"] = str(tok)
+        cfg = bench_trainer_config(cfg, device, PRECISIONS[precision], batch, self.workers, data, args.seed,
+                                   args.log_every)
+        self.task = MarkedMEMTask(dev)
+        self.trainer = self._trainer(cfg, self.task, workdir / "mem-run")
+        self.model, self.opt = self.trainer.raw_model, self.trainer.raw_optimizer
+        self.autocast = self.trainer.fabric.autocast
+        ds = self.trainer.loader.dataset
+        ds = getattr(ds, "dataset", ds)
+        host = [collate_events([ds[int(i)] for i in range(k * batch, (k + 1) * batch)])
+                for k in range(min(4, len(ds) // batch))]
+        gens = [torch.Generator().manual_seed(mix_seed(args.seed, 0xE1, k)) for k in range(len(host))]
+        self.images = [self.task.images(_to_device(b, dev), train=True, generator=g) for b, g in zip(host, gens)]
+        masks = [self.task.mask_generator(batch, generator=g) for g in gens]
+        self.mask_tokens = [int(m.sum()) for m in masks]
+        self.masks = [m.to(dev) for m in masks]
+        self.tokenizer = self.task.tokenizer.to(dev)
+        # the tokenizer in training (its own Adam, the config's lr and grad clip), on the same images
+        self.dvae = dvae.to(dev).train()
+        o = dcfg.get("optim", {})
+        lr = float(next(iter(dcfg["schedules"]["lr"].values())).get("start", 1e-4))
+        self.dvae_opt = torch.optim.Adam(self.dvae.parameters(), lr=lr, betas=tuple(o.get("betas", (0.9, 0.999))),
+                                         weight_decay=0.0)
+        gc_ = dcfg["trainer"].get("grad_clip")
+        self.dvae_clip = None if gc_ in (None, 0) else float(gc_)
+        self.noise = torch.Generator(device=dev).manual_seed(args.seed)
+        self.k = 0
+        c, t = self.model.cfg, self.tokenizer.cfg
+        self.info = {"model": {"variant": c.variant, "img_size": c.img_size, "patch_size": c.patch_size,
+                               "embed_dim": self.model.vit.embed_dim, "depth": len(self.model.vit.blocks),
+                               "num_patches": self.model.num_patches, "num_tokens": c.num_tokens,
+                               "masked_per_sample_mean": sum(self.mask_tokens) / (batch * len(masks)),
+                               "grad_clip": self.trainer.grad_clip,
+                               "params": sum(p.numel() for p in self.model.parameters()),
+                               "tokenizer": {"image_size": t.image_size, "num_layers": t.num_layers,
+                                             "hidden_dim": t.hidden_dim, "num_tokens": t.num_tokens,
+                                             "params": sum(p.numel() for p in self.dvae.parameters()),
+                                             "grad_clip": self.dvae_clip}},
+                     "data": {"path": str(data), "items": len(ds), "sensor_size": list(ds.sensor_size),
+                              "steps_per_epoch": self.trainer.steps_per_epoch}}
+        b = batch
+        self.dvae_row = Row("mem-dvae-step", b, note="DiscreteVAE fwd(gumbel)+bwd+clip+Adam")
+        self.step_row = Row("mem-step", b, note="incl. tokenizer targets; on the trainer's model and optimizer")
+        self.targets_row = Row("mem-targets", b, note="tokenizer argmax codes only (fp32)")
+        self.trainer_row = Row("mem-trainer", b, note=f"{self.workers} loader workers")
+        self.items = [(self.dvae_row, "step", self.run_dvae), (self.step_row, "step", self.run_step),
+                      (self.trainer_row, "trainer", lambda row, n, warm: self._window(row, self.trainer, self.task,
+                                                                                      n, warm))]
+        if not args.no_components:
+            self.items.append((self.targets_row, "step", self.run_targets))
+            self.ratios["targets_share_pct"] = ("mem-targets", "mem-step", "share")
+        self.ratios["trainer_vs_model_pct"] = ("mem-trainer", "mem-step", "ratio")
+
+    def _next(self) -> int:
+        self.k += 1
+        return self.k % len(self.images)
+
+    def run_dvae(self, steps: int):
+        for _ in range(steps):
+            img = self.images[self._next()]
+            with _autocast(self.device, self.precision):
+                loss, _ = self.dvae(img, tau=1.0, generator=self.noise)
+            loss.backward()
+            if self.dvae_clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.dvae.parameters(), self.dvae_clip, error_if_nonfinite=False)
+            self.dvae_opt.step()
+            self.dvae_opt.zero_grad(set_to_none=True)
+
+    def run_step(self, steps: int):
+        tokens = 0
+        clip = self.trainer.grad_clip
+        for _ in range(steps):
+            k = self._next()
+            img, mask = self.images[k], self.masks[k]
+            with self.autocast():
+                loss, _ = self.model(img, mask, self.task.targets(img))
+            loss.backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, error_if_nonfinite=False)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            tokens += self.mask_tokens[k]
+        return {"tokens": tokens}
+
+    def run_targets(self, steps: int):
+        for _ in range(steps):
+            self.task.targets(self.images[self._next()])
+
+    def resident(self) -> None:
+        self.step_row.resident_mib = self.trainer_row.resident_mib = _mib(
+            _tensors(self.model, self.opt, self.images + self.masks) + _tensors(self.tokenizer, None, ()))
+        self.targets_row.resident_mib = _mib(_tensors(self.tokenizer, None, self.images))
+        self.dvae_row.resident_mib = _mib(_tensors(self.dvae, self.dvae_opt, self.images))
+
+
+class FinetuneGroup(FamilyGroup):
+    """``cls-finetune-trainer`` and ``seg-finetune-step`` (see ROW_DOC)."""
+
+    family = "finetune"
+
+    def __init__(self, args, device, preset, precision, batch, data: Path, workdir: Path, seg_batch: int):
+        super().__init__(args, device, preset, precision, batch)
+        dev, P = self.device, FT_PRESETS[preset]
+        cfg = load_config(CONFIGS / "finetune" / P["cls"])
+        cfg = bench_trainer_config(cfg, device, PRECISIONS[precision], batch, self.workers, data, args.seed,
+                                   args.log_every)
+        cfg["data"]["holdout_fraction"] = 0.25
+        self.task = MarkedClsTask(dev)
+        self.trainer = self._trainer(cfg, self.task, workdir / "cls-run")
+        # segmentation: the preset's model on random 20-channel inputs at its training size, CE + Dice (+ aux)
+        scfg = load_config(CONFIGS / "finetune" / P["seg"])
+        self.seg_task = SegmentationTask()
+        torch.manual_seed(args.seed)
+        self.seg = self.seg_task.build_model(scfg).to(dev).train()
+        o = self.seg_task.opts(scfg)
+        h, w = (int(v) for v in o["train_size"])
+        g = torch.Generator().manual_seed(args.seed)
+        self.seg_x = (torch.rand(seg_batch, 2 * int(o["chunks"]), h, w, generator=g) * 4).floor().to(dev)
+        self.seg_y = torch.randint(0, int(o["num_classes"]), (seg_batch, h, w), generator=g).to(dev)
+        self.seg_opt = torch.optim.AdamW(self.seg_task.param_groups(self.seg, scfg), lr=1e-4,
+                                         weight_decay=float(scfg["optim"].get("weight_decay", 0.05)))
+        cls_model = self.trainer.raw_model
+        ds = self.trainer.loader.dataset
+        self.info = {"model": {"cls_arch": cfg["task"]["model"]["arch"], "cls_input_size": cfg["task"]["input_size"],
+                               "cls_params": sum(p.numel() for p in cls_model.parameters() if p.requires_grad),
+                               "seg_arch": o["model"]["arch"], "seg_tiny": bool(o["model"]["tiny"]),
+                               "seg_input": [2 * int(o["chunks"]), h, w], "seg_batch": seg_batch,
+                               "seg_params": sum(p.numel() for p in self.seg.parameters())},
+                     "data": {"path": str(data), "items": len(ds), "sensor_size": list(SAMPLES_SENSOR),
+                              "steps_per_epoch": self.trainer.steps_per_epoch}}
+        self.cls_row = Row("cls-finetune-trainer", batch, note=f"{self.workers} loader workers, EMA on")
+        self.seg_row = Row("seg-finetune-step", seg_batch, note=f"random {2 * int(o['chunks'])}-ch {h}x{w} inputs")
+        self.items = [(self.cls_row, "trainer", lambda row, n, warm: self._window(row, self.trainer, self.task,
+                                                                                 n, warm)),
+                      (self.seg_row, "step", self.run_seg)]
+
+    def run_seg(self, steps: int):
+        for _ in range(steps):
+            with _autocast(self.device, self.precision):
+                out = self.seg(self.seg_x)
+            logits, aux = out if isinstance(out, (tuple, list)) else (out, None)
+            loss, _ = self.seg_task.loss(logits.float(), self.seg_y, None if aux is None else aux.float())
+            loss.backward()
+            self.seg_opt.step()
+            self.seg_opt.zero_grad(set_to_none=True)
+
+    def resident(self) -> None:
+        self.cls_row.resident_mib = _mib(_tensors(self.trainer.raw_model, self.trainer.raw_optimizer, ()))
+        self.seg_row.resident_mib = _mib(_tensors(self.seg, self.seg_opt, (self.seg_x, self.seg_y)))
+
+
 # --------------------------------------------------------------------------------------------- report
 
 
@@ -665,19 +1042,25 @@ def table(groups: list[dict]) -> str:
     for g in groups:
         key = [g["device"], g["preset"], g["precision"], str(g["batch"])]
         if g.get("error"):
+            key[-1] += f" ({g.get('family', 'ecddp')})"
             lines.append("| " + " | ".join(key + ["error", g["error"].splitlines()[-1][:120]] + ["-"] * 4) + " |")
             continue
         ov = g["overheads"]
         notes = {"model-step": ("vs bare-swin ", ov.get("model_vs_bare_pct"), True),
                  "trainer": ("vs model-step ", ov.get("trainer_vs_model_pct"), True),
                  "task-inputs": ("of model-step ", ov.get("task_inputs_share_pct"), False),
-                 "data-loader": ("of model-step ", ov.get("data_loader_share_pct"), False)}
+                 "data-loader": ("of model-step ", ov.get("data_loader_share_pct"), False),
+                 "mem-trainer": ("vs mem-step ", ov.get("trainer_vs_model_pct"), True),
+                 "mem-targets": ("of mem-step ", ov.get("targets_share_pct"), False)}
         for r in g["rows"]:
+            key[-1] = str(r["batch"])
             label, stat, sign = notes.get(r["row"], ("", None, True))
             res = "-" if r["resident_mib"] is None else f"{r['resident_mib']:.0f}"
             lines.append("| " + " | ".join(key + [r["row"], _spread(r["samples_per_s"]),
                                                  f"{r['sec_per_step']['median']:.3g}",
-                                                 (label + _pct(stat, sign)) if stat else "-", res,
+                                                 (label + _pct(stat, sign)) if stat else
+                                                 f"tokens/s {_spread(r['tokens_per_s'])}" if r.get("tokens_per_s")
+                                                 else "-", res,
                                                  f"{r['peak_mem_mib']:.0f}"]) + " |")
     return "\n".join(lines)
 
@@ -685,7 +1068,7 @@ def table(groups: list[dict]) -> str:
 def target_lines(groups: list[dict]) -> list[str]:
     out = []
     for g in groups:
-        if g.get("error"):
+        if g.get("error") or g.get("family", "ecddp") != "ecddp":
             continue
         s = g["overheads"].get("trainer_vs_model_pct")
         if s is None:
@@ -705,6 +1088,21 @@ ROW_DOC = {
                "model step, schedules, logging (no checkpoints); first step of each fit call untimed",
     "task-inputs": "ECDDPTask.inputs: host batch to device, voxel grid, random crop",
     "data-loader": "EventDataset + collate_events through a DataLoader, no model (first batch untimed)",
+    "mem-dvae-step": "MEM tokenizer (DiscreteVAE of mem_dvae[_tiny].yaml) fwd with Gumbel-softmax codes (tau 1) + "
+                     "bwd + grad clip + Adam, on pre-made device MEM images",
+    "mem-step": "MEMModel (mem_tiny / mem_ncaltech101) fwd+bwd + grad clip + AdamW on pre-made device MEM images "
+                "and block masks, INCLUDING the frozen tokenizer's target codes of each image (as in training); "
+                "on the mem-trainer's model and optimizer. Overhead column: tokens/s = masked patches predicted "
+                "per second",
+    "mem-targets": "the frozen tokenizer's argmax codes alone (MEMTask.targets), the part of mem-step it takes",
+    "mem-trainer": "Trainer.fit with MEMTask on a synthetic samples dataset: loader, collate, to device, MEM "
+                   "event pipeline (window, flips, shift, image, resize, hot pixels, normalise), masks, tokenizer "
+                   "targets, model step, logging (no checkpoints); first step of each fit call untimed",
+    "cls-finetune-trainer": "Trainer.fit with ClassificationTask (classification_tiny / ncaltech101_vit_s) on the "
+                            "synthetic samples dataset: loader, augmentations, MEM image, resize, ViT fwd+bwd, "
+                            "layer-decay AdamW, EMA update, logging (no checkpoints); first step untimed",
+    "seg-finetune-step": "SegmentationModel (dsec_tiny / dsec_swin_t: Swin + UPerNet + aux FCN) fwd+bwd, CE + Dice "
+                         "on both heads, AdamW, on random 20-channel inputs at the config's train_size (own batch)",
 }
 
 
@@ -725,7 +1123,7 @@ def write_results(path: Path, info: dict, config: dict, groups: list[dict], elap
     goals = target_lines(groups)
     if goals:
         md += ["Target (the trainer and data path add under 10 % over the model step):", "", *goals, ""]
-    data = [g for g in groups if not g.get("error")]
+    data = [g for g in groups if not g.get("error") and g.get("family", "ecddp") == "ecddp"]
     if data:
         md += ["Data per group:", ""]
         for g in data:
@@ -734,6 +1132,16 @@ def write_results(path: Path, info: dict, config: dict, groups: list[dict], elap
                       f"{d['sensor_size'][0]}x{d['sensor_size'][1]}, {_num(d['events_per_sample_mean'])} events per "
                       f"sample (mean), {d['steps_per_epoch']} steps per epoch, {g['workers']} loader workers, "
                       f"crop generator on {g['generator']}")
+        md.append("")
+    other = [g for g in groups if not g.get("error") and g.get("family", "ecddp") != "ecddp"]
+    if other:
+        md += ["MEM / finetune groups:", ""]
+        for g in other:
+            d = g["data"]
+            md.append(f"- {g['family']} {g['device']} {g['preset']} {g['precision']} batch {g['batch']}: "
+                      f"{d['items']} training samples at {d['sensor_size'][0]}x{d['sensor_size'][1]}, "
+                      f"{d['steps_per_epoch']} steps per epoch, {g['workers']} loader workers; model "
+                      f"{json.dumps(g['model'], default=str)}")
         md.append("")
     md += [f"Total time {elapsed:.0f} s.", ""]
     path.with_suffix(".md").write_text("\n".join(md))
@@ -751,6 +1159,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="smoke test: tiny preset, CPU, 2 repeats of 4 steps, 1 torch thread; output in the temp dir")
+    p.add_argument("--methods", default="ecddp,mem,finetune",
+                   help="comma-separated families of rows: ecddp (bare-swin, model-step, trainer, task-inputs, "
+                        "data-loader), mem (mem-dvae-step, mem-step, mem-targets, mem-trainer), finetune "
+                        "(cls-finetune-trainer, seg-finetune-step); default all")
     p.add_argument("--device", choices=["cpu", "cuda", "all"], default=None,
                    help="all = cpu, plus cuda when torch sees a GPU (default)")
     p.add_argument("--presets", default=None, help="comma-separated: tiny, paper (default both)")
@@ -794,6 +1206,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.presets = [v.strip() for v in (a.presets or "tiny,paper").split(",") if v.strip()]
     a.precisions = [v.strip() for v in a.precisions.split(",") if v.strip()]
     a.batch = _ints(a.batch) if a.batch else None
+    a.methods = [v.strip() for v in a.methods.split(",") if v.strip()]
+    for name in a.methods:
+        if name not in FAMILIES:
+            p.error(f"unknown method {name!r} (known: {', '.join(FAMILIES)})")
     a.repeats = a.repeats or 5
     for name in a.presets:
         if name not in PRESETS:
@@ -823,22 +1239,34 @@ def main(argv=None) -> int:
     data_root = args.data_dir or Path(tempfile.gettempdir()) / "evforge-bench" / "train-data"
     sim_device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    plan = []  # (device, preset, precision, batch)
+    plan = []  # (device, preset, precision, batch) of the ECDDP rows
+    fplan = []  # (family, device, preset, precision, batch) of the MEM / finetune rows
     for device in devices:
         for preset in args.presets:
             precs = [p for p in args.precisions if device == "cuda" or p == "fp32"] or ["fp32"]
             for prec in precs:
-                for b in args.batch or [PRESETS[preset].batch[device]]:
-                    plan.append((device, preset, prec, b))
+                if "ecddp" in args.methods:
+                    for b in args.batch or [PRESETS[preset].batch[device]]:
+                        plan.append((device, preset, prec, b))
+                for fam in ("mem", "finetune"):
+                    if fam in args.methods:
+                        for b in args.batch or [FAMILY_BATCH[fam][preset]["batch"][device]]:
+                            fplan.append((fam, device, preset, prec, b))
     # one dataset per preset, large enough for two timed trainer windows of its largest group
     need: dict[str, int] = {}
     for device, preset, _, b in plan:
         n = args.steps or PRESETS[preset].steps[device]
         need[preset] = max(need.get(preset, 0), 2 * b * (1 + n) + b)
     datasets = {}
-    for preset in args.presets:
+    for preset in need:
         print(f"[{time.perf_counter() - started:6.0f} s] data for {preset}: >= {need[preset]} samples", flush=True)
         datasets[preset] = stream_dataset(data_root, preset, need[preset], sim_device, args.seed)
+    samples = None
+    if fplan:  # one samples dataset for all MEM / finetune groups: two timed trainer windows of the largest
+        train_need = max((1 + (args.steps or PRESETS[pr].steps[d])) * b + b for _, d, pr, _, b in fplan)
+        print(f"[{time.perf_counter() - started:6.0f} s] samples data (MEM, finetune): >= {train_need} training "
+              f"samples", flush=True)
+        samples = samples_dataset(data_root, train_need, args.seed)
 
     results: dict[str, list[dict]] = {d: [] for d in devices}
     for device, preset, prec, b in plan:
@@ -878,9 +1306,37 @@ def main(argv=None) -> int:
                     torch.cuda.empty_cache()
                 shutil.rmtree(workdir, ignore_errors=True)
 
+    for fam, device, preset, prec, b in fplan:
+        label = f"{fam} {device} {preset} {prec} batch {b}"
+        print(f"[{time.perf_counter() - started:6.0f} s] {label}", flush=True)
+        workdir = Path(tempfile.mkdtemp(prefix="evforge-bench-train-"))
+        group = None
+        try:
+            if fam == "mem":
+                group = MEMGroup(args, device, preset, prec, b, samples, workdir)
+            else:
+                group = FinetuneGroup(args, device, preset, prec, b, samples, workdir,
+                                      seg_batch=FT_PRESETS[preset]["seg_batch"][device])
+            group.measure(args.repeats, lambda m: print(
+                f"  [{time.perf_counter() - started:6.0f} s] {m}", flush=True))
+            results[device].append(group.summary())
+        except Exception as e:  # noqa: BLE001 - one failing group must not lose the others
+            print(f"  FAILED: {type(e).__name__}: {e}", flush=True)
+            traceback.print_exc(limit=6)
+            results[device].append({"family": fam, "device": device, "preset": preset, "precision": prec,
+                                    "batch": b, "error": traceback.format_exc(limit=8)})
+        finally:
+            if group is not None:
+                group.close()
+            del group
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            shutil.rmtree(workdir, ignore_errors=True)
+
     elapsed = time.perf_counter() - started
     config = {"command": " ".join(["python", "bench/train.py", *(sys.argv[1:] if argv is None else argv)]),
-              "quick": args.quick, "devices": devices, "presets": args.presets, "precisions": args.precisions,
+              "quick": args.quick, "methods": args.methods, "devices": devices, "presets": args.presets, "precisions": args.precisions,
               "batch": args.batch, "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
               "workers": args.workers, "log_every": args.log_every, "generator": args.generator, "seed": args.seed,
               "base_config": str(BASE_CONFIG.relative_to(REPO)),
@@ -922,7 +1378,7 @@ def summarize(group: Group) -> dict:
         ov["task_inputs_share_pct"] = share_stats(rows["task-inputs"], rows["model-step"])
         ov["data_loader_share_pct"] = share_stats(rows["data-loader"], rows["model-step"])
     c = group.mcfg
-    return {"device": group.device.type, "preset": group.preset, "precision": group.precision,
+    return {"family": "ecddp", "device": group.device.type, "preset": group.preset, "precision": group.precision,
             "trainer_precision": PRECISIONS[group.precision], "batch": group.batch, "steps": group.steps,
             "warmup": group.warmup, "workers": group.workers,
             "model": {"variant": c.variant, "tiny": c.tiny, "img_size": c.img_size, "fused_dim": c.fused_dim,
