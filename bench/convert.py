@@ -31,8 +31,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
-import re
 import shutil
 import statistics
 import sys
@@ -45,8 +43,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
+from machine import machine_info, machine_tag  # noqa: E402  (bench/machine.py)
 from evforge.dataset_builder.dataset import EventDataset, make_loader  # noqa: E402
 from evforge.dataset_builder.decoders import read_atis_bin, write_atis_bin  # noqa: E402
 from evforge.dataset_builder.manifest import MANIFEST_NAME, build_manifest, make_provenance  # noqa: E402
@@ -64,62 +62,19 @@ TARGETS = {"decode_speedup": 3.0, "build_mev_s": 30.0}
 
 
 # --------------------------------------------------------------------------------------------- machine
-def _slug(text: str) -> str:
-    text = re.sub(r"\((r|tm)\)|\bcpu\b|\bprocessor\b|@.*$", " ", text, flags=re.I)
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
-
-
-def machine_info() -> dict:
-    model = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, val = (s.strip() for s in line.partition(":"))
-            if key == "model name":
-                model = val
-                break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    info = {"cpu_model": model or platform.processor() or platform.machine(), "usable_cpus": usable,
-            "logical_cpus": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__,
-            "torch": torch.__version__, "platform": platform.platform()}
+def convert_machine_info() -> dict:
     import h5py
     import hdf5plugin
-    info.update(h5py=h5py.__version__, hdf5=h5py.version.hdf5_version, hdf5plugin=hdf5plugin.version,
-                blosc_nthreads=os.environ.get("BLOSC_NTHREADS"))
+    extra = dict(h5py=h5py.__version__, hdf5=h5py.version.hdf5_version, hdf5plugin=hdf5plugin.version,
+                 blosc_nthreads=os.environ.get("BLOSC_NTHREADS"))
     try:
         import tonic
-        info["tonic"] = tonic.__version__
+        extra["tonic"] = tonic.__version__
     except ImportError:
-        info["tonic"] = None
-    try:
-        info["load_avg_at_start"] = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        pass
-    info["evforge_commit"] = _git_commit()
-    info["machine"] = f"cpu-{_slug(info['cpu_model'])}-{usable}cpu"  # as bench/simulator.py's CPU tag
+        extra["tonic"] = None
+    info = machine_info(**extra)
+    info["machine"] = machine_tag("cpu", info)  # as bench/simulator.py's CPU tag
     return info
-
-
-def _git_commit() -> str | None:
-    """The checked-out commit, read from .git (None outside a plain checkout)."""
-    try:
-        git = REPO / ".git"
-        head = (git / "HEAD").read_text().strip()
-        if not head.startswith("ref:"):
-            return head
-        ref = head.split(None, 1)[1]
-        if (git / ref).exists():
-            return (git / ref).read_text().strip()
-        for line in (git / "packed-refs").read_text().splitlines():
-            if line.endswith(" " + ref):
-                return line.split()[0]
-    except (OSError, IndexError):
-        pass
-    return None
 
 
 # ---------------------------------------------------------------------------------------- synthetic data
@@ -402,7 +357,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    info = machine_info()
+    info = convert_machine_info()
     t_start = time.perf_counter()
     work_parent = a.workdir or Path(tempfile.gettempdir())
     work_parent.mkdir(parents=True, exist_ok=True)

@@ -41,8 +41,6 @@ import gc
 import json
 import multiprocessing
 import math
-import os
-import platform
 import re
 import resource
 import statistics
@@ -66,6 +64,7 @@ from evforge.simulator.resample import rgb_to_gray  # noqa: E402
 from evforge.simulator.scenes import SceneSpec, build_scene, render_frame  # noqa: E402
 from evforge.simulator.upsample import UpsampleConfig  # noqa: E402
 from evforge.simulator.v2e_reference import V2EReference  # noqa: E402
+from machine import cpuinfo, machine_info, machine_tag  # noqa: E402  (bench/machine.py)
 
 RESULTS_DIR = REPO / "bench" / "results"
 
@@ -80,84 +79,6 @@ QUICK = dict(resolutions="346x260", batches="1,8", repeats=1, frames=12, e2e_fra
 
 
 # --------------------------------------------------------------------------------------------- machine
-
-
-def _slug(text: str) -> str:
-    text = re.sub(r"\((r|tm)\)|\bcpu\b|\bprocessor\b|@.*$", " ", text, flags=re.I)
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
-
-
-def _cpuinfo() -> dict:
-    model, cores = None, set()
-    phys = core = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, val = (s.strip() for s in line.partition(":"))
-            if key == "model name" and model is None:
-                model = val
-            elif key == "physical id":
-                phys = val
-            elif key == "core id":
-                core = val
-            elif not key and core is not None:
-                cores.add((phys, core))
-                phys = core = None
-        if core is not None:
-            cores.add((phys, core))
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    mem_gib = None
-    try:
-        kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
-        mem_gib = round(kb / 2**20, 1)
-    except (OSError, AttributeError):
-        pass
-    return {"cpu_model": model or platform.processor() or platform.machine(), "logical_cpus": os.cpu_count(),
-            "usable_cpus": usable, "physical_cores": len(cores) or None, "memory_gib": mem_gib}
-
-
-def _git_commit() -> str | None:
-    """The checked-out commit, read from .git without running git (None outside a plain checkout)."""
-    try:
-        git = REPO / ".git"
-        head = (git / "HEAD").read_text().strip()
-        if not head.startswith("ref:"):
-            return head
-        ref = head.split(None, 1)[1]
-        if (git / ref).exists():
-            return (git / ref).read_text().strip()
-        for line in (git / "packed-refs").read_text().splitlines():
-            if line.endswith(" " + ref):
-                return line.split()[0]
-    except (OSError, IndexError):
-        pass
-    return None
-
-
-def machine_info(threads: int) -> dict:
-    info = {**_cpuinfo(), "torch": torch.__version__, "torch_threads": threads, "numpy": np.__version__,
-            "python": platform.python_version(), "platform": platform.platform(), "cuda": None, "gpu": None,
-            "evforge_commit": _git_commit()}
-    try:
-        info["load_avg_at_start"] = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        pass
-    if torch.cuda.is_available():
-        prop = torch.cuda.get_device_properties(0)
-        info["cuda"] = torch.version.cuda
-        info["gpu"] = {"name": prop.name, "memory_gib": round(prop.total_memory / 2**30, 1),
-                       "capability": f"{prop.major}.{prop.minor}", "count": torch.cuda.device_count()}
-    return info
-
-
-def machine_tag(device: str, info: dict) -> str:
-    if device == "cuda":
-        return "cuda-" + _slug(info["gpu"]["name"])
-    return f"cpu-{_slug(info['cpu_model'])}-{info['usable_cpus']}cpu"
 
 
 # --------------------------------------------------------------------------------------------- input frames
@@ -547,7 +468,7 @@ def frames_for(args, device: str, res, batch: int) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    threads = args.threads or _cpuinfo()["usable_cpus"] or 1  # torch.set_num_threads after rendering
+    threads = args.threads or cpuinfo()["usable_cpus"] or 1  # torch.set_num_threads after rendering
     devices = ["cpu"] if args.device == "cpu" else ["cuda"] if args.device == "cuda" else \
         ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if "cuda" in devices and not torch.cuda.is_available():

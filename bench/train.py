@@ -54,8 +54,6 @@ import datetime as _dt
 import gc
 import json
 import math
-import os
-import platform
 import re
 import resource
 import shutil
@@ -76,6 +74,7 @@ import numpy as np  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
 
+from machine import cpuinfo, machine_info, machine_tag  # noqa: E402  (bench/machine.py)
 from evforge.dataset_builder.build import build_dataset  # noqa: E402
 from evforge.dataset_builder.dataset import collate_events, make_loader  # noqa: E402
 from evforge.dataset_builder.synthetic import make_synthetic_classification  # noqa: E402
@@ -131,87 +130,14 @@ FAMILIES = ("ecddp", "mem", "finetune")
 # (the same machine description and naming as bench/simulator.py)
 
 
-def _slug(text: str) -> str:
-    text = re.sub(r"\((r|tm)\)|\bcpu\b|\bprocessor\b|@.*$", " ", text, flags=re.I)
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
-
-
-def _cpuinfo() -> dict:
-    model, cores = None, set()
-    phys = core = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, val = (s.strip() for s in line.partition(":"))
-            if key == "model name" and model is None:
-                model = val
-            elif key == "physical id":
-                phys = val
-            elif key == "core id":
-                core = val
-            elif not key and core is not None:
-                cores.add((phys, core))
-                phys = core = None
-        if core is not None:
-            cores.add((phys, core))
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    mem_gib = None
-    try:
-        kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
-        mem_gib = round(kb / 2**20, 1)
-    except (OSError, AttributeError):
-        pass
-    return {"cpu_model": model or platform.processor() or platform.machine(), "logical_cpus": os.cpu_count(),
-            "usable_cpus": usable, "physical_cores": len(cores) or None, "memory_gib": mem_gib}
-
-
-def _git_commit() -> str | None:
-    """The checked-out commit, read from .git without running git (None outside a plain checkout)."""
-    try:
-        git = REPO / ".git"
-        head = (git / "HEAD").read_text().strip()
-        if not head.startswith("ref:"):
-            return head
-        ref = head.split(None, 1)[1]
-        if (git / ref).exists():
-            return (git / ref).read_text().strip()
-        for line in (git / "packed-refs").read_text().splitlines():
-            if line.endswith(" " + ref):
-                return line.split()[0]
-    except (OSError, IndexError):
-        pass
-    return None
-
-
-def machine_info(threads: int) -> dict:
-    info = {**_cpuinfo(), "torch": torch.__version__, "torch_threads": threads, "timm": timm.__version__,
-            "numpy": np.__version__, "python": platform.python_version(), "platform": platform.platform(),
-            "cuda": None, "gpu": None, "evforge_commit": _git_commit()}
+def train_machine_info(threads: int) -> dict:
+    extra = {"timm": timm.__version__}
     try:
         import lightning_fabric
-        info["lightning_fabric"] = lightning_fabric.__version__
+        extra["lightning_fabric"] = lightning_fabric.__version__
     except ImportError:
         pass
-    try:
-        info["load_avg_at_start"] = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        pass
-    if torch.cuda.is_available():
-        prop = torch.cuda.get_device_properties(0)
-        info["cuda"] = torch.version.cuda
-        info["gpu"] = {"name": prop.name, "memory_gib": round(prop.total_memory / 2**30, 1),
-                       "capability": f"{prop.major}.{prop.minor}", "count": torch.cuda.device_count()}
-    return info
-
-
-def machine_tag(device: str, info: dict) -> str:
-    if device == "cuda":
-        return "cuda-" + _slug(info["gpu"]["name"])
-    return f"cpu-{_slug(info['cpu_model'])}-{info['usable_cpus']}cpu"
+    return machine_info(threads, **extra)
 
 
 def machine_lines(info: dict) -> list[str]:
@@ -638,7 +564,7 @@ def default_workers(device: str) -> int:
     (the paper config's count) leaving half the cores to the main process."""
     if device == "cpu":
         return 0
-    return max(1, min(8, (_cpuinfo()["usable_cpus"] or 2) // 2))
+    return max(1, min(8, (cpuinfo()["usable_cpus"] or 2) // 2))
 
 
 def ratio_stats(num: Row, den: Row) -> dict | None:
@@ -1224,14 +1150,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    threads = args.threads or _cpuinfo()["usable_cpus"] or 1
+    threads = args.threads or cpuinfo()["usable_cpus"] or 1
     torch.set_num_threads(threads)
     devices = ["cpu"] if args.device == "cpu" else ["cuda"] if args.device == "cuda" else \
         ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if "cuda" in devices and not torch.cuda.is_available():
         print("error: --device cuda, but torch sees no CUDA device", file=sys.stderr)
         return 2
-    info = machine_info(threads)
+    info = train_machine_info(threads)
     print("Machine:\n" + "\n".join(machine_lines(info)), flush=True)
     if args.device == "all" and devices == ["cpu"]:
         print("(no CUDA device: CPU only)", flush=True)
