@@ -34,15 +34,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import datetime as _dt
-import gc
 import json
 import multiprocessing
 import math
-import re
-import resource
 import statistics
 import sys
 import tempfile
@@ -64,7 +59,7 @@ from evforge.simulator.resample import rgb_to_gray  # noqa: E402
 from evforge.simulator.scenes import SceneSpec, build_scene, render_frame  # noqa: E402
 from evforge.simulator.upsample import UpsampleConfig  # noqa: E402
 from evforge.simulator.v2e_reference import V2EReference  # noqa: E402
-from machine import cpuinfo, machine_info, machine_tag  # noqa: E402  (bench/machine.py)
+from machine import MemoryProbe, cpuinfo, machine_info, machine_tag, sync as _sync  # noqa: E402
 
 RESULTS_DIR = REPO / "bench" / "results"
 
@@ -118,74 +113,6 @@ def pingpong(i: int, last: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------- measuring
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _rss_kib(field_name: str) -> int | None:
-    try:
-        m = re.search(rf"{field_name}:\s+(\d+)", Path("/proc/self/status").read_text())
-        return int(m.group(1)) if m else None
-    except OSError:
-        return None
-
-
-def _libc():
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-
-
-_LIBC = _libc()
-
-
-def _malloc_trim() -> None:
-    """Hand freed heap pages back to the OS (glibc), so that the next block's RSS growth shows its memory."""
-    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
-        _LIBC.malloc_trim(0)
-
-
-class MemoryProbe:
-    """Peak memory over a block, as a delta in MiB from its start.
-
-    CPU: peak RSS. Freed heap pages are returned first (glibc malloc_trim) and the kernel's peak-RSS mark is
-    reset (/proc/self/clear_refs) where Linux allows it; otherwise getrusage's process-lifetime peak is used,
-    which undercounts blocks smaller than an earlier one. CUDA: torch.cuda.max_memory_allocated.
-    """
-
-    hwm_resettable: bool | None = None
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def __enter__(self):
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.before = torch.cuda.memory_allocated(self.device)
-        else:
-            _malloc_trim()
-            if MemoryProbe.hwm_resettable is not False:
-                try:
-                    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-                    MemoryProbe.hwm_resettable = True
-                except OSError:
-                    MemoryProbe.hwm_resettable = False
-            self.before = _rss_kib("VmRSS") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            self.peak_mib = (torch.cuda.max_memory_allocated(self.device) - self.before) / 2**20
-        else:
-            peak = (_rss_kib("VmHWM") if MemoryProbe.hwm_resettable else None) \
-                or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-            self.peak_mib = max(0, peak - self.before) / 1024
-        return False
 
 
 def _to_host(ev) -> np.ndarray:

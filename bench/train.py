@@ -48,14 +48,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import ctypes
-import ctypes.util
 import datetime as _dt
 import gc
 import json
 import math
-import re
-import resource
 import shutil
 import statistics
 import sys
@@ -74,7 +70,7 @@ import numpy as np  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
 
-from machine import cpuinfo, machine_info, machine_tag  # noqa: E402  (bench/machine.py)
+from machine import MemoryProbe, cpuinfo, machine_info, machine_tag, sync as _sync  # noqa: E402
 from evforge.dataset_builder.build import build_dataset  # noqa: E402
 from evforge.dataset_builder.dataset import collate_events, make_loader  # noqa: E402
 from evforge.dataset_builder.synthetic import make_synthetic_classification  # noqa: E402
@@ -158,73 +154,6 @@ def machine_lines(info: dict) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------- memory, sync
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _rss_kib(field_name: str) -> int | None:
-    try:
-        m = re.search(rf"{field_name}:\s+(\d+)", Path("/proc/self/status").read_text())
-        return int(m.group(1)) if m else None
-    except OSError:
-        return None
-
-
-def _libc():
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-
-
-_LIBC = _libc()
-
-
-def _malloc_trim() -> None:
-    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
-        _LIBC.malloc_trim(0)
-
-
-class MemoryProbe:
-    """Peak memory over a block, as a delta in MiB from its start (as bench/simulator.py).
-
-    CPU: peak RSS (freed heap returned first with malloc_trim, the kernel's peak-RSS mark reset through
-    /proc/self/clear_refs where allowed, else getrusage's lifetime peak, which undercounts). CUDA:
-    torch.cuda.max_memory_allocated above what was allocated at the start.
-    """
-
-    hwm_resettable: bool | None = None
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def __enter__(self):
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.before = torch.cuda.memory_allocated(self.device)
-        else:
-            _malloc_trim()
-            if MemoryProbe.hwm_resettable is not False:
-                try:
-                    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-                    MemoryProbe.hwm_resettable = True
-                except OSError:
-                    MemoryProbe.hwm_resettable = False
-            self.before = _rss_kib("VmRSS") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            self.peak_mib = (torch.cuda.max_memory_allocated(self.device) - self.before) / 2**20
-        else:
-            peak = (_rss_kib("VmHWM") if MemoryProbe.hwm_resettable else None) \
-                or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-            self.peak_mib = max(0, peak - self.before) / 1024
-        return False
 
 
 # --------------------------------------------------------------------------------------------- data
