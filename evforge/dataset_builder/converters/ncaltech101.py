@@ -75,13 +75,7 @@ class NCaltech101Converter:
                            params=params)
 
     def read(self, item: SourceItem, plan: DatasetPlan) -> list[Sample]:
-        strict = plan.params.get("unsorted", "error") == "error"
-        events = read_atis_bin(item.path, sort=not strict)  # strict: keep file order and check it here (one decode)
-        if strict:
-            check_file_order(item.path, events["t"])
-        check_events(events, tuple(plan.sensor_size), item.path)
-        return [Sample(key=item.key, events=events, label=item.label,
-                       attrs={"source": item.key + Path(item.path).suffix})]
+        return read_checked(item, plan, read_atis_bin)
 
 
 def _splits_from_file(path: Path, files: dict) -> tuple[dict[str, str], int]:
@@ -114,6 +108,18 @@ def _splits_from_file(path: Path, files: dict) -> tuple[dict[str, str], int]:
 def check_unsorted_policy(unsorted: str) -> None:
     if unsorted not in UNSORTED_POLICIES:
         raise ValueError(f"unsorted must be one of {UNSORTED_POLICIES}, got {unsorted!r}")
+
+
+def read_checked(item: SourceItem, plan: DatasetPlan, decode) -> list[Sample]:
+    """One sample from a raw event file: decoded in file order, its order checked (or sorted with
+    ``unsorted: sort``), coordinates checked against the sensor."""
+    strict = plan.params.get("unsorted", "error") == "error"
+    events = decode(item.path, sort=not strict)  # strict: keep file order and check it here (one decode)
+    if strict:
+        check_file_order(item.path, events["t"])
+    check_events(events, tuple(plan.sensor_size), item.path)
+    return [Sample(key=item.key, events=events, label=item.label,
+                   attrs={"source": item.key + Path(item.path).suffix})]
 
 
 def check_file_order(path, t: np.ndarray) -> None:

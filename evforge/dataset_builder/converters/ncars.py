@@ -15,9 +15,9 @@ from pathlib import Path
 
 from evforge.errors import InputError
 
-from ..decoders import check_events, read_prophesee_dat
+from ..decoders import read_prophesee_dat
 from .base import DatasetPlan, Sample, SourceItem
-from .ncaltech101 import check_file_order, check_unsorted_policy
+from .ncaltech101 import check_unsorted_policy, read_checked
 
 SENSOR_SIZE = (120, 100)
 CLASSES = ["background", "cars"]
@@ -55,10 +55,4 @@ class NCarsConverter:
                            items=items, params=params)
 
     def read(self, item: SourceItem, plan: DatasetPlan) -> list[Sample]:
-        strict = plan.params.get("unsorted", "error") == "error"
-        events = read_prophesee_dat(item.path, sort=not strict)  # strict: keep file order and check it here (one decode)
-        if strict:
-            check_file_order(item.path, events["t"])
-        check_events(events, tuple(plan.sensor_size), item.path)
-        return [Sample(key=item.key, events=events, label=item.label,
-                       attrs={"source": item.key + Path(item.path).suffix})]
+        return read_checked(item, plan, read_prophesee_dat)
