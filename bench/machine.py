@@ -92,6 +92,26 @@ def machine_info(threads: int | None = None, **extra) -> dict:
     return info
 
 
+def machine_lines(info: dict) -> list[str]:
+    """The machine as Markdown bullet lines (also printed at the start of a run)."""
+    gpu = info.get("gpu")
+    libs = [f"{name.replace('_', '-')} {info[name]}" for name in ("timm", "lightning_fabric") if info.get(name)]
+    out = [f"- CPU: {info['cpu_model']}, {info['physical_cores'] or '?'} physical cores, "
+           f"{info['logical_cpus']} logical CPUs ({info['usable_cpus']} usable), {info['memory_gib']} GiB RAM",
+           f"- torch {info['torch']} ({info['torch_threads']} threads), "
+           + "".join(f"{lib}, " for lib in libs)
+           + f"numpy {info['numpy']}, Python {info['python']}, {info['platform']}"]
+    if gpu:
+        out.append(f"- GPU: {gpu['name']} ({gpu['memory_gib']} GiB, sm {gpu['capability']}), CUDA {info['cuda']}")
+    else:
+        out.append("- GPU: none")
+    if info.get("load_avg_at_start"):
+        out.append(f"- load average at start: {info['load_avg_at_start']}")
+    if info.get("evforge_commit"):
+        out.append(f"- evforge commit: {info['evforge_commit']}")
+    return out
+
+
 def machine_tag(device: str, info: dict) -> str:
     """``cuda-<gpu>`` or ``cpu-<model>-<N>cpu``: the suffix of result file names."""
     if device == "cuda":

@@ -59,7 +59,7 @@ from evforge.simulator.resample import rgb_to_gray  # noqa: E402
 from evforge.simulator.scenes import SceneSpec, build_scene, render_frame  # noqa: E402
 from evforge.simulator.upsample import UpsampleConfig  # noqa: E402
 from evforge.simulator.v2e_reference import V2EReference  # noqa: E402
-from machine import MemoryProbe, cpuinfo, machine_info, machine_tag, sync as _sync  # noqa: E402
+from machine import MemoryProbe, cpuinfo, machine_info, machine_lines, machine_tag, sync as _sync  # noqa: E402
 
 RESULTS_DIR = REPO / "bench" / "results"
 
@@ -281,23 +281,6 @@ def targets(rows: list[dict], info: dict) -> list[str]:
             note = "" if "H100" in gpu.upper() else f"; the target is stated for an H100, this is {gpu}"
             out.append(f"- cuda {res} {preset}: {_num(fps)} frames/s at batch {r['batch']} (target >= "
                        f"{_num(GPU_TARGET_FPS)}: {'met' if fps >= GPU_TARGET_FPS else 'NOT met'}{note})")
-    return out
-
-
-def machine_lines(info: dict) -> list[str]:
-    gpu = info.get("gpu")
-    out = [f"- CPU: {info['cpu_model']}, {info['physical_cores'] or '?'} physical cores, "
-           f"{info['logical_cpus']} logical CPUs ({info['usable_cpus']} usable), {info['memory_gib']} GiB RAM",
-           f"- torch {info['torch']} ({info['torch_threads']} threads), numpy {info['numpy']}, "
-           f"Python {info['python']}, {info['platform']}"]
-    if gpu:
-        out.append(f"- GPU: {gpu['name']} ({gpu['memory_gib']} GiB, sm {gpu['capability']}), CUDA {info['cuda']}")
-    else:
-        out.append("- GPU: none")
-    if info.get("load_avg_at_start"):
-        out.append(f"- load average at start: {info['load_avg_at_start']}")
-    if info.get("evforge_commit"):
-        out.append(f"- evforge commit: {info['evforge_commit']}")
     return out
 
 

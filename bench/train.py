@@ -70,7 +70,7 @@ import numpy as np  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
 
-from machine import MemoryProbe, cpuinfo, machine_info, machine_tag, sync as _sync  # noqa: E402
+from machine import MemoryProbe, cpuinfo, machine_info, machine_lines, machine_tag, sync as _sync  # noqa: E402
 from evforge.dataset_builder.build import build_dataset  # noqa: E402
 from evforge.dataset_builder.dataset import collate_events, make_loader  # noqa: E402
 from evforge.dataset_builder.synthetic import make_synthetic_classification  # noqa: E402
@@ -134,23 +134,6 @@ def train_machine_info(threads: int) -> dict:
     except ImportError:
         pass
     return machine_info(threads, **extra)
-
-
-def machine_lines(info: dict) -> list[str]:
-    gpu = info.get("gpu")
-    out = [f"- CPU: {info['cpu_model']}, {info['physical_cores'] or '?'} physical cores, "
-           f"{info['logical_cpus']} logical CPUs ({info['usable_cpus']} usable), {info['memory_gib']} GiB RAM",
-           f"- torch {info['torch']} ({info['torch_threads']} threads), timm {info['timm']}, lightning-fabric "
-           f"{info.get('lightning_fabric', '?')}, numpy {info['numpy']}, Python {info['python']}, {info['platform']}"]
-    if gpu:
-        out.append(f"- GPU: {gpu['name']} ({gpu['memory_gib']} GiB, sm {gpu['capability']}), CUDA {info['cuda']}")
-    else:
-        out.append("- GPU: none")
-    if info.get("load_avg_at_start"):
-        out.append(f"- load average at start: {info['load_avg_at_start']}")
-    if info.get("evforge_commit"):
-        out.append(f"- evforge commit: {info['evforge_commit']}")
-    return out
 
 
 # --------------------------------------------------------------------------------------------- memory, sync
@@ -234,6 +217,21 @@ def make_config(preset: str, device: str, precision: str, batch: int, workers: i
     cfg["checkpoint"].update(every_n_steps=None, every_n_epochs=None, keep_every_n_steps=None)
     cfg["log"]["progress"] = False
     return cfg
+
+
+def time_row(row: "Row", fn, steps: int, warm: bool, device: torch.device) -> None:
+    """One untimed lead-in step, then ``steps`` timed ones, like the trainer row's ``fit`` call (the memory probe
+    hands freed heap back to the OS first, so the lead-in step pays the page faults for all rows alike)."""
+    with MemoryProbe(device) as mem:
+        fn(1)
+        _sync(device)
+        t0 = time.perf_counter()
+        extra = fn(steps)
+        _sync(device)
+        seconds = time.perf_counter() - t0
+    if not warm:
+        row.runs.append({"seconds": seconds, "steps": steps, "samples": steps * row.batch,
+                         "peak_mem_mib": mem.peak_mib, **(extra or {})})
 
 
 @dataclass
@@ -347,19 +345,7 @@ class Group:
         return self.gen.manual_seed(mix_seed(self.args.seed, 0xBE, k))
 
     def _timed(self, row: Row, fn, steps: int, warm: bool) -> None:
-        """One untimed lead-in step, then ``steps`` timed ones, like the trainer row's ``fit`` call (the memory probe
-        hands freed heap back to the OS first, so the lead-in step pays the page faults for all rows alike)."""
-        dev = self.device
-        with MemoryProbe(dev) as mem:
-            fn(1)
-            _sync(dev)
-            t0 = time.perf_counter()
-            extra = fn(steps)
-            _sync(dev)
-            seconds = time.perf_counter() - t0
-        if not warm:
-            row.runs.append({"seconds": seconds, "steps": steps, "samples": steps * self.batch,
-                             "peak_mem_mib": mem.peak_mib, **(extra or {})})
+        time_row(row, fn, steps, warm, self.device)
 
     # ---- (1)
     def run_bare(self, steps: int):
@@ -635,17 +621,7 @@ class FamilyGroup:
         return tr
 
     def _timed(self, row: Row, fn, steps: int, warm: bool) -> None:
-        dev = self.device
-        with MemoryProbe(dev) as mem:
-            fn(1)
-            _sync(dev)
-            t0 = time.perf_counter()
-            extra = fn(steps)
-            _sync(dev)
-            seconds = time.perf_counter() - t0
-        if not warm:
-            row.runs.append({"seconds": seconds, "steps": steps, "samples": steps * row.batch,
-                             "peak_mem_mib": mem.peak_mib, **(extra or {})})
+        time_row(row, fn, steps, warm, self.device)
 
     def _window(self, row: Row, tr: Trainer, task, steps: int, warm: bool) -> None:
         """One ``fit`` call of 1 + ``steps`` steps, timed from the end of its first step to the end of its last,
