@@ -39,9 +39,30 @@ class BatchEngine:
         self.interp = interpolator or upsample.interpolator()
         self.sim = EventSimulator([DVSParams()] * batch, [0] * batch, height, width, self.device)
         self.prev = torch.zeros(batch, self.channels, height, width, device=self.device)
+        # the linear frames are only needed by an interpolator that does not work on lin-log frames
+        self._keeps_linear = not hasattr(self.interp, "interpolate_log")
         self.prev_log = torch.zeros(batch, 1, height, width, device=self.device)
         self.prev_t = [0] * batch
         self.substeps = [0] * batch  # simulated steps per slot, for reporting
+
+    def _substeps(self, frames, log1, steps, t_us, dt_us, active, flow, flow_valid) -> list[StepEvents]:
+        """Several simulated steps per frame pair, through the interpolator; the last one is the real frame."""
+        fractions, sub_active = substep_fractions(steps, self.device)
+        K = fractions.shape[1]
+        if hasattr(self.interp, "interpolate_log"):
+            between = self.interp.interpolate_log(self.prev_log, log1, fractions, flow, flow_valid)
+        else:
+            made = self.interp(self.prev, frames, fractions, flow=flow, flow_valid=flow_valid)
+            between = torch.stack([lin_log(rgb_to_gray(f)) for f in made])
+        out = []
+        for k in range(K):
+            mask = [a and active[b] for b, a in enumerate(sub_active[k])]
+            last = torch.tensor([steps[b] == k + 1 for b in range(len(steps))], device=self.device)
+            log_k = torch.where(last.view(-1, 1, 1, 1), log1, between[k])
+            t_k = [self.prev_t[b] + int(round(float(fractions[b, k]) * dt_us[b])) if mask[b] else self.prev_t[b] + 1
+                   for b in range(len(mask))]
+            out.append(self.sim.step(log_k[:, 0], t_k, mask, new_interval=[k == 0] * len(mask)))
+        return out
 
     @property
     def channels(self) -> int:
@@ -67,30 +88,19 @@ class BatchEngine:
                              [p.cutoff_hz for p in self.sim.params], flow, self.sim.lp)
         # never more sub-steps than microseconds, so sub-step times stay strictly increasing
         steps = [max(1, min(n, d)) if active[b] else 1 for b, (n, d) in enumerate(zip(steps, dt_us))]
-        fractions, sub_active = substep_fractions(steps, self.device)
-        K = fractions.shape[1]
-        between = None
-        if K > 1:
-            if hasattr(self.interp, "interpolate_log"):
-                between = self.interp.interpolate_log(self.prev_log, log1, fractions, flow, flow_valid)
-            else:
-                made = self.interp(self.prev, frames, fractions, flow=flow, flow_valid=flow_valid)
-                between = torch.stack([lin_log(rgb_to_gray(f)) for f in made])
-        out = []
-        for k in range(K):
-            mask = [a and active[b] for b, a in enumerate(sub_active[k])]
-            # the last sub-step of a slot is its real frame, not an interpolated one
-            last = torch.tensor([steps[b] == k + 1 for b in range(len(steps))], device=self.device)
-            log_k = log1 if between is None else torch.where(last.view(-1, 1, 1, 1), log1, between[k])
-            t_k = [self.prev_t[b] + int(round(float(fractions[b, k]) * dt_us[b])) if mask[b] else self.prev_t[b] + 1
-                   for b in range(len(mask))]
-            out.append(self.sim.step(log_k[:, 0], t_k, mask, new_interval=[k == 0] * len(mask)))
+        if max(steps) == 1:  # one step per frame pair (upsampling off, or nothing moved): no sub-steps
+            t_step = [t_us[b] if active[b] else self.prev_t[b] + 1 for b in range(len(active))]
+            out = [self.sim.step(log1[:, 0], t_step, active)]
+        else:
+            out = self._substeps(frames, log1, steps, t_us, dt_us, active, flow, flow_valid)
         if len(slots) == len(active):
-            self.prev.copy_(frames)
-            self.prev_log.copy_(log1)
+            if self._keeps_linear:
+                self.prev.copy_(frames)
+            self.prev_log = log1  # a new tensor each call: kept, not copied
         else:
             idx = torch.tensor(slots, device=self.device)
-            self.prev.index_copy_(0, idx, frames.index_select(0, idx))
+            if self._keeps_linear:
+                self.prev.index_copy_(0, idx, frames.index_select(0, idx))
             self.prev_log.index_copy_(0, idx, log1.index_select(0, idx))
         for b in slots:
             self.prev_t[b] = int(t_us[b])

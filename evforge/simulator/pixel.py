@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import rng
+from . import cpu_kernels, rng
 from .params import DVSParams
 
 LIN_LOG_THRESHOLD = 20.0
@@ -53,8 +53,18 @@ _ALMOST = 1 - 1e-6  # candidate test slightly below the threshold; exact floor d
 def lin_log(x: torch.Tensor, threshold: float = LIN_LOG_THRESHOLD) -> torch.Tensor:
     """v2e's lin-log response: ``x * ln(thr)/thr`` for ``x <= thr`` (no log of 0), ``ln(x)`` above.
 
-    Computed in float64 and rounded to 1e-8 so that adding and removing thresholds cancels exactly.
+    Rounded to 1e-8 in float64 so that adding and removing thresholds cancels exactly. On the CPU a float32
+    or uint8 frame goes through :func:`cpu_kernels.lin_log` (one vectorised float64 log); its results equal
+    :func:`lin_log_torch` bit for bit (checked for every float32 value in [0, 70000]).
     """
+    if (cpu_kernels.AVAILABLE and x.device.type == "cpu" and x.dtype in (torch.float32, torch.uint8)
+            and not x.requires_grad):
+        return torch.from_numpy(cpu_kernels.lin_log(x.float().numpy(), threshold))
+    return lin_log_torch(x, threshold)
+
+
+def lin_log_torch(x: torch.Tensor, threshold: float = LIN_LOG_THRESHOLD) -> torch.Tensor:
+    """v2e's ``lin_log`` exactly as v2e writes it, in torch (any device)."""
     x = x.double()
     f = math.log(threshold) / threshold
     y = torch.where(x <= threshold, x * f, torch.log(x.clamp_min(threshold)))
@@ -90,6 +100,9 @@ class StepEvents:
         """Sorted by (b, t); stable, so equal times keep generation order (pixel order y, x)."""
         if len(self) == 0:
             return self
+        if cpu_kernels.AVAILABLE and self.t.device.type == "cpu":
+            cols = (getattr(self, f).contiguous().numpy() for f in "bxytp")
+            return StepEvents(*(torch.from_numpy(c) for c in cpu_kernels.sort_events(*cols)))
         t_rel = self.t - self.t.min()
         order = stable_argsort(self.b * (int(t_rel.max()) + 1) + t_rel)
         return StepEvents(*(getattr(self, f).index_select(0, order) for f in "bxytp"))
@@ -111,13 +124,20 @@ class EventSimulator:
 
     Each batch slot ``b`` has its own parameters (``params[b]``, already resolved for its seed) and seed.
     Start a slot with :meth:`reset` on its first frame, then feed log frames with :meth:`step`.
+    ``kernels``: "auto" runs the dense part of a step as fused numba kernels on the CPU
+    (:mod:`evforge.simulator.cpu_kernels`) and as torch ops elsewhere; "torch" forces torch ops. Both give
+    identical events.
     """
 
-    def __init__(self, params: list[DVSParams], seeds: list[int], height: int, width: int, device="cpu"):
+    def __init__(self, params: list[DVSParams], seeds: list[int], height: int, width: int, device="cpu",
+                 kernels: str = "auto"):
         if len(params) != len(seeds):
             raise ValueError("one DVSParams per seed")
+        if kernels not in ("auto", "torch"):
+            raise ValueError(f"kernels must be 'auto' or 'torch', not {kernels!r}")
         self.B, self.H, self.W = len(seeds), height, width
         self.device = torch.device(device)
+        self.fused = kernels == "auto" and self.device.type == "cpu" and cpu_kernels.AVAILABLE
         self.params = [p.validate() for p in params]
         self.seeds = list(seeds)
         self.steps = [0] * self.B  # per-slot step counter
@@ -133,6 +153,9 @@ class EventSimulator:
         self.next_shot = torch.full((2,) + shape, _FOREVER, dtype=torch.int64, device=self.device)  # ON, OFF
         self.t_prev = torch.zeros(self.B, dtype=torch.int64, device=self.device)
         self._pixel_index = torch.arange(height * width, dtype=torch.int32, device=self.device).view(height, width)
+        if self.fused:  # numpy views of the state tensors the kernels update in place
+            self._state_np = tuple(t.numpy() for t in (self.lp, self.base, self.pos_thres, self.neg_thres,
+                                                       self.on_candidate, self.off_candidate, self.leak_speed))
         self._refresh_param_tensors()
 
     # -- set-up -------------------------------------------------------------------------------------------
@@ -258,14 +281,70 @@ class EventSimulator:
         all_slots = len(slots) == self.B
         sel = None if all_slots else torch.tensor(slots, device=self.device)
         pick = (lambda x: x) if all_slots else (lambda x: x.index_select(0, sel))  # noqa: E731
-        base0, lp0, L1 = pick(self.base), pick(self.lp), pick(L1_all)
-        pos_thr, neg_thr = pick(self.pos_thres), pick(self.neg_thres)
-        t0, t1 = pick(self.t_prev), pick(t1_all)
-        dt_us = (t1 - t0).double()
-        dt = (dt_us * 1e-6).float().view(-1, 1, 1)
+        L1 = pick(L1_all)
+        t1 = pick(t1_all)
         I1 = None
         if self.any_lowpass or self.any_shot:
             I1 = inverse_lin_log(L1) if intensity is None else pick(intensity.to(self.device, torch.float32))
+
+        # 2.-5. (and 8. when nothing can be dropped) for the signal events; lp and base are stored
+        update_base = not self.any_refractory
+        # the fused kernel can hand back the events sorted when no noise or refractory filter follows
+        presorted = self.fused and not (self.any_shot or self.any_refractory)
+        if self.fused:
+            cols, ev_gflat = self._signal_fused(slots, L1, I1, t1, update_base, presorted)
+        else:
+            cols, ev_gflat = self._signal_torch(slots, sel, pick, L1, I1, t1, update_base)
+        n_signal = cols[0].numel()
+
+        # 6. shot noise (sparse: only pixels whose next candidate falls in this step)
+        if self.any_shot:
+            shot = self._shot_events(slots, pick, t1, I1)
+            if shot[0].numel():
+                cols = [torch.cat([a, b]) for a, b in zip(cols, shot)]
+
+        # 7. refractory period: drop (defer) events too close to the pixel's previous one, then
+        # 8. memorise what was emitted: base += n_on * pos_thres - n_off * neg_thres (signal events only)
+        if self.any_refractory and cols[0].numel():
+            keep = self._refractory(slots, *cols[:4])
+            emitted = keep[:n_signal]
+            on = cols[4][:n_signal] > 0
+            n_on = torch.zeros(self.base.numel(), dtype=torch.float32, device=self.device)
+            n_off = torch.zeros_like(n_on)
+            n_on.index_add_(0, ev_gflat, (emitted & on).float())
+            n_off.index_add_(0, ev_gflat, (emitted & ~on).float())
+            self.base.add_(n_on.view_as(self.base) * self.pos_thres)
+            self.base.sub_(n_off.view_as(self.base) * self.neg_thres)
+            idx = torch.nonzero(keep).squeeze(1)
+            cols = [_take(c, idx) for c in cols]
+        self._store(slots, sel, t_prev=t1)
+
+        ev_sb, y, x, t_ev, p_ev = cols
+        slot_ids = ev_sb if all_slots else _take(sel, ev_sb)
+        events = StepEvents(slot_ids, x, y, t_ev, p_ev)
+        return events if presorted else events.sorted()
+
+    def _signal_fused(self, slots, L1, I1, t1, update_base, sort):
+        """Steps 2-5 (+8) in :func:`cpu_kernels.signal_step` (CPU): same results as the torch path."""
+        idx = np.asarray(slots, np.int64)
+        t0 = self.t_prev.numpy()[idx]
+        dt_us = t1.numpy() - t0
+        dt = (dt_us * 1e-6).astype(np.float32)  # as torch's (dt_us.double() * 1e-6).float()
+        L1 = L1.contiguous().numpy()
+        out = cpu_kernels.signal_step(
+            idx, L1, L1 if I1 is None else I1.contiguous().numpy(), *self._state_np, dt,
+            self.cutoff.view(-1).numpy()[idx], t0, dt_us, self.any_lowpass, self.any_leak, update_base, sort)
+        cols = [torch.from_numpy(a) for a in out]
+        return cols[:5], cols[5]
+
+    def _signal_torch(self, slots, sel, pick, L1, I1, t1, update_base):
+        """Steps 2-5 (+8) as torch ops (any device): the signal events as (slot among the selected, y, x, t,
+        p) and each event's index into the full state; stores lp and base."""
+        base0, lp0 = pick(self.base), pick(self.lp)
+        pos_thr, neg_thr = pick(self.pos_thres), pick(self.neg_thres)
+        t0 = pick(self.t_prev)
+        dt_us = t1 - t0
+        dt = (dt_us.double() * 1e-6).float().view(-1, 1, 1)
 
         # 2. intensity-dependent first-order low-pass (v2e's form)
         lp1 = L1
@@ -301,45 +380,22 @@ class EventSimulator:
         crossed = sign * e0 >= sign * level
         frac = torch.where(crossed, torch.zeros_like(e0), (level - e0) / (e1 - e0)).clamp(0.0, 1.0)
         ev_sb = _take(sb, owner)
-        t_ev = _take(t0, ev_sb) + torch.round(frac.double() * _take(dt_us, ev_sb)).long()
-        cols = [ev_sb, _take(y, owner), _take(x, owner), t_ev, _take(torch.where(is_on_px, 1, -1).to(torch.int8), owner)]
-        n_signal = t_ev.numel()
+        t_ev = _take(t0, ev_sb) + torch.round(frac.double() * _take(dt_us, ev_sb).double()).long()
+        p_ev = _take(torch.where(is_on_px, 1, -1).to(torch.int8), owner)
+        ev_y, ev_x = _take(y, owner), _take(x, owner)
+        hw = self.H * self.W
+        gslot = ev_sb if sel is None else _take(sel, ev_sb)
+        ev_gflat = gslot * hw + ev_y * self.W + ev_x
 
-        # 6. shot noise (sparse: only pixels whose next candidate falls in this step)
-        if self.any_shot:
-            shot = self._shot_events(slots, pick, t1, I1)
-            if shot[0].numel():
-                cols = [torch.cat([a, b]) for a, b in zip(cols, shot)]
-
-        # 7. refractory period: drop (defer) events too close to the pixel's previous one
-        keep = None
-        if self.any_refractory and cols[0].numel():
-            keep = self._refractory(slots, *cols[:4])
-
-        # 8. memorise what was emitted: base += n_on * pos_thres - n_off * neg_thres (signal events only)
-        if keep is None:
+        # 8. without a refractory period every event is emitted: base += n_on * pos_thres - n_off * neg_thres
+        if update_base:
             # in place when base1 is the state itself (no leak, all slots): d0 was read above
             base_flat = base1.reshape(-1)
             old = _take(base_flat, flat)
             base_flat.index_copy_(0, flat, torch.where(is_on_px, old + cnt * thr_px, old - cnt * thr_px))
             base1 = base_flat.view_as(base0)
-        else:
-            emitted = keep[:n_signal]
-            ev_flat = _take(flat, owner)
-            on = _take(is_on_px, owner)
-            n_on = torch.zeros(base1.numel(), dtype=torch.float32, device=base1.device)
-            n_off = torch.zeros_like(n_on)
-            n_on.index_add_(0, ev_flat, (emitted & on).float())
-            n_off.index_add_(0, ev_flat, (emitted & ~on).float())
-            base1 = base1 + n_on.view_as(base1) * pos_thr
-            base1 = base1 - n_off.view_as(base1) * neg_thr
-            idx = torch.nonzero(keep).squeeze(1)
-            cols = [_take(c, idx) for c in cols]
-        self._store(slots, sel, base=base1, lp=lp1, t_prev=t1)
-
-        ev_sb, y, x, t_ev, p_ev = cols
-        slot_ids = ev_sb if all_slots else _take(sel, ev_sb)
-        return StepEvents(slot_ids, x, y, t_ev, p_ev).sorted()
+        self._store(slots, sel, base=base1, lp=lp1)
+        return [ev_sb, ev_y, ev_x, t_ev, p_ev], ev_gflat
 
     def _shot_events(self, slots, pick, t1, I1):
         """Shot-noise events of this step for the selected slots: (slot among them, y, x, t, p)."""

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from .params import DVSParams
-from .pixel import SHOT_NOISE_INTEN_FACTOR, intensity01, lin_log
+from .pixel import SHOT_NOISE_INTEN_FACTOR, intensity01
+from .pixel import lin_log_torch as lin_log  # v2e's own formula (evforge's CPU lin_log is faster, same values)
 
 
 class V2EReference:
