@@ -1,0 +1,137 @@
+"""The fused CPU kernels give exactly what the torch formulas give: lin-log, floor division, whole steps."""
+
+import numpy as np
+import pytest
+import torch
+
+from evforge.simulator import cpu_kernels
+from evforge.simulator.params import get_preset
+from evforge.simulator.pixel import EventSimulator, StepEvents, lin_log, lin_log_torch, stable_argsort
+from evforge.simulator.scenes import SceneSpec, build_scene, render_frame
+from evforge.simulator.resample import rgb_to_gray
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.AVAILABLE, reason="numba kernels not available")
+
+
+def test_lin_log_equals_the_torch_formula_bit_for_bit():
+    rng = np.random.default_rng(0)
+    thr = np.float32(20.0)
+    near = np.concatenate([np.nextafter(np.full(64, v, np.float32), np.float32(d)) for v in (20.0, 255.0, 1.0)
+                           for d in (0.0, 1e9)])
+    x = np.concatenate([
+        np.arange(256, dtype=np.float32),  # every 8-bit value
+        np.float32([0.0, thr, np.nextafter(thr, 0), np.nextafter(thr, 1e9), 1e-30, 65535.0, 70000.0]),
+        near,
+        rng.uniform(0, 300, 200_000).astype(np.float32),
+        rng.uniform(0, 70000, 100_000).astype(np.float32),
+        # a dense run of consecutive float32 values around a point, where rounding to 1e-8 is decided
+        (np.float32(100.0).view(np.uint32) + np.arange(-50_000, 50_000, dtype=np.int64)).astype(np.uint32)
+        .view(np.float32),
+    ])
+    fast = lin_log(torch.from_numpy(x))
+    assert torch.equal(fast.view(torch.int32), lin_log_torch(torch.from_numpy(x)).view(torch.int32))
+    as_u8 = torch.arange(256, dtype=torch.uint8).view(16, 16)
+    assert torch.equal(lin_log(as_u8), lin_log_torch(as_u8))
+    assert lin_log(torch.from_numpy(x[:10].reshape(2, 5))).shape == (2, 5)
+
+
+def test_floor_div_equals_torch_floor_division():
+    rng = np.random.default_rng(1)
+    b = rng.uniform(0.01, 0.8, 50_000).astype(np.float32)
+    n = rng.integers(0, 40, 50_000).astype(np.float32)
+    exact = (n * b).astype(np.float32)  # near-multiples: the hard cases
+    a = np.concatenate([exact, np.nextafter(exact, np.float32(0)), np.nextafter(exact, np.float32(1e9)),
+                        rng.uniform(0, 10, 50_000).astype(np.float32)])
+    b = np.concatenate([b, b, b, b[:50_000]])
+    want = torch.div(torch.from_numpy(a), torch.from_numpy(b), rounding_mode="floor").numpy()
+    got = np.array([cpu_kernels._floor_div(x, y) for x, y in zip(a[:20_000], b[:20_000])], np.float32)
+    assert np.array_equal(got, want[:20_000])
+    got_vec = _floor_div_many(a, b)
+    assert np.array_equal(got_vec, want)
+
+
+def _floor_div_many(a, b):
+    from numba import njit
+
+    @njit
+    def run(a, b, out):
+        for i in range(a.size):
+            out[i] = cpu_kernels._floor_div(a[i], b[i])
+
+    out = np.empty_like(a)
+    run(a, b, out)
+    return out
+
+
+def _frames(batch, n, width=72, height=54, speed=1.5):
+    out = []
+    for s in range(batch):
+        scene = build_scene(SceneSpec(width=width, height=height, frames=n, speed_px=speed, seed=10 + s))
+        rgb = np.stack([render_frame(scene, i)[0] for i in range(n)])
+        out.append(rgb_to_gray(torch.from_numpy(rgb).permute(0, 3, 1, 2).float())[:, 0])
+    return torch.stack(out, 1)  # (n, batch, H, W)
+
+
+@pytest.mark.parametrize("preset", ["ideal", "clean", "default", "noisy", "ecddp"])
+def test_fused_step_equals_torch_step(preset):
+    """Events and every state tensor bit for bit, with some slots idle on some steps and several steps per
+    source interval, so slot selection, leak jitter and the refractory path are all exercised."""
+    B, n = 3, 18
+    frames = _frames(B, n)
+    params = get_preset(preset, shot_noise_rate_hz=20.0) if preset == "noisy" else get_preset(preset)
+    H, W = frames.shape[-2:]
+    sims = [EventSimulator([params.resolve(b) for b in range(B)], list(range(B)), H, W, kernels=k)
+            for k in ("auto", "torch")]
+    assert sims[0].fused and not sims[1].fused
+    for sim in sims:
+        for b in range(B):
+            sim.reset(b, lin_log(frames[0, b]), 0)
+    total = 0
+    for i in range(1, n):
+        log = lin_log(frames[i])
+        active = [True, i % 4 != 0, i % 3 != 0]
+        t = [i * 2000 + 37 * b for b in range(B)]
+        fused, ref = (sim.step(log, t, active, new_interval=[i % 2 == 1] * B) for sim in sims)
+        for f in "bxytp":
+            assert torch.equal(getattr(fused, f), getattr(ref, f)), (i, f)
+        for name in ("base", "lp", "last_t", "next_shot", "t_prev"):
+            assert torch.equal(getattr(sims[0], name), getattr(sims[1], name)), (i, name)
+        total += len(fused)
+    assert total > 1000
+
+
+def test_fused_step_sorts_long_steps_too():
+    """A 10 s step has more time buckets than events: the kernel falls back from counting sort."""
+    frames = _frames(2, 3)
+    H, W = frames.shape[-2:]
+    sims = [EventSimulator([get_preset("ideal")] * 2, [0, 1], H, W, kernels=k) for k in ("auto", "torch")]
+    for sim in sims:
+        for b in range(2):
+            sim.reset(b, lin_log(frames[0, b]), 0)
+    for i in (1, 2):
+        fused, ref = (sim.step(lin_log(frames[i]), [i * 10_000_000, i * 10_000_000 + 5]) for sim in sims)
+        assert len(fused) > 100
+        for f in "bxytp":
+            assert torch.equal(getattr(fused, f), getattr(ref, f)), f
+
+
+def test_sort_events_is_a_stable_sort_by_slot_and_time():
+    rng = np.random.default_rng(2)
+    for n, span in ((5000, 200), (3000, 10**9)):  # counting sort, then the merge-sort fallback
+        b = torch.from_numpy(rng.integers(0, 4, n))
+        t = torch.from_numpy(rng.integers(0, span, n) + 10**6)
+        x = torch.arange(n, dtype=torch.int64)  # generation order, to check stability
+        ev = StepEvents(b, x, x.flip(0), t, torch.from_numpy(rng.choice([-1, 1], n).astype(np.int8)))
+        got = ev.sorted()
+        order = stable_argsort(b * (int(t.max() - t.min()) + 1) + (t - t.min()))
+        for f in "bxytp":
+            assert torch.equal(getattr(got, f), getattr(ev, f)[order]), f
+        key = got.b * 10**10 + got.t
+        assert bool((key[1:] >= key[:-1]).all())
+        ties = (got.b[1:] == got.b[:-1]) & (got.t[1:] == got.t[:-1])
+        assert bool((got.x[1:][ties] > got.x[:-1][ties]).all())
+
+
+def test_kernels_option():
+    with pytest.raises(ValueError, match="kernels"):
+        EventSimulator([get_preset("ideal")], [0], 4, 4, kernels="fast")
