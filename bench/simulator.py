@@ -115,9 +115,10 @@ def pingpong(i: int, last: int) -> int:
 # --------------------------------------------------------------------------------------------- measuring
 
 
-def _to_host(ev) -> np.ndarray:
-    """One device->host copy of a step's events, as the dataset pipeline does."""
-    return torch.stack([ev.b, ev.x, ev.y, ev.t, ev.p.long()], 1).cpu().numpy()
+def _to_host(ev) -> tuple:
+    """A step's events as host numpy columns, as the dataset pipeline takes them (StepEvents.to_host: one
+    device->host copy on CUDA, views on the CPU)."""
+    return ev.to_host()
 
 
 def run_evforge(clip: torch.Tensor, batch: int, n_frames: int, preset: str, dt_us: int, upsample: UpsampleConfig,

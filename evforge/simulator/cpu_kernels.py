@@ -117,14 +117,14 @@ def _dense_lowpass(L1, I1, lp, base, leak_speed, dt, leak_dt, cutoff, on_cand, o
 
 @_jit
 def signal_step(slots, L1, I1, lp, base, pos_thr, neg_thr, on_cand, off_cand, leak_speed, dt, cutoff,
-                t0, dt_us, use_lowpass, use_leak, update_base, sort):
+                t0, dt_us, use_lowpass, use_leak, update_base, sort, want_flat):
     """Low-pass, leak, counts and per-pixel timestamps of the signal events of one step.
 
     ``L1``/``I1`` (S, H, W): lin-log and linear frames of the selected slots ``slots`` (S,); state arrays
     (B, H, W) are read and written in place at ``slots[s]``: ``lp`` <- low-passed response, ``base`` <-
     leaked level (+ the emitted thresholds when ``update_base``). ``dt`` (S,) seconds and ``cutoff`` (S,) Hz
     as float32, ``t0``/``dt_us`` (S,) int64 microseconds. Returns (slot among selected, y, x, t, p, flat
-    index into the full state) in generation order (pixels in (slot, y, x) order, each pixel's crossings
+    index into the full state (empty unless ``want_flat``)) in generation order (pixels in (slot, y, x) order, each pixel's crossings
     in order), or with ``sort`` stably sorted by (slot, t), as :meth:`StepEvents.sorted` would.
     """
     S, H, W = L1.shape
@@ -177,16 +177,14 @@ def signal_step(slots, L1, I1, lp, base, pos_thr, neg_thr, on_cand, off_cand, le
             if update_base:
                 basef[p] = basef[p] + F32(n) * thr if on else basef[p] - F32(n) * thr
 
-    # per event, in generation order: its hit, timestamp and output bucket (slot, t), with a histogram
+    # timestamps of the events in generation order, and a histogram of their (slot, t) buckets
     offset = np.empty(S + 1, np.int64)  # bucket of (slot s, time t) = offset[s] + t - t0[s]
     offset[0] = 0
     for q in range(S):
         offset[q + 1] = offset[q] + dt_us[q] + 1
     counting = sort and offset[S] <= 4 * n_ev + 65536
     counts = np.zeros(offset[S] + 1 if counting else 1, np.int64)
-    owner = np.empty(n_ev, np.int64)
     t_gen = np.empty(n_ev, np.int64)
-    key = np.empty(n_ev, np.int64)
     j = 0
     for h in range(n_hit):
         s = hit_s[h]
@@ -204,45 +202,58 @@ def signal_step(slots, L1, I1, lp, base, pos_thr, neg_thr, on_cand, off_cand, le
             else:
                 frac = min(max((level - e0) / (e1 - e0), F32(0.0)), F32(1.0))
             t = t0[s] + np.int64(np.rint(np.float64(frac) * span))
-            owner[j] = h
             t_gen[j] = t
-            key[j] = offset[s] + t - t0[s]
             if counting:
-                counts[key[j] + 1] += 1
+                counts[offset[s] + t - t0[s] + 1] += 1
             j += 1
 
-    # output position of each event: generation order, or stably sorted by (slot, t)
+    # output position of each event: stably sorted by (slot, t), or generation order
     if counting:
         for v in range(offset[S]):
             counts[v + 1] += counts[v]
-        pos = np.empty(n_ev, np.int64)
-        for j in range(n_ev):
-            pos[j] = counts[key[j]]
-            counts[key[j]] += 1
     elif sort:
+        key = np.empty(n_ev, np.int64)
+        j = 0
+        for h in range(n_hit):
+            s = hit_s[h]
+            for _ in range(hit_cnt[h]):
+                key[j] = offset[s] + t_gen[j] - t0[s]
+                j += 1
         pos = np.empty(n_ev, np.int64)
         pos[np.argsort(key, kind="mergesort")] = np.arange(n_ev)
-    else:
-        pos = np.arange(n_ev)
 
-    for h in range(n_hit):  # pixel row once per hit, not per event
-        hit_cnt[h] = hit_r[h] // W
     ev_s = np.empty(n_ev, np.int64)
     ev_y = np.empty(n_ev, np.int64)
     ev_x = np.empty(n_ev, np.int64)
     ev_t = np.empty(n_ev, np.int64)
     ev_p = np.empty(n_ev, np.int8)
-    ev_flat = np.empty(n_ev, np.int64)
-    for j in range(n_ev):
-        h = owner[j]
-        q = pos[j]
-        y = hit_cnt[h]
-        ev_s[q] = hit_s[h]
-        ev_y[q] = y
-        ev_x[q] = hit_r[h] - y * W
-        ev_t[q] = t_gen[j]
-        ev_p[q] = 1 if hit_d1[h] > 0 else -1
-        ev_flat[q] = slots[hit_s[h]] * HW + hit_r[h]
+    ev_flat = np.empty(n_ev if want_flat else 0, np.int64)
+    j = 0
+    for h in range(n_hit):
+        s = hit_s[h]
+        r = hit_r[h]
+        y = r // W
+        x = r - y * W
+        pol = 1 if hit_d1[h] > 0 else -1
+        g = slots[s] * HW + r
+        for _ in range(hit_cnt[h]):
+            t = t_gen[j]
+            if counting:
+                k = offset[s] + t - t0[s]
+                q = counts[k]
+                counts[k] = q + 1
+            elif sort:
+                q = pos[j]
+            else:
+                q = j
+            ev_s[q] = s
+            ev_y[q] = y
+            ev_x[q] = x
+            ev_t[q] = t
+            ev_p[q] = pol
+            if want_flat:
+                ev_flat[q] = g
+            j += 1
     return ev_s, ev_y, ev_x, ev_t, ev_p, ev_flat
 
 

@@ -258,15 +258,14 @@ def _resize_mask(mask: np.ndarray, size, device) -> torch.Tensor:
 
 
 def _split_by_slot(ev, B: int) -> dict[int, np.ndarray]:
-    """StepEvents sorted by slot -> {slot: event array}, one device->host copy."""
+    """StepEvents sorted by slot -> {slot: event array} (at most one device->host copy)."""
     if len(ev) == 0:
         return {}
-    cols = torch.stack([ev.b, ev.x, ev.y, ev.t, ev.p.long()], 1).cpu().numpy()
-    bounds = np.searchsorted(cols[:, 0], np.arange(B + 1), "left")
+    b_, x, y, t, p = ev.to_host()
+    bounds = np.searchsorted(b_, np.arange(B + 1), "left")
     out = {}
     for b in range(B):
         lo, hi = bounds[b], bounds[b + 1]
         if hi > lo:
-            c = cols[lo:hi]
-            out[b] = make_events(c[:, 1], c[:, 2], c[:, 3], c[:, 4])
+            out[b] = make_events(x[lo:hi], y[lo:hi], t[lo:hi], p[lo:hi])
     return out

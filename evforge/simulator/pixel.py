@@ -96,6 +96,13 @@ class StepEvents:
     def __len__(self) -> int:
         return int(self.t.shape[0])
 
+    def to_host(self) -> tuple[np.ndarray, ...]:
+        """Columns (b, x, y, t, p) as numpy arrays: views on the CPU, one device->host copy elsewhere."""
+        if self.t.device.type == "cpu":
+            return tuple(getattr(self, f).numpy() for f in "bxytp")
+        cols = torch.stack([self.b, self.x, self.y, self.t, self.p.long()], 1).cpu().numpy()
+        return (*(cols[:, i] for i in range(4)), cols[:, 4].astype(np.int8))
+
     def sorted(self) -> "StepEvents":
         """Sorted by (b, t); stable, so equal times keep generation order (pixel order y, x)."""
         if len(self) == 0:
@@ -333,7 +340,8 @@ class EventSimulator:
         L1 = L1.contiguous().numpy()
         out = cpu_kernels.signal_step(
             idx, L1, L1 if I1 is None else I1.contiguous().numpy(), *self._state_np, dt,
-            self.cutoff.view(-1).numpy()[idx], t0, dt_us, self.any_lowpass, self.any_leak, update_base, sort)
+            self.cutoff.view(-1).numpy()[idx], t0, dt_us, self.any_lowpass, self.any_leak, update_base, sort,
+            not update_base)
         cols = [torch.from_numpy(a) for a in out]
         return cols[:5], cols[5]
 
