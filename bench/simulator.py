@@ -122,13 +122,13 @@ def _to_host(ev) -> tuple:
 
 
 def run_evforge(clip: torch.Tensor, batch: int, n_frames: int, preset: str, dt_us: int, upsample: UpsampleConfig,
-                host_events: bool, device: torch.device) -> dict:
+                host_events: bool, device: torch.device, kernels: str = "auto") -> dict:
     """Simulate ``n_frames`` frame pairs for ``batch`` slots; times only the advance() loop."""
     params = get_preset(preset)
     last = clip.shape[0] - 1
     _, _, _, H, W = clip.shape
     with MemoryProbe(device) as mem:
-        eng = BatchEngine(batch, H, W, device, upsample)
+        eng = BatchEngine(batch, H, W, device, upsample, kernels=kernels)
         for b in range(batch):
             eng.start(b, clip[0, b], 0, params, seed=b)
         active = [True] * batch
@@ -172,7 +172,7 @@ class Row:
     device: str
     resolution: tuple[int, int]
     preset: str
-    impl: str  # "evforge" | "v2e-ref"
+    impl: str  # "evforge" | "evforge-torch" (kernels="torch") | "v2e-ref"
     upsample: str  # "none" | "linear"
     source_hz: float
     batch: int
@@ -186,7 +186,7 @@ class Row:
         if self.impl == "v2e-ref":
             return run_reference(clip, n, self.preset, dt_us, dev)
         return run_evforge(clip, self.batch, n, self.preset, dt_us, UpsampleConfig(mode=self.upsample),
-                           host_events, dev)
+                           host_events, dev, kernels="torch" if self.impl == "evforge-torch" else "auto")
 
     def stat(self, key: str) -> dict:
         """median/min/max of ``key`` per second over the repeats."""
@@ -229,7 +229,7 @@ def add_ratios(rows: list[dict]) -> None:
     for r in rows:
         ref = refs.get((r["device"], r["resolution"], r["preset"]))
         r["ratio_vs_v2e_ref"] = None
-        if ref and r["impl"] == "evforge" and r["upsample"] == "none":
+        if ref and r["impl"].startswith("evforge") and r["upsample"] == "none":
             r["ratio_vs_v2e_ref"] = r["frames_per_s"]["median"] / ref["frames_per_s"]["median"]
             # the same from the interleaved repeats: median of the per-repeat ratios
             pairs = zip(r["runs"], ref["runs"])
@@ -337,6 +337,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="batch of the end-to-end rows (default: largest batch, at most 8 on the CPU)")
     p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end (30 Hz, linear upsampling) rows")
     p.add_argument("--no-reference", action="store_true", help="skip the V2EReference baseline rows")
+    p.add_argument("--no-torch-path", action="store_true",
+                   help="skip the CPU row that runs the step as torch ops instead of the fused kernels")
     p.add_argument("--repeats", type=int, default=None, help="repeats per measurement (default 5)")
     p.add_argument("--source-hz", type=float, default=1000.0, help="source frame rate of the per-step rows")
     p.add_argument("--e2e-hz", type=float, default=30.0, help="source frame rate of the end-to-end rows")
@@ -422,6 +424,10 @@ def main(argv=None) -> int:
                                      frames_for(args, device, res, 1)))
                 for b in args.batches:
                     group.append(Row(device, res, preset, "evforge", "none", args.source_hz, b,
+                                     frames_for(args, device, res, b)))
+                if device == "cpu" and not args.no_torch_path:  # the same step as torch ops, side by side
+                    b = min(args.batches)
+                    group.append(Row(device, res, preset, "evforge-torch", "none", args.source_hz, b,
                                      frames_for(args, device, res, b)))
                 if not args.no_e2e:
                     n = args.e2e_frames or DEFAULT_E2E_FRAMES[device].get(tuple(res), 2)

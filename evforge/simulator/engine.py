@@ -30,14 +30,16 @@ class BatchEngine:
 
     Frames go in as float (B, C, H, W) at the output size: C = 1 (gray) for the built-in interpolators,
     C = 3 when a plugged-in interpolator declares ``channels = 3`` (it then sees RGB; gray comes after).
+    ``kernels`` as in :class:`~evforge.simulator.pixel.EventSimulator`.
     """
 
     def __init__(self, batch: int, height: int, width: int, device="cpu",
-                 upsample: UpsampleConfig = UpsampleConfig(), interpolator: FrameInterpolator | None = None):
+                 upsample: UpsampleConfig = UpsampleConfig(), interpolator: FrameInterpolator | None = None,
+                 kernels: str = "auto"):
         self.device = resolve_device(device)
         self.upsample = upsample
         self.interp = interpolator or upsample.interpolator()
-        self.sim = EventSimulator([DVSParams()] * batch, [0] * batch, height, width, self.device)
+        self.sim = EventSimulator([DVSParams()] * batch, [0] * batch, height, width, self.device, kernels)
         self.prev = torch.zeros(batch, self.channels, height, width, device=self.device)
         # the linear frames are only needed by an interpolator that does not work on lin-log frames
         self._keeps_linear = not hasattr(self.interp, "interpolate_log")

@@ -135,3 +135,12 @@ def test_sort_events_is_a_stable_sort_by_slot_and_time():
 def test_kernels_option():
     with pytest.raises(ValueError, match="kernels"):
         EventSimulator([get_preset("ideal")], [0], 4, 4, kernels="fast")
+
+
+def test_to_host_gives_the_columns():
+    ev = StepEvents(torch.tensor([0, 0, 1]), torch.tensor([3, 4, 5]), torch.tensor([6, 7, 8]),
+                    torch.tensor([10, 11, 12]), torch.tensor([1, -1, 1], dtype=torch.int8))
+    b, x, y, t, p = ev.to_host()
+    assert [b.tolist(), x.tolist(), y.tolist(), t.tolist(), p.tolist()] == [
+        [0, 0, 1], [3, 4, 5], [6, 7, 8], [10, 11, 12], [1, -1, 1]]
+    assert p.dtype == np.int8 and t.dtype == np.int64
