@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 
 import numpy as np
 
 try:  # numba is a dependency; the torch path still works without it
-    from numba import njit
+    import numba
+    from numba import njit, prange
 except ImportError:  # pragma: no cover - exercised only where numba is not installed
-    njit = None
+    numba = njit = None
+    prange = range
 
 F32 = np.float32
 TWO_PI = np.float32(2 * math.pi)  # torch multiplies a float32 tensor by a Python float in float32
@@ -28,6 +31,10 @@ AVAILABLE = njit is not None and os.environ.get("EVFORGE_KERNELS", "auto") != "t
 
 def _jit(fn):
     return njit(cache=True, nogil=True, error_model="numpy")(fn) if njit is not None else fn
+
+
+def _pjit(fn):
+    return njit(cache=True, nogil=True, error_model="numpy", parallel=True)(fn) if njit is not None else fn
 
 
 # ------------------------------------------------------------------------------------------------ lin-log
@@ -47,11 +54,22 @@ def _lin_log_finish(x, logs, out, threshold, slope):
         out[i] = np.float32(np.rint(y * 1e8) / 1e8)
 
 
+_local = threading.local()
+
+
+def _buffer(size: int) -> np.ndarray:
+    """A float64 buffer of at least ``size`` kept per thread (a fresh one would be page-faulted in)."""
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.size < size:
+        buf = _local.buf = np.empty(size, np.float64)
+    return buf[:size]
+
+
 def lin_log(x: np.ndarray, threshold: float) -> np.ndarray:
     """v2e's lin-log of a float32 array, bit-identical to the torch formula; numpy's SIMD float64 log in
     between (one vectorised log pass instead of torch's ten)."""
     flat = np.ascontiguousarray(x, dtype=F32).reshape(-1)
-    buf = np.empty(flat.size, np.float64)
+    buf = _buffer(flat.size)
     _lin_log_prepare(flat, buf, float(threshold))
     np.log(buf, out=buf)
     out = np.empty(flat.size, F32)
@@ -115,85 +133,77 @@ def _dense_lowpass(L1, I1, lp, base, leak_speed, dt, leak_dt, cutoff, on_cand, o
         flag[i] = (d >= on_cand[i]) | (d <= off_cand[i])
 
 
-@_jit
-def signal_step(slots, L1, I1, lp, base, pos_thr, neg_thr, on_cand, off_cand, leak_speed, dt, cutoff,
-                t0, dt_us, use_lowpass, use_leak, update_base, sort, want_flat):
-    """Low-pass, leak, counts and per-pixel timestamps of the signal events of one step.
+BLOCK = 4096  # pixels per block of the dense pass: its diffs and flags stay in the L1/L2 cache
 
-    ``L1``/``I1`` (S, H, W): lin-log and linear frames of the selected slots ``slots`` (S,); state arrays
-    (B, H, W) are read and written in place at ``slots[s]``: ``lp`` <- low-passed response, ``base`` <-
-    leaked level (+ the emitted thresholds when ``update_base``). ``dt`` (S,) seconds and ``cutoff`` (S,) Hz
-    as float32, ``t0``/``dt_us`` (S,) int64 microseconds. Returns (slot among selected, y, x, t, p, flat
-    index into the full state (empty unless ``want_flat``)) in generation order (pixels in (slot, y, x) order, each pixel's crossings
-    in order), or with ``sort`` stably sorted by (slot, t), as :meth:`StepEvents.sorted` would.
-    """
-    S, H, W = L1.shape
-    HW = H * W
-    L1f, I1f = L1.reshape(-1), I1.reshape(-1)
-    lpf, basef, lk = lp.reshape(-1), base.reshape(-1), leak_speed.reshape(-1)
-    pt, nt = pos_thr.reshape(-1), neg_thr.reshape(-1)
-    onc, offc = on_cand.reshape(-1), off_cand.reshape(-1)
-    d0 = np.empty(HW, F32)
-    d1 = np.empty(HW, F32)
-    flag = np.empty(HW, np.bool_)
-    cand = np.empty(HW, np.int64)
-    # per pixel with events ("hit"): slot among selected, pixel within the slot, count, diff before/after
-    hit_s = np.empty(S * HW, np.int64)
-    hit_r = np.empty(S * HW, np.int64)
-    hit_cnt = np.empty(S * HW, np.int64)
-    hit_d0 = np.empty(S * HW, F32)
-    hit_d1 = np.empty(S * HW, F32)
+
+@_jit
+def _hits(lo, hi, slots, HW, L1f, I1f, lpf, basef, lk, pt, nt, onc, offc, dt, cutoff, use_lowpass, use_leak,
+          update_base, d0, d1, flag, cand, hit_s, hit_r, hit_cnt, hit_d0, hit_d1):
+    """Pixels ``lo:hi`` of the selected slots flattened: update lp/base, store the pixels with events
+    ("hits": slot, pixel in slot, count, diff before/after) from index ``lo`` on. Returns (hits, events).
+    ``d0``, ``d1``, ``flag``, ``cand``: scratch of ``BLOCK`` entries."""
     n_hit = 0
     n_ev = 0
-    for s in range(S):
-        st = slice(slots[s] * HW, (slots[s] + 1) * HW)
-        io = slice(s * HW, (s + 1) * HW)
-        if use_lowpass and cutoff[s] > 0:
-            _dense_lowpass(L1f[io], I1f[io], lpf[st], basef[st], lk[st], dt[s], dt[s] if use_leak else F32(0.0),
-                           cutoff[s], onc[st], offc[st], d0, d1, flag)
-        elif use_leak:
-            _dense_leak(L1f[io], lpf[st], basef[st], lk[st], dt[s], onc[st], offc[st], d0, d1, flag)
-        else:
-            _dense_plain(L1f[io], lpf[st], basef[st], onc[st], offc[st], d0, d1, flag)
-        n_cand = 0
-        for i in range(HW):  # branch-free compaction of the candidates (a branch per pixel mispredicts)
-            cand[n_cand] = i
-            n_cand += flag[i]
-        so = slots[s] * HW
-        for c in range(n_cand):
-            i = cand[c]
-            p = so + i
-            d = d1[i]
-            on = d > 0
-            thr = pt[p] if on else nt[p]
-            n = np.int64(_floor_div(abs(d), thr))
-            hit_s[n_hit] = s
-            hit_r[n_hit] = i
-            hit_cnt[n_hit] = n
-            hit_d0[n_hit] = d0[i]
-            hit_d1[n_hit] = d
-            n_hit += n > 0
-            n_ev += n
-            if update_base:
-                basef[p] = basef[p] + F32(n) * thr if on else basef[p] - F32(n) * thr
+    for s in range(lo // HW, (hi - 1) // HW + 1):
+        so = (slots[s] - s) * HW  # state index = input index + so
+        lowpass = use_lowpass and cutoff[s] > 0
+        for a in range(max(lo, s * HW), min(hi, (s + 1) * HW), BLOCK):
+            b = min(a + BLOCK, hi, (s + 1) * HW)
+            m = b - a
+            io, st = slice(a, b), slice(a + so, b + so)
+            if lowpass:
+                _dense_lowpass(L1f[io], I1f[io], lpf[st], basef[st], lk[st], dt[s],
+                               dt[s] if use_leak else F32(0.0), cutoff[s], onc[st], offc[st], d0[:m], d1[:m],
+                               flag[:m])
+            elif use_leak:
+                _dense_leak(L1f[io], lpf[st], basef[st], lk[st], dt[s], onc[st], offc[st], d0[:m], d1[:m],
+                            flag[:m])
+            else:
+                _dense_plain(L1f[io], lpf[st], basef[st], onc[st], offc[st], d0[:m], d1[:m], flag[:m])
+            n_cand = 0
+            for i in range(m):  # branch-free compaction of the candidates (a branch per pixel mispredicts)
+                cand[n_cand] = i
+                n_cand += flag[i]
+            for c in range(n_cand):
+                i = cand[c]
+                p = a + i + so
+                d = d1[i]
+                # both thresholds loaded and selected: a branch on the polarity would mispredict half the time
+                tp, tn = pt[p], nt[p]
+                thr = tp if d > 0 else tn
+                n = np.int64(_floor_div(abs(d), thr))
+                h = lo + n_hit
+                hit_s[h] = s
+                hit_r[h] = a + i - s * HW
+                hit_cnt[h] = n
+                hit_d0[h] = d0[i]
+                hit_d1[h] = d
+                n_hit += 1  # a candidate below one threshold is a hit with no events (no dependency on n)
+                n_ev += n
+                if update_base:  # base +- n * thr (negating the product is exact)
+                    step = F32(n) * thr
+                    basef[p] = basef[p] + (step if d > 0 else -step)
+    return n_hit, n_ev
 
-    # timestamps of the events in generation order, and a histogram of their (slot, t) buckets
-    offset = np.empty(S + 1, np.int64)  # bucket of (slot s, time t) = offset[s] + t - t0[s]
-    offset[0] = 0
-    for q in range(S):
-        offset[q + 1] = offset[q] + dt_us[q] + 1
-    counting = sort and offset[S] <= 4 * n_ev + 65536
-    counts = np.zeros(offset[S] + 1 if counting else 1, np.int64)
-    t_gen = np.empty(n_ev, np.int64)
-    j = 0
-    for h in range(n_hit):
+
+@_jit
+def _event_keys(h_lo, h_hi, j, slots, HW, W, hit_s, hit_r, hit_cnt, hit_d0, hit_d1, pt, nt, dt_us, offset,
+                counts, counting, key, of_hit, packed):
+    """Events of hits ``h_lo:h_hi`` from index ``j`` on: (slot, t) bucket and hit, a histogram of the buckets
+    in ``counts`` and each hit's slot, row, column and polarity packed in one int64."""
+    for h in range(h_lo, h_hi):
         s = hit_s[h]
-        g = slots[s] * HW + hit_r[h]
+        r = hit_r[h]
+        y = r // W
         e0 = hit_d0[h]
         e1 = hit_d1[h]
+        packed[h] = (((s << 21) | y) << 21 | (r - y * W)) << 1 | (e1 > 0)
+        g = slots[s] * HW + r
         sign = F32(1.0) if e1 > 0 else F32(-1.0)
-        thr = pt[g] if e1 > 0 else nt[g]
+        tp, tn = pt[g], nt[g]
+        thr = tp if e1 > 0 else tn
         span = np.float64(dt_us[s])
+        first = offset[s]
         for k in range(1, hit_cnt[h] + 1):
             # the k-th level k * thr is crossed where diff, linear over the step, reaches it
             level = (sign * F32(k)) * thr
@@ -201,60 +211,170 @@ def signal_step(slots, L1, I1, lp, base, pos_thr, neg_thr, on_cand, off_cand, le
                 frac = F32(0.0)
             else:
                 frac = min(max((level - e0) / (e1 - e0), F32(0.0)), F32(1.0))
-            t = t0[s] + np.int64(np.rint(np.float64(frac) * span))
-            t_gen[j] = t
+            kk = first + np.int64(np.rint(np.float64(frac) * span))
+            key[j] = kk
+            of_hit[j] = h
             if counting:
-                counts[offset[s] + t - t0[s] + 1] += 1
+                counts[kk] += 1
             j += 1
 
-    # output position of each event: stably sorted by (slot, t), or generation order
+
+@_jit
+def _place(j_lo, j_hi, key, starts, order):
+    """Counting-sort placement of events ``j_lo:j_hi`` (their buckets start at ``starts``)."""
+    for j in range(j_lo, j_hi):
+        kk = key[j]
+        order[starts[kk]] = j
+        starts[kk] += 1
+
+
+@_jit
+def _gather(q_lo, q_hi, order, of_hit, packed, key, slots, t0, offset, HW, W, want_flat,
+            ev_s, ev_y, ev_x, ev_t, ev_p, ev_flat):
+    """Output columns at positions ``q_lo:q_hi``, written in order (reads are cheaper to scatter than writes)."""
+    mask21 = (1 << 21) - 1
+    for q in range(q_lo, q_hi):
+        j = order[q]
+        v = packed[of_hit[j]]
+        x = (v >> 1) & mask21
+        y = (v >> 22) & mask21
+        s = v >> 43
+        ev_s[q] = s
+        ev_y[q] = y
+        ev_x[q] = x
+        ev_t[q] = t0[s] + key[j] - offset[s]
+        ev_p[q] = 1 if v & 1 else -1
+        if want_flat:
+            ev_flat[q] = slots[s] * HW + y * W + x
+
+
+@_pjit
+def _signal_step(slots, L1, I1, lp, base, pos_thr, neg_thr, on_cand, off_cand, leak_speed, dt, cutoff, t0, dt_us,
+                 use_lowpass, use_leak, update_base, sort, want_flat, work_f32, work_i64, work_t, block_f32, block_i64,
+                 block_flag, n_chunks):
+    S, H, W = L1.shape
+    HW = H * W
+    P = S * HW
+    L1f, I1f = L1.reshape(-1), I1.reshape(-1)
+    lpf, basef, lk = lp.reshape(-1), base.reshape(-1), leak_speed.reshape(-1)
+    pt, nt = pos_thr.reshape(-1), neg_thr.reshape(-1)
+    onc, offc = on_cand.reshape(-1), off_cand.reshape(-1)
+    hit_d0, hit_d1 = work_f32[0, :P], work_f32[1, :P]
+    packed, hit_s, hit_r, hit_cnt = work_i64[0, :P], work_i64[1, :P], work_i64[2, :P], work_i64[3, :P]
+
+    # 1. per chunk of pixels: state, candidates, hits (stored from the chunk's first pixel index)
+    edges = np.empty(n_chunks + 1, np.int64)
+    for c in range(n_chunks + 1):
+        edges[c] = P * c // n_chunks
+    n_hit = np.zeros(n_chunks, np.int64)
+    n_ev = np.zeros(n_chunks + 1, np.int64)
+    for c in prange(n_chunks):
+        blk = slice(c * BLOCK, (c + 1) * BLOCK)  # per-chunk block scratch
+        n_hit[c], n_ev[c + 1] = _hits(edges[c], edges[c + 1], slots, HW, L1f, I1f, lpf, basef, lk, pt, nt, onc,
+                                      offc, dt, cutoff, use_lowpass, use_leak, update_base, block_f32[0, blk],
+                                      block_f32[1, blk], block_flag[blk], block_i64[blk], hit_s, hit_r, hit_cnt,
+                                      hit_d0, hit_d1)
+    for c in range(n_chunks):
+        n_ev[c + 1] += n_ev[c]  # first event of each chunk
+    total = n_ev[n_chunks]
+
+    # 2. per chunk: event buckets (slot, t) with per-chunk histograms
+    offset = np.empty(S + 1, np.int64)  # bucket of (slot s, time t) = offset[s] + t - t0[s]
+    offset[0] = 0
+    for s in range(S):
+        offset[s + 1] = offset[s] + dt_us[s] + 1
+    counting = sort and offset[S] <= 4 * total + 65536
+    counts = np.zeros((n_chunks, offset[S] if counting else 1), np.int64)
+    key = work_t[:total] if total <= work_t.size else np.empty(total, np.int64)
+    of_hit = np.empty(total, np.int32)
+    for c in prange(n_chunks):
+        _event_keys(edges[c], edges[c] + n_hit[c], n_ev[c], slots, HW, W, hit_s, hit_r, hit_cnt, hit_d0, hit_d1,
+                    pt, nt, dt_us, offset, counts[c], counting, key, of_hit, packed)
+
+    # 3. the event at each output position: stably sorted by (slot, t) (within a bucket chunk 0 first, each
+    # chunk in generation order), or generation order
     if counting:
+        run = 0
         for v in range(offset[S]):
-            counts[v + 1] += counts[v]
+            for c in range(n_chunks):
+                k = counts[c, v]
+                counts[c, v] = run
+                run += k
+        order = np.empty(total, np.int32)
+        for c in prange(n_chunks):
+            _place(n_ev[c], n_ev[c + 1], key, counts[c], order)
     elif sort:
-        key = np.empty(n_ev, np.int64)
-        j = 0
-        for h in range(n_hit):
-            s = hit_s[h]
-            for _ in range(hit_cnt[h]):
-                key[j] = offset[s] + t_gen[j] - t0[s]
-                j += 1
-        pos = np.empty(n_ev, np.int64)
-        pos[np.argsort(key, kind="mergesort")] = np.arange(n_ev)
+        order = np.argsort(key, kind="mergesort").astype(np.int32)
+    else:
+        order = np.arange(total).astype(np.int32)
 
-    ev_s = np.empty(n_ev, np.int64)
-    ev_y = np.empty(n_ev, np.int64)
-    ev_x = np.empty(n_ev, np.int64)
-    ev_t = np.empty(n_ev, np.int64)
-    ev_p = np.empty(n_ev, np.int8)
-    ev_flat = np.empty(n_ev if want_flat else 0, np.int64)
-    j = 0
-    for h in range(n_hit):
-        s = hit_s[h]
-        r = hit_r[h]
-        y = r // W
-        x = r - y * W
-        pol = 1 if hit_d1[h] > 0 else -1
-        g = slots[s] * HW + r
-        for _ in range(hit_cnt[h]):
-            t = t_gen[j]
-            if counting:
-                k = offset[s] + t - t0[s]
-                q = counts[k]
-                counts[k] = q + 1
-            elif sort:
-                q = pos[j]
-            else:
-                q = j
-            ev_s[q] = s
-            ev_y[q] = y
-            ev_x[q] = x
-            ev_t[q] = t
-            ev_p[q] = pol
-            if want_flat:
-                ev_flat[q] = g
-            j += 1
+    # 4. the output columns, written in order
+    ev_s = np.empty(total, np.int64)
+    ev_y = np.empty(total, np.int64)
+    ev_x = np.empty(total, np.int64)
+    ev_t = np.empty(total, np.int64)
+    ev_p = np.empty(total, np.int8)
+    ev_flat = np.empty(total if want_flat else 0, np.int64)
+    for c in prange(n_chunks):
+        _gather(total * c // n_chunks, total * (c + 1) // n_chunks, order, of_hit, packed, key, slots, t0, offset,
+                HW, W, want_flat, ev_s, ev_y, ev_x, ev_t, ev_p, ev_flat)
     return ev_s, ev_y, ev_x, ev_t, ev_p, ev_flat
+
+
+_MIN_PIXELS_PER_CHUNK = 32_768  # a smaller share is not worth waking another thread for
+_launch = threading.Lock()  # numba's default "workqueue" threading layer takes one launch at a time
+
+
+def signal_step(slots, L1, I1, lp, base, pos_thr, neg_thr, on_cand, off_cand, leak_speed, dt, cutoff, t0, dt_us,
+                use_lowpass, use_leak, update_base, sort, want_flat, workspace, chunks=None):
+    """Low-pass, leak, counts and per-pixel timestamps of the signal events of one step.
+
+    ``L1``/``I1`` (S, H, W): lin-log and linear frames of the selected slots ``slots`` (S,); state arrays
+    (B, H, W) are read and written in place at ``slots[s]``: ``lp`` <- low-passed response, ``base`` <-
+    leaked level (+ the emitted thresholds when ``update_base``). ``dt`` (S,) seconds and ``cutoff`` (S,) Hz
+    as float32, ``t0``/``dt_us`` (S,) int64 microseconds. Returns (slot among selected, y, x, t, p, flat
+    index into the full state, empty unless ``want_flat``) in generation order (pixels in (slot, y, x) order,
+    each pixel's crossings in order), or with ``sort`` stably sorted by (slot, t), as
+    :meth:`StepEvents.sorted` would. ``workspace``: a :class:`Workspace` (scratch reused across steps).
+    The pixels are split into ``chunks`` ranges run on parallel threads (default: :func:`threads`, fewer
+    for small frames); the result does not depend on it.
+    """
+    n = L1.size
+    if chunks is None:
+        chunks = max(1, min(threads(), n // _MIN_PIXELS_PER_CHUNK))
+    chunks = min(chunks, workspace.chunks)
+    args = (slots, L1, I1, lp, base, pos_thr, neg_thr, on_cand, off_cand, leak_speed, dt, cutoff, t0, dt_us,
+            use_lowpass, use_leak, update_base, sort, want_flat, *workspace.args())
+    if chunks == 1:
+        return _signal_step(*args, 1)
+    with _launch:
+        numba.set_num_threads(min(chunks, numba.config.NUMBA_NUM_THREADS))
+        return _signal_step(*args, chunks)
+
+
+def threads() -> int:
+    """Threads for the kernels: torch's intra-op thread count, so ``torch.set_num_threads`` governs both."""
+    import torch
+
+    return max(1, torch.get_num_threads())
+
+
+class Workspace:
+    """Scratch arrays of :func:`signal_step` for up to ``n_pixels`` (B * H * W) and ``chunks`` threads,
+    reused across steps: fresh buffers would be page-faulted in on every step, which costs more than the
+    step's arithmetic."""
+
+    def __init__(self, n_pixels: int, chunks: int = 8):
+        self.f32 = np.empty((2, n_pixels), F32)  # per hit: diff before and after
+        self.i64 = np.empty((4, n_pixels), np.int64)  # per hit: packed coordinates, slot, pixel, count
+        self.t = np.empty(2 * n_pixels, np.int64)  # event keys; more events than this get a fresh array
+        self.chunks = chunks
+        self.block_f32 = np.empty((2, chunks * BLOCK), F32)
+        self.block_i64 = np.empty(chunks * BLOCK, np.int64)
+        self.block_flag = np.empty(chunks * BLOCK, np.bool_)
+
+    def args(self) -> tuple:
+        return self.f32, self.i64, self.t, self.block_f32, self.block_i64, self.block_flag
 
 
 # ------------------------------------------------------------------------------------------------ sorting

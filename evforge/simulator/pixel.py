@@ -160,7 +160,8 @@ class EventSimulator:
         self.next_shot = torch.full((2,) + shape, _FOREVER, dtype=torch.int64, device=self.device)  # ON, OFF
         self.t_prev = torch.zeros(self.B, dtype=torch.int64, device=self.device)
         self._pixel_index = torch.arange(height * width, dtype=torch.int32, device=self.device).view(height, width)
-        if self.fused:  # numpy views of the state tensors the kernels update in place
+        if self.fused:  # numpy views of the state tensors the kernels update in place, and their scratch
+            self._work = cpu_kernels.Workspace(self.B * height * width)
             self._state_np = tuple(t.numpy() for t in (self.lp, self.base, self.pos_thres, self.neg_thres,
                                                        self.on_candidate, self.off_candidate, self.leak_speed))
         self._refresh_param_tensors()
@@ -341,7 +342,7 @@ class EventSimulator:
         out = cpu_kernels.signal_step(
             idx, L1, L1 if I1 is None else I1.contiguous().numpy(), *self._state_np, dt,
             self.cutoff.view(-1).numpy()[idx], t0, dt_us, self.any_lowpass, self.any_leak, update_base, sort,
-            not update_base)
+            not update_base, self._work)
         cols = [torch.from_numpy(a) for a in out]
         return cols[:5], cols[5]
 
