@@ -322,7 +322,9 @@ def _signal_step(slots, L1, I1, lp, base, pos_thr, neg_thr, on_cand, off_cand, l
 
 
 _MIN_PIXELS_PER_CHUNK = 32_768  # a smaller share is not worth waking another thread for
-_launch = threading.Lock()  # numba's default "workqueue" threading layer takes one launch at a time
+_launch = threading.Lock()  # numba's "workqueue" threading layer (used where OpenMP is missing) is not thread-safe
+_launched_in = None  # pid of the process that started numba's thread pool
+_serial = None
 
 
 def signal_step(slots, L1, I1, lp, base, pos_thr, neg_thr, on_cand, off_cand, leak_speed, dt, cutoff, t0, dt_us,
@@ -345,10 +347,16 @@ def signal_step(slots, L1, I1, lp, base, pos_thr, neg_thr, on_cand, off_cand, le
     chunks = min(chunks, workspace.chunks)
     args = (slots, L1, I1, lp, base, pos_thr, neg_thr, on_cand, off_cand, leak_speed, dt, cutoff, t0, dt_us,
             use_lowpass, use_leak, update_base, sort, want_flat, *workspace.args())
-    if chunks == 1:
-        return _signal_step(*args, 1)
+    global _launched_in, _serial
+    if _launched_in not in (None, os.getpid()):
+        # a child forked after this process started numba's thread pool: the pool's threads are not in the
+        # child, and an OpenMP pool may hang there, so run the same function compiled without threads
+        if _serial is None:
+            _serial = njit(nogil=True, error_model="numpy")(_signal_step.py_func)
+        return _serial(*args, 1)
     with _launch:
-        numba.set_num_threads(min(chunks, numba.config.NUMBA_NUM_THREADS))
+        _launched_in = os.getpid()
+        numba.set_num_threads(max(1, min(chunks, numba.config.NUMBA_NUM_THREADS)))
         return _signal_step(*args, chunks)
 
 

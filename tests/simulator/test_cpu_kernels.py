@@ -1,5 +1,7 @@
 """The fused CPU kernels give exactly what the torch formulas give: lin-log, floor division, whole steps."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -196,3 +198,36 @@ def test_parallel_kernels_from_two_python_threads(monkeypatch):
     assert not errors
     for got in results:
         assert all(torch.equal(a, b) for a, b in zip(want, got))
+
+
+def test_a_forked_child_steps_without_the_parents_thread_pool(monkeypatch):
+    """After the parent used the parallel kernel, a forked child (a DataLoader worker, say) gets the same
+    events from the thread-free build instead of hanging on a thread pool it does not have."""
+    import multiprocessing
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    frames = _frames(2, 5)
+    params = get_preset("ideal")
+    want = _run_fused(frames, params, 2, monkeypatch)  # starts the pool here
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        got = pool.apply_async(_child_run, (frames, params)).get(timeout=120)
+    assert cpu_kernels._launched_in == os.getpid()
+    assert all(np.array_equal(a.numpy(), b) for a, b in zip(want, got))
+
+
+def _child_run(frames, params):
+    torch.set_num_threads(1)  # as a DataLoader worker does: torch's own OpenMP pool is not fork-safe either
+    cpu_kernels._MIN_PIXELS_PER_CHUNK = 97
+    cpu_kernels.threads = lambda: 2
+    B = frames.shape[1]
+    H, W = frames.shape[-2:]
+    sim = EventSimulator([params.resolve(b) for b in range(B)], list(range(B)), H, W)
+    for b in range(B):
+        sim.reset(b, lin_log(frames[0, b]), 0)
+    out = []
+    for i in range(1, frames.shape[0]):
+        ev = sim.step(lin_log(frames[i]), [i * 1000] * B, [True, i % 3 != 0, True][:B])
+        out.append(torch.stack([ev.b, ev.x, ev.y, ev.t, ev.p.long()]))
+    return torch.cat(out, 1).numpy(), sim.base.numpy().copy(), sim.lp.numpy().copy()
