@@ -51,7 +51,7 @@ class BatchEngine:
         """Several simulated steps per frame pair, through the interpolator; the last one is the real frame."""
         fractions, sub_active = substep_fractions(steps, self.device)
         K = fractions.shape[1]
-        if hasattr(self.interp, "interpolate_log"):
+        if not self._keeps_linear:
             between = self.interp.interpolate_log(self.prev_log, log1, fractions, flow, flow_valid)
         else:
             made = self.interp(self.prev, frames, fractions, flow=flow, flow_valid=flow_valid)
@@ -59,6 +59,7 @@ class BatchEngine:
         out = []
         for k in range(K):
             mask = [a and active[b] for b, a in enumerate(sub_active[k])]
+            # the last sub-step of a slot is its real frame, not an interpolated one
             last = torch.tensor([steps[b] == k + 1 for b in range(len(steps))], device=self.device)
             log_k = torch.where(last.view(-1, 1, 1, 1), log1, between[k])
             t_k = [self.prev_t[b] + int(round(float(fractions[b, k]) * dt_us[b])) if mask[b] else self.prev_t[b] + 1
