@@ -35,6 +35,7 @@ def test_lin_log_equals_the_torch_formula_bit_for_bit():
     as_u8 = torch.arange(256, dtype=torch.uint8).view(16, 16)
     assert torch.equal(lin_log(as_u8), lin_log_torch(as_u8))
     assert lin_log(torch.from_numpy(x[:10].reshape(2, 5))).shape == (2, 5)
+    assert x.size > 2 * cpu_kernels.LOG_BLOCK and lin_log(torch.zeros(0)).shape == (0,)
 
 
 def test_floor_div_equals_torch_floor_division():
