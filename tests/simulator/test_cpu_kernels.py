@@ -153,6 +153,11 @@ def _run_fused(frames, params, chunks_threads, monkeypatch):
     """Events and final state of a fused simulator whose steps are split into ``chunks_threads`` chunks."""
     monkeypatch.setattr(cpu_kernels, "_MIN_PIXELS_PER_CHUNK", 97)  # odd: chunks cut through rows and slots
     monkeypatch.setattr(cpu_kernels, "threads", lambda: chunks_threads)
+    return _simulate(frames, params)
+
+
+def _simulate(frames, params):
+    """(events as a (5, N) tensor of b, x, y, t, p; final base; final lp), with slot 1 idle on some steps."""
     B = frames.shape[1]
     H, W = frames.shape[-2:]
     sim = EventSimulator([params.resolve(b) for b in range(B)], list(range(B)), H, W)
@@ -222,13 +227,4 @@ def _child_run(frames, params):
     torch.set_num_threads(1)  # as a DataLoader worker does: torch's own OpenMP pool is not fork-safe either
     cpu_kernels._MIN_PIXELS_PER_CHUNK = 97
     cpu_kernels.threads = lambda: 2
-    B = frames.shape[1]
-    H, W = frames.shape[-2:]
-    sim = EventSimulator([params.resolve(b) for b in range(B)], list(range(B)), H, W)
-    for b in range(B):
-        sim.reset(b, lin_log(frames[0, b]), 0)
-    out = []
-    for i in range(1, frames.shape[0]):
-        ev = sim.step(lin_log(frames[i]), [i * 1000] * B, [True, i % 3 != 0, True][:B])
-        out.append(torch.stack([ev.b, ev.x, ev.y, ev.t, ev.p.long()]))
-    return torch.cat(out, 1).numpy(), sim.base.numpy().copy(), sim.lp.numpy().copy()
+    return tuple(a.numpy() for a in _simulate(frames, params))
