@@ -44,14 +44,13 @@ if str(REPO) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from machine import machine_info, machine_tag  # noqa: E402  (bench/machine.py)
+from machine import machine_info, machine_tag, results_folder  # noqa: E402  (bench/machine.py)
 from evforge.dataset_builder.dataset import EventDataset, make_loader  # noqa: E402
 from evforge.dataset_builder.decoders import read_atis_bin, write_atis_bin  # noqa: E402
 from evforge.dataset_builder.manifest import MANIFEST_NAME, build_manifest, make_provenance  # noqa: E402
 from evforge.dataset_builder.shards import RAW_EVENT_BYTES, RollingShardWriter, ShardReader  # noqa: E402
 from evforge.events import make_events  # noqa: E402
 
-RESULTS_DIR = REPO / "bench" / "results"
 SENSOR = (240, 180)  # N-Caltech101's ATIS crop
 DURATION_US = 300_000  # an N-Caltech101 sample: three 100 ms saccades
 FULL = dict(samples=2000, events=100_000, decode_files=50, decode_events=115_000, repeats=5, reads=500,
@@ -385,7 +384,7 @@ def main(argv=None) -> int:
         print(line)
     print(f"total {res['elapsed_s']:.0f} s")
     if a.out:
-        folder = a.results_dir or (Path(tempfile.gettempdir()) / "evforge-bench" if a.quick else RESULTS_DIR)
+        folder = a.results_dir or results_folder(a.quick)
         path = folder / f"convert-{info['machine']}{'-quick' if a.quick else ''}.json"
         write_results(path, res)
         print(f"results: {path} (+ .md)")

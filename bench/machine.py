@@ -9,6 +9,7 @@ import os
 import platform
 import re
 import resource
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +118,20 @@ def machine_tag(device: str, info: dict) -> str:
     if device == "cuda":
         return "cuda-" + slug(info["gpu"]["name"])
     return f"cpu-{slug(info['cpu_model'])}-{info['usable_cpus']}cpu"
+
+
+def results_folder(quick: bool) -> Path:
+    """bench/results, or for a --quick smoke run $TMPDIR/evforge-bench (smoke results are not kept)."""
+    return Path(tempfile.gettempdir()) / "evforge-bench" if quick else REPO / "bench" / "results"
+
+
+def result_paths(name: str, devices: list[str], info: dict, quick: bool, out: Path | None = None) -> dict:
+    """{JSON path: devices it holds}: ``out`` for all devices, else one ``<name>[-quick]-<machine tag>.json``
+    per device in :func:`results_folder`."""
+    if out is not None:
+        return {Path(out): list(devices)}
+    prefix = f"{name}-quick-" if quick else f"{name}-"
+    return {results_folder(quick) / f"{prefix}{machine_tag(d, info)}.json": [d] for d in devices}
 
 
 def sync(device: torch.device) -> None:

@@ -40,7 +40,6 @@ import multiprocessing
 import math
 import statistics
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -59,9 +58,8 @@ from evforge.simulator.resample import rgb_to_gray  # noqa: E402
 from evforge.simulator.scenes import SceneSpec, build_scene, render_frame  # noqa: E402
 from evforge.simulator.upsample import UpsampleConfig  # noqa: E402
 from evforge.simulator.v2e_reference import V2EReference  # noqa: E402
-from machine import MemoryProbe, cpuinfo, machine_info, machine_lines, machine_tag, sync as _sync  # noqa: E402
+from machine import MemoryProbe, cpuinfo, machine_info, machine_lines, result_paths, sync as _sync  # noqa: E402
 
-RESULTS_DIR = REPO / "bench" / "results"
 
 # Frames per measurement for batch 1, per device and resolution; batch B runs ceil(N / B**BATCH_SCALING)
 # frames per slot (at least MIN_FRAMES), so that measurements take comparable times whatever the batch.
@@ -462,13 +460,7 @@ def main(argv=None) -> int:
         print("\nTargets (best batch; medians):\n" + "\n".join(goals))
     print(f"\nTotal {elapsed:.0f} s", flush=True)
 
-    if args.out is not None:
-        outputs = {args.out: devices}
-    else:
-        folder = Path(tempfile.gettempdir()) / "evforge-bench" if args.quick else RESULTS_DIR
-        prefix = "simulator-quick-" if args.quick else "simulator-"
-        outputs = {folder / f"{prefix}{machine_tag(d, info)}.json": [d] for d in devices}
-    for path, devs in outputs.items():
+    for path, devs in result_paths("simulator", devices, info, args.quick, args.out).items():
         write_results(path, info, config, [r for d in devs for r in all_rows[d]], elapsed)
         print(f"wrote {path} and {path.with_suffix('.md')}")
     return 0

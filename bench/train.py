@@ -70,7 +70,7 @@ import numpy as np  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
 
-from machine import MemoryProbe, cpuinfo, machine_info, machine_lines, machine_tag, sync as _sync  # noqa: E402
+from machine import MemoryProbe, cpuinfo, machine_info, machine_lines, result_paths, sync as _sync  # noqa: E402
 from evforge.dataset_builder.build import build_dataset  # noqa: E402
 from evforge.dataset_builder.dataset import collate_events, make_loader  # noqa: E402
 from evforge.dataset_builder.synthetic import make_synthetic_classification  # noqa: E402
@@ -88,7 +88,6 @@ from evforge.trainer import Trainer  # noqa: E402
 from evforge.trainer.config import load_config  # noqa: E402
 from evforge.trainer.sampler import mix_seed  # noqa: E402
 
-RESULTS_DIR = REPO / "bench" / "results"
 BASE_CONFIG = REPO / "configs" / "pretrain" / "ecddp_swin_t.yaml"
 TARGET_TRAINER_OVERHEAD_PCT = 10.0  # the trainer and data path add under 10 % over the model step
 
@@ -1182,13 +1181,7 @@ def main(argv=None) -> int:
         print("\nTarget (trainer + data path vs the model step):\n" + "\n".join(goals))
     print(f"\nTotal {elapsed:.0f} s", flush=True)
 
-    if args.out is not None:
-        outputs = {args.out: devices}
-    else:
-        folder = Path(tempfile.gettempdir()) / "evforge-bench" if args.quick else RESULTS_DIR
-        prefix = "train-quick-" if args.quick else "train-"
-        outputs = {folder / f"{prefix}{machine_tag(d, info)}.json": [d] for d in devices}
-    for path, devs in outputs.items():
+    for path, devs in result_paths("train", devices, info, args.quick, args.out).items():
         write_results(path, info, config, [g for d in devs for g in results[d]], elapsed)
         print(f"wrote {path} and {path.with_suffix('.md')}")
     return 1 if any(g.get("error") for g in groups) else 0
