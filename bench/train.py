@@ -141,35 +141,47 @@ def train_machine_info(threads: int) -> dict:
 # --------------------------------------------------------------------------------------------- data
 
 
+def _built_once(root: Path, name: str, label: str, build, log=print) -> Path:
+    """``root/name/dataset``, made by ``build(work, out) -> summary`` unless its manifest is already there
+    (then reused); what ``build`` leaves in ``root/name`` besides the dataset is removed."""
+    work = root / name
+    out = work / "dataset"
+    if (out / "manifest.json").exists():
+        log(f"  {label}: reusing {out}")
+        return out
+    shutil.rmtree(work, ignore_errors=True)
+    t0 = time.perf_counter()
+    summary = build(work, out)
+    for child in work.iterdir():
+        if child != out:
+            shutil.rmtree(child, ignore_errors=True)
+    log(f"  {label}: built {out} ({summary}, {time.perf_counter() - t0:.0f} s, not timed)")
+    return out
+
+
 def stream_dataset(root: Path, preset: str, items: int, sim_device: str, seed: int, log=print) -> Path:
     """A stream dataset of at least ``items`` samples (frame intervals) at the preset's sensor size, built once
     under ``root`` (reused when present): procedural scenes -> simulate (preset ``ecddp``) -> shards."""
     p = PRESETS[preset]
     trajectories = max(1, math.ceil(items / (FRAMES_PER_TRAJECTORY - 1)))
     (rw, rh), (sw, sh) = p.render, p.sensor
+
+    def build(work: Path, out: Path) -> str:
+        # speed 3 px per frame at the render size (12 px at 640x480 for the paper preset)
+        make_dataset(work / "scenes", envs=("bench",), trajectories=trajectories,
+                     spec=SceneSpec(width=rw, height=rh, frames=FRAMES_PER_TRAJECTORY, speed_px=3.0, seed=seed))
+        cfg = SimulateConfig(preset="ecddp", resolution=f"{sw}x{sh}", upsample=UpsampleConfig(mode="none"),
+                             seed=seed, device=sim_device, batch=8, save_frames=False)
+        results = simulate_sequences(discover_sequences(work / "scenes"), work / "streams", cfg, progress=False,
+                                     log=lambda m: None)
+        failed = [r for r in results if r.status == "failed"]
+        if failed:
+            raise RuntimeError(f"simulation failed: {failed[0].error}")
+        build_dataset("tartanair", work / "streams", out, test_envs=(), progress=False, command="bench/train.py")
+        return f"{trajectories} trajectories"
+
     name = f"{preset}-{sw}x{sh}-r{rw}x{rh}-{trajectories}x{FRAMES_PER_TRAJECTORY}-seed{seed}"
-    out = root / name / "dataset"
-    if (out / "manifest.json").exists():
-        log(f"  dataset: reusing {out}")
-        return out
-    work = root / name
-    shutil.rmtree(work, ignore_errors=True)
-    t0 = time.perf_counter()
-    # speed 3 px per frame at the render size (12 px at 640x480 for the paper preset)
-    make_dataset(work / "scenes", envs=("bench",), trajectories=trajectories,
-                 spec=SceneSpec(width=rw, height=rh, frames=FRAMES_PER_TRAJECTORY, speed_px=3.0, seed=seed))
-    cfg = SimulateConfig(preset="ecddp", resolution=f"{sw}x{sh}", upsample=UpsampleConfig(mode="none"),
-                         seed=seed, device=sim_device, batch=8, save_frames=False)
-    results = simulate_sequences(discover_sequences(work / "scenes"), work / "streams", cfg, progress=False,
-                                 log=lambda m: None)
-    failed = [r for r in results if r.status == "failed"]
-    if failed:
-        raise RuntimeError(f"simulation failed: {failed[0].error}")
-    build_dataset("tartanair", work / "streams", out, test_envs=(), progress=False, command="bench/train.py")
-    shutil.rmtree(work / "scenes", ignore_errors=True)
-    shutil.rmtree(work / "streams", ignore_errors=True)
-    log(f"  dataset: built {out} ({trajectories} trajectories, {time.perf_counter() - t0:.0f} s, not timed)")
-    return out
+    return _built_once(root, name, "dataset", build, log)
 
 
 # --------------------------------------------------------------------------------------------- the rows
@@ -526,22 +538,16 @@ def samples_dataset(root: Path, train_items: int, seed: int, log=print) -> Path:
     ``train_items`` training samples after the classification holdout, built once under ``root`` (reused)."""
     per_class = max(8, math.ceil(train_items / SAMPLES_TRAIN_FRACTION / SAMPLES_CLASSES))
     w, h = SAMPLES_SENSOR
-    name = f"samples-{w}x{h}-{per_class}pc-seed{seed}"
-    out = root / name / "dataset"
-    if (out / "manifest.json").exists():
-        log(f"  samples dataset: reusing {out}")
-        return out
-    work = root / name
-    shutil.rmtree(work, ignore_errors=True)
-    t0 = time.perf_counter()
-    raw = make_synthetic_classification(work / "raw", per_class=per_class, size=SAMPLES_SENSOR, seed=seed)
-    report = build_dataset("ncaltech101", raw, out, val_fraction=0.25, seed=seed, sensor_size=SAMPLES_SENSOR,
-                           progress=False, command="bench/train.py")
-    if report.num_errors:
-        raise RuntimeError(f"samples dataset: {report.num_errors} conversion errors")
-    shutil.rmtree(work / "raw", ignore_errors=True)
-    log(f"  samples dataset: built {out} ({report.splits}, {time.perf_counter() - t0:.0f} s, not timed)")
-    return out
+
+    def build(work: Path, out: Path) -> str:
+        raw = make_synthetic_classification(work / "raw", per_class=per_class, size=SAMPLES_SENSOR, seed=seed)
+        report = build_dataset("ncaltech101", raw, out, val_fraction=0.25, seed=seed, sensor_size=SAMPLES_SENSOR,
+                               progress=False, command="bench/train.py")
+        if report.num_errors:
+            raise RuntimeError(f"samples dataset: {report.num_errors} conversion errors")
+        return str(report.splits)
+
+    return _built_once(root, f"samples-{w}x{h}-{per_class}pc-seed{seed}", "samples dataset", build, log)
 
 
 class _Marks:
