@@ -267,13 +267,18 @@ def _add_pretrain(sub) -> None:
     p = sub.add_parser("pretrain", help="self-supervised pretraining (ECDDP, MEM) on the shared trainer",
                        description="Train with a YAML config (task.name picks the method). Multi-GPU: "
                                    "--set trainer.devices=N, or launch under torchrun / srun.")
+    _add_train_args(p, "configs/pretrain/ecddp_tiny.yaml")
+    p.set_defaults(func=_cmd_pretrain)
+
+
+def _add_train_args(p, example: str) -> None:
+    """The arguments ``pretrain`` and ``finetune`` share: the config, overrides, run folder and resume."""
     p.add_argument("config_pos", nargs="?", metavar="CONFIG", help="YAML config (or use --config)")
-    p.add_argument("--config", default=None, help="YAML config, e.g. configs/pretrain/ecddp_tiny.yaml")
+    p.add_argument("--config", default=None, help=f"YAML config, e.g. {example}")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set data.batch_size=32 (repeatable)")
     p.add_argument("--out", default=None, help="run folder (default: runs/<config name>)")
     p.add_argument("--resume", default="auto", help="auto (resume from OUT if it has a checkpoint), none, or a .ckpt")
-    p.set_defaults(func=_cmd_pretrain)
 
 
 def resolve_config(path: str) -> str:
@@ -319,13 +324,8 @@ def _add_finetune(sub) -> None:
     p = sub.add_parser("finetune", help="finetune a pretrained backbone: classification or DSEC segmentation",
                        description="Train with a YAML config (task.name: classification or segmentation), "
                                    "initialised from an exported backbone (--init).")
-    p.add_argument("config_pos", nargs="?", metavar="CONFIG", help="YAML config (or use --config)")
-    p.add_argument("--config", default=None, help="e.g. configs/finetune/ncaltech101_vit_s.yaml")
+    _add_train_args(p, "configs/finetune/ncaltech101_vit_s.yaml")
     p.add_argument("--init", default=None, help="backbone .safetensors from 'evforge export-backbone'")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value (repeatable)")
-    p.add_argument("--out", default=None, help="run folder (default: runs/<config name>)")
-    p.add_argument("--resume", default="auto", help="auto, none, or a .ckpt")
     p.set_defaults(func=_cmd_finetune)
 
 
