@@ -38,7 +38,7 @@ from .. import augment
 from ..dataset_builder.dataset import EventDataset, collate_events, resolve_manifest
 from ..dataset_builder.manifest import Manifest, stratified_split
 from ..representations import histogram, mem_image, voxel_grid
-from ..trainer.config import ConfigError, merge
+from ..trainer.config import ConfigError, check_option_keys, merge
 from ..trainer.sampler import mix_seed
 from .backbones import ModelSpec, build_classifier
 from .ema import ModelEMA
@@ -51,6 +51,8 @@ HOLDOUT = "train_holdout"
 REPRESENTATIONS = ("mem_image", "histogram", "voxel_grid")
 MODES = ("finetune", "linear_probe")
 WINDOW_POSITIONS = ("center", "first", "last")
+
+OPEN_KEYS = ("task.model.kwargs",)  # free-form (timm keyword arguments)
 
 # Every task option with its default (MEM's finetuning recipe where it has one).
 TASK_DEFAULTS: dict = {
@@ -88,18 +90,6 @@ TASK_DEFAULTS: dict = {
 }
 DATA_DEFAULTS: dict = {"train_split": "train", "subset": None, "val_split": "auto", "test_split": "auto",
                        "holdout_fraction": 0.1, "holdout_seed": 0}
-
-
-def _check_keys(given: dict, defaults: dict, where: str) -> None:
-    """Reject unknown option names (typos) in ``task`` and its sections; ``model.kwargs`` is open (timm's)."""
-    import difflib
-
-    for k, v in given.items():
-        if k not in defaults:
-            close = difflib.get_close_matches(k, list(defaults), n=1)
-            raise ConfigError(f"{where}.{k}: unknown option" + (f"; did you mean {close[0]!r}?" if close else ""))
-        if isinstance(v, dict) and isinstance(defaults[k], dict) and defaults[k] and k != "kwargs":
-            _check_keys(v, defaults[k], f"{where}.{k}")
 
 
 def resolve_splits(splits, data: dict) -> tuple[str, str]:
@@ -213,7 +203,7 @@ class ClassificationTask:
     # ----------------------------------------------------------------------------------------- options
     def options(self, cfg: dict) -> dict:
         """``cfg["task"]`` over :data:`TASK_DEFAULTS`, checked."""
-        _check_keys(cfg.get("task", {}), TASK_DEFAULTS, "task")
+        check_option_keys(cfg.get("task", {}), TASK_DEFAULTS, "task", OPEN_KEYS)
         o = merge(TASK_DEFAULTS, cfg.get("task", {}))
         if o["mode"] not in MODES:
             raise ConfigError(f"task.mode: expected one of {MODES}, got {o['mode']!r}")

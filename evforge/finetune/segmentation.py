@@ -49,7 +49,6 @@ The best checkpoint is chosen on ``val`` (``default_metric = "mIoU"``): a manife
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 from pathlib import Path
@@ -67,7 +66,7 @@ from ..dataset_builder.manifest import Manifest
 from ..dataset_builder.shards import ShardReader
 from ..export import read_backbone
 from ..representations import stacked_histograms
-from ..trainer.config import ConfigError, merge
+from ..trainer.config import check_option_keys, merge
 from ..trainer.optim import default_param_groups
 from ..trainer.sampler import mix_seed
 from .backbones import ModelSpec, create_model, family, load_init, resolve_spec
@@ -110,19 +109,10 @@ TASK_DEFAULTS: dict = {
 OPEN_KEYS = ("task.model.kwargs",)  # free-form (timm keyword arguments)
 
 
-def _check_keys(cfg: dict, defaults: dict, where: str) -> None:
-    for k, v in cfg.items():
-        if k not in defaults:
-            close = difflib.get_close_matches(k, list(defaults), n=1)
-            raise ConfigError(f"{where}.{k}: unknown key" + (f"; did you mean {close[0]!r}?" if close else ""))
-        if isinstance(v, dict) and isinstance(defaults[k], dict) and f"{where}.{k}" not in OPEN_KEYS:
-            _check_keys(v, defaults[k], f"{where}.{k}")
-
-
 def task_options(cfg: dict) -> dict:
     """``cfg["task"]`` over :data:`TASK_DEFAULTS` (unknown keys raise :class:`ConfigError`)."""
     t = cfg.get("task", {}) or {}
-    _check_keys(t, TASK_DEFAULTS, "task")
+    check_option_keys(t, TASK_DEFAULTS, "task", OPEN_KEYS)
     return merge(TASK_DEFAULTS, t)
 
 

@@ -7,6 +7,7 @@ them under the file so ``--set trainer.precision=bf16-mixed`` works even when th
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import hashlib
 import json
@@ -203,6 +204,25 @@ def check_keys(cfg: dict, sections: Iterable[str] = STRICT_SECTIONS, defaults: d
         for k in val:
             if k not in defaults[sec]:
                 raise ConfigError(f"{sec}.{k}: unknown key{_suggest(k, defaults[sec].keys())}")
+
+
+def check_option_keys(given: dict, defaults: dict, where: str, open_paths: Iterable[str] = ()) -> None:
+    """Reject option names that ``defaults`` does not know (typos) in ``given`` and its nested sections,
+    naming the closest known one; the sections at ``open_paths`` (e.g. ``task.model.kwargs``) are free-form."""
+    for k, v in given.items():
+        if k not in defaults:
+            close = difflib.get_close_matches(k, list(defaults), n=1)
+            raise ConfigError(f"{where}.{k}: unknown option" + (f"; did you mean {close[0]!r}?" if close else ""))
+        if isinstance(v, dict) and isinstance(defaults[k], dict) and f"{where}.{k}" not in open_paths:
+            check_option_keys(v, defaults[k], f"{where}.{k}", open_paths)
+
+
+def check_fields(cls, given: dict, where: str) -> None:
+    """Reject keys of ``given`` that are not fields of the dataclass ``cls`` (a model config), naming them."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(given) - known
+    if unknown:
+        raise ConfigError(f"{where}: unknown options {sorted(unknown)} (known: {sorted(known)})")
 
 
 # ------------------------------------------------------------------------------------------ saving, hashing

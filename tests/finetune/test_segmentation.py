@@ -441,3 +441,12 @@ def test_report_writer_and_palette(tmp_path):
     assert [p.name for p in files] == ["x_metrics.json", "x_report.md", "x_class_iou.png", "x_predictions.png"]
     md = (tmp_path / "x_report.md").read_text()
     assert "| mIoU | 38.89 |" in md and "| d | n/a | n/a |" in md
+
+
+def test_unknown_task_options_are_refused_with_a_suggestion():
+    from evforge.finetune.segmentation import task_options
+    from evforge.trainer.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"task\.loss\.dice_wieght: unknown option; did you mean 'dice_weight'"):
+        task_options({"task": {"loss": {"dice_wieght": 1.0}}})
+    assert task_options({"task": {"model": {"kwargs": {"anything": 1}}}})["model"]["kwargs"] == {"anything": 1}
