@@ -127,3 +127,15 @@ def test_fabric_kwargs_from_launchers():
         fabric_kwargs({**t, "precision": "fp8"}, {})
     with pytest.raises(ConfigError, match="trainer.num_nodes"):
         fabric_kwargs({**t, "num_nodes": 0}, {})
+
+
+def test_model_configs_refuse_unknown_fields():
+    """MEM, dVAE and ECDDP model configs share one check: the unknown key and the known ones are named."""
+    from evforge.pretrain.ecddp.model import ECDDPConfig
+    from evforge.pretrain.mem.dvae import DVAEConfig
+    from evforge.pretrain.mem.model import MEMConfig
+
+    for cls, name in ((MEMConfig, "MEM"), (DVAEConfig, "tokenizer"), (ECDDPConfig, "ECDDP")):
+        with pytest.raises(ConfigError, match=rf"task\.model \({name}\): unknown options \['dpeth'\] \(known: \['"):
+            cls.from_dict({"dpeth": 12})
+    assert MEMConfig.from_dict({"drop_path_rate": 0.2}).drop_path_rate == 0.2

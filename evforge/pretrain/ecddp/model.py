@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...trainer.config import check_fields
 from .backbone import FusedSwin
 from .heads import DINOHead
 from .kmeans import cosine_kmeans
@@ -86,9 +87,7 @@ class ECDDPConfig:
         error."""
         d = dict(d or {})
         preset = d.pop("preset", None)  # "tiny" starts from :meth:`tiny_defaults`
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown ECDDP options: {sorted(unknown)}")
+        check_fields(cls, d, "task.model (ECDDP)")
         base = cls.tiny_defaults() if preset == "tiny" else {}
         return cls(**{**base, **d})
 

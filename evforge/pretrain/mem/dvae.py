@@ -21,11 +21,13 @@ At evaluation (``model.eval()``) the codes are hard: the argmax of the logits, n
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ...trainer.config import check_fields
 
 
 @dataclass
@@ -46,10 +48,7 @@ class DVAEConfig:
     def from_dict(cls, d: dict | None) -> "DVAEConfig":
         """From a plain dict (``cfg["task"]["model"]``); unknown keys are an error naming them."""
         d = dict(d or {})
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"task.model: unknown tokenizer options {sorted(unknown)} "
-                             f"(known: {sorted(f.name for f in fields(cls))})")
+        check_fields(cls, d, "task.model (tokenizer)")
         cfg = cls(**d)
         if cfg.num_layers < 1 or cfg.image_size % (2 ** cfg.num_layers):
             raise ValueError(f"task.model: image_size {cfg.image_size} is not divisible by "

@@ -20,11 +20,13 @@ SimMIM-style variant on the same masked ViT; MEM's ``--mae 1`` instead trains a 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ...trainer.config import check_fields
 
 # MEM's BEiT optimiser skip list (``no_weight_decay``): besides biases and 1-D parameters, only these.
 NO_DECAY = ("pos_embed", "cls_token")
@@ -48,10 +50,7 @@ class MEMConfig:
     @classmethod
     def from_dict(cls, d: dict | None) -> "MEMConfig":
         d = dict(d or {})
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"task.model: unknown MEM options {sorted(unknown)} "
-                             f"(known: {sorted(f.name for f in fields(cls))})")
+        check_fields(cls, d, "task.model (MEM)")
         cfg = cls(**d)
         if cfg.objective not in ("beit", "mae"):
             raise ValueError(f"task.model.objective: expected 'beit' or 'mae', got {cfg.objective!r}")
