@@ -45,33 +45,56 @@ def concatenate(chunks: Iterable[np.ndarray]) -> np.ndarray:
     return np.concatenate(chunks) if chunks else empty_events()
 
 
-def validate_events(events: np.ndarray, sensor_size: tuple[int, int] | None = None, *, what: str = "events") -> None:
-    """Raise :class:`EventFormatError` naming ``what`` and the first broken invariant.
-
-    ``sensor_size`` is ``(width, height)``; coordinates must satisfy ``x < width`` and ``y < height``.
-    """
+def event_problem(events, sensor_size: tuple[int, int] | None = None) -> str | None:
+    """The first broken invariant of an event array, in words, or None, checked in this order: EVENT_DTYPE,
+    ``x < width`` and ``y < height`` for ``sensor_size = (width, height)``, timestamps in order, polarity
+    +1/-1."""
     if not isinstance(events, np.ndarray) or events.dtype != EVENT_DTYPE:
-        got = getattr(events, "dtype", type(events).__name__)
-        raise EventFormatError(f"{what}: expected dtype {EVENT_DTYPE.descr}, got {got}")
-    if len(events) == 0:
-        return
-    t = events["t"]
-    bad = np.flatnonzero(np.diff(t) < 0)
-    if bad.size:
-        i = int(bad[0]) + 1
-        raise EventFormatError(f"{what}: timestamps not sorted at index {i} ({t[i - 1]} > {t[i]})")
-    p = events["p"]
-    if not np.all((p == 1) | (p == -1)):
-        raise EventFormatError(f"{what}: polarity must be +1 or -1, found {sorted(set(np.unique(p)) - {1, -1})[:3]}")
+        return f"expected dtype {EVENT_DTYPE.descr}, got {getattr(events, 'dtype', type(events).__name__)}"
+    if len(events) == 0 or _events_ok(events, sensor_size):  # the common case: whole-array checks only
+        return None
     if sensor_size is not None:
         width, height = sensor_size
         for name, limit in (("x", width), ("y", height)):
             over = np.flatnonzero(events[name] >= limit)
             if over.size:
                 i = int(over[0])
-                raise EventFormatError(
-                    f"{what}: {name}={events[name][i]} at index {i} is outside the {width}x{height} sensor"
-                )
+                return f"{name}={events[name][i]} at index {i} is outside the {width}x{height} sensor"
+    t = events["t"]
+    bad = np.flatnonzero(t[1:] < t[:-1])
+    if bad.size:
+        i = int(bad[0]) + 1
+        return f"timestamps not sorted at index {i} ({t[i - 1]} > {t[i]})"
+    p = events["p"]
+    bad = np.flatnonzero((p != 1) & (p != -1))
+    if bad.size:
+        return f"polarity {p[bad[0]]} at index {int(bad[0])} is not +1 or -1"
+    return None
+
+
+def _events_ok(events: np.ndarray, sensor_size) -> bool:
+    """True when :func:`event_problem` would find nothing wrong (a non-empty EVENT_DTYPE array)."""
+    if events.ndim != 1:
+        return False
+    if sensor_size is not None:
+        width, height = sensor_size
+        if not (events["x"].max() < width and events["y"].max() < height):
+            return False
+    t = np.ascontiguousarray(events["t"])
+    if np.any(t[1:] < t[:-1]):
+        return False
+    p = np.ascontiguousarray(events["p"])
+    return bool(p.min() >= -1 and p.max() <= 1 and not np.any(p == 0))
+
+
+def validate_events(events: np.ndarray, sensor_size: tuple[int, int] | None = None, *, what: str = "events") -> None:
+    """Raise :class:`EventFormatError` naming ``what`` and the first broken invariant (:func:`event_problem`).
+
+    ``sensor_size`` is ``(width, height)``; coordinates must satisfy ``x < width`` and ``y < height``.
+    """
+    problem = event_problem(events, sensor_size)
+    if problem:
+        raise EventFormatError(f"{what}: {problem}")
 
 
 def time_index(events: np.ndarray, t_start: int, t_end: int) -> tuple[int, int]:

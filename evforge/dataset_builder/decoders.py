@@ -36,7 +36,7 @@ import zipfile
 import numpy as np
 
 from evforge.errors import InputError
-from evforge.events import EVENT_DTYPE, EventFormatError, validate_events
+from evforge.events import EVENT_DTYPE, EventFormatError, event_problem, validate_events
 
 __all__ = [
     "read_atis_bin",
@@ -362,51 +362,16 @@ def write_nimagenet_npz(path, events: np.ndarray, legacy: bool = False) -> None:
 def check_events(events: np.ndarray, sensor_size: tuple[int, int] | None, path) -> np.ndarray:
     """Return ``events`` unchanged if they are fit for a dataset sample, else raise :class:`InputError`.
 
-    Checks: EVENT_DTYPE, at least one event, polarity +1/-1, ``x < width`` and ``y < height`` for
-    ``sensor_size = (width, height)`` (skipped when ``None``), and non-decreasing timestamps (no sorting here:
-    the caller decides what an unsorted file means).
+    Checks: at least one event, and :func:`~evforge.events.event_problem` (EVENT_DTYPE, non-decreasing
+    timestamps, polarity +1/-1, coordinates inside ``sensor_size = (width, height)`` unless ``None``); no
+    sorting here: the caller decides what an unsorted file means.
     """
-    if not isinstance(events, np.ndarray) or events.dtype != EVENT_DTYPE:
-        raise InputError(path, f"events have dtype {getattr(events, 'dtype', type(events).__name__)}, "
-                               f"expected {EVENT_DTYPE.descr}")
+    problem = event_problem(events, sensor_size)
+    if problem:
+        raise InputError(path, problem)
     if len(events) == 0:
         raise InputError(path, "no events")
-    if _events_ok(events, sensor_size):  # the common case: cheap whole-array checks, no index search
-        return events
-    if sensor_size is not None:
-        width, height = sensor_size
-        for name, limit in (("x", width), ("y", height)):
-            over = np.flatnonzero(events[name] >= limit)
-            if over.size:
-                i = int(over[0])
-                raise InputError(
-                    path, f"{name}={events[name][i]} at index {i} is outside the {width}x{height} sensor"
-                )
-    t = events["t"]
-    bad = np.flatnonzero(t[1:] < t[:-1])
-    if bad.size:
-        i = int(bad[0]) + 1
-        raise InputError(path, f"timestamps not sorted at index {i} ({t[i - 1]} > {t[i]})")
-    p = events["p"]
-    bad = np.flatnonzero((p != 1) & (p != -1))
-    if bad.size:
-        raise InputError(path, f"polarity {p[bad[0]]} at index {int(bad[0])} is not +1 or -1")
     return events
-
-
-def _events_ok(events: np.ndarray, sensor_size) -> bool:
-    """True when ``check_events`` would find nothing wrong (a non-empty EVENT_DTYPE array)."""
-    if events.ndim != 1:
-        return False
-    if sensor_size is not None:
-        width, height = sensor_size
-        if not (events["x"].max() < width and events["y"].max() < height):
-            return False
-    t = np.ascontiguousarray(events["t"])
-    if np.any(t[1:] < t[:-1]):
-        return False
-    p = np.ascontiguousarray(events["p"])
-    return bool(p.min() >= -1 and p.max() <= 1 and not np.any(p == 0))
 
 
 def _check_writable(events, sensor_size=None) -> None:
