@@ -26,6 +26,7 @@ except ImportError:  # pragma: no cover - exercised only where numba is not inst
     prange = range
 
 F32 = np.float32
+U = np.uint64  # array index: numba adds negative-index wrap-around to every signed index, not to unsigned ones
 TWO_PI = np.float32(2 * math.pi)  # torch multiplies a float32 tensor by a Python float in float32
 AVAILABLE = njit is not None and os.environ.get("EVFORGE_KERNELS", "auto") != "torch"
 
@@ -171,21 +172,21 @@ def _hits(lo, hi, slots, HW, L1f, I1f, lpf, basef, lk, pt, nt, onc, offc, dt, cu
                 _dense_plain(L1f[io], lpf[st], basef[st], onc[st], offc[st], d0[:m], d1[:m], flag[:m])
             n_cand = 0
             for i in range(m):  # branch-free compaction of the candidates (a branch per pixel mispredicts)
-                cand[n_cand] = i
+                cand[U(n_cand)] = i
                 n_cand += flag[i]
             for c in range(n_cand):
-                i = cand[c]
-                p = a + i + so
-                d = d1[i]
+                i = cand[U(c)]
+                p = U(a + i + so)
+                d = d1[U(i)]
                 # both thresholds loaded and selected: a branch on the polarity would mispredict half the time
                 tp, tn = pt[p], nt[p]
                 thr = tp if d > 0 else tn
                 n = np.int64(_floor_div(abs(d), thr))
-                h = lo + n_hit
+                h = U(lo + n_hit)
                 hit_s[h] = s
                 hit_r[h] = a + i - s * HW
                 hit_cnt[h] = n
-                hit_d0[h] = d0[i]
+                hit_d0[h] = d0[U(i)]
                 hit_d1[h] = d
                 n_hit += 1  # a candidate below one threshold is a hit with no events (no dependency on n)
                 n_ev += n
@@ -200,19 +201,19 @@ def _event_keys(h_lo, h_hi, j, slots, HW, W, hit_s, hit_r, hit_cnt, hit_d0, hit_
                 counts, counting, key, of_hit, packed):
     """Events of hits ``h_lo:h_hi`` from index ``j`` on: (slot, t) bucket and hit, a histogram of the buckets
     in ``counts`` and each hit's slot, row, column and polarity packed in one int64."""
-    for h in range(h_lo, h_hi):
+    for h in range(U(h_lo), U(h_hi)):
         s = hit_s[h]
         r = hit_r[h]
         y = r // W
         e0 = hit_d0[h]
         e1 = hit_d1[h]
         packed[h] = (((s << 21) | y) << 21 | (r - y * W)) << 1 | (e1 > 0)
-        g = slots[s] * HW + r
+        g = U(slots[U(s)] * HW + r)
         sign = F32(1.0) if e1 > 0 else F32(-1.0)
         tp, tn = pt[g], nt[g]
         thr = tp if e1 > 0 else tn
-        span = np.float64(dt_us[s])
-        first = offset[s]
+        span = np.float64(dt_us[U(s)])
+        first = offset[U(s)]
         for k in range(1, hit_cnt[h] + 1):
             # the k-th level k * thr is crossed where diff, linear over the step, reaches it
             level = (sign * F32(k)) * thr
@@ -221,10 +222,10 @@ def _event_keys(h_lo, h_hi, j, slots, HW, W, hit_s, hit_r, hit_cnt, hit_d0, hit_
             else:
                 frac = min(max((level - e0) / (e1 - e0), F32(0.0)), F32(1.0))
             kk = first + np.int64(np.rint(np.float64(frac) * span))
-            key[j] = kk
-            of_hit[j] = h
+            key[U(j)] = kk
+            of_hit[U(j)] = h
             if counting:
-                counts[kk] += 1
+                counts[U(kk)] += 1
             j += 1
 
 
@@ -232,8 +233,8 @@ def _event_keys(h_lo, h_hi, j, slots, HW, W, hit_s, hit_r, hit_cnt, hit_d0, hit_
 def _place(j_lo, j_hi, key, starts, order):
     """Counting-sort placement of events ``j_lo:j_hi`` (their buckets start at ``starts``)."""
     for j in range(j_lo, j_hi):
-        kk = key[j]
-        order[starts[kk]] = j
+        kk = U(key[U(j)])
+        order[U(starts[kk])] = j
         starts[kk] += 1
 
 
@@ -242,19 +243,19 @@ def _gather(q_lo, q_hi, order, of_hit, packed, key, slots, t0, offset, HW, W, wa
             ev_s, ev_y, ev_x, ev_t, ev_p, ev_flat):
     """Output columns at positions ``q_lo:q_hi``, written in order (reads are cheaper to scatter than writes)."""
     mask21 = (1 << 21) - 1
-    for q in range(q_lo, q_hi):
-        j = order[q]
-        v = packed[of_hit[j]]
+    for q in range(U(q_lo), U(q_hi)):
+        j = U(order[q])
+        v = packed[U(of_hit[j])]
         x = (v >> 1) & mask21
         y = (v >> 22) & mask21
         s = v >> 43
         ev_s[q] = s
         ev_y[q] = y
         ev_x[q] = x
-        ev_t[q] = t0[s] + key[j] - offset[s]
+        ev_t[q] = t0[U(s)] + key[j] - offset[U(s)]
         ev_p[q] = 1 if v & 1 else -1
         if want_flat:
-            ev_flat[q] = slots[s] * HW + y * W + x
+            ev_flat[q] = slots[U(s)] * HW + y * W + x
 
 
 @_pjit
