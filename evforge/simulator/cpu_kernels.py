@@ -40,50 +40,76 @@ def _pjit(fn):
 
 
 # ------------------------------------------------------------------------------------------------ lin-log
+# v2e's lin-log is y = x * ln(thr)/thr at or below thr and ln(x) above, then rint(y * 1e8) / 1e8 in float64,
+# then float32. The kernel computes ln(x) with its own vectorisable float64 log, accurate to a few ulp, and
+# flags every value whose y * 1e8 lies within DANGER of a rounding boundary (k + 1/2): only there could a
+# few ulp change rint's result. Flagged values (a few per million) are redone with the C library's log, as
+# the torch formula's. So the result equals the torch formula bit for bit (checked for every float32 >= 0).
+
+LN2_HI = 6.93147180369123816490e-01  # fdlibm's split of ln 2: e * LN2_HI is exact for |e| < 2**20
+LN2_LO = 1.90821492927058770002e-10
+SQRT2 = math.sqrt(2.0)
+DANGER = 3e-5  # in units of 1e-8: > 4 ulp of ln(x) * 1e8 for every float32 x, plus the products' rounding
+
 
 @_jit
-def _lin_log_prepare(x, buf, threshold):
-    for i in range(x.size):
-        buf[i] = max(np.float64(x[i]), threshold)
-
-
-@_jit
-def _lin_log_finish(x, logs, out, threshold, slope):
-    # v2e: y = x * ln(thr)/thr at or below thr, ln(x) above; rounded to 1e-8 in float64, then float32
+def _lin_log_block(x, bits, out, danger, threshold, slope):
+    """lin-log of a block (vectorised, branch-free); ``danger[i]`` flags values to redo. Returns their count."""
+    n_danger = 0
     for i in range(x.size):
         v = np.float64(x[i])
-        y = v * slope if v <= threshold else logs[i]
-        out[i] = np.float32(np.rint(y * 1e8) / 1e8)
+        b = bits[i]
+        # ln(x) = e ln 2 + ln(m), m in [sqrt(1/2), sqrt(2)); ln(m) = 2 atanh(s), s = (m - 1) / (m + 1), |s| < 0.172
+        m = np.float64(b & 0x7FFFFF) * (1.0 / 8388608.0) + 1.0
+        big = m > SQRT2
+        m = m * 0.5 if big else m
+        e = np.float64(((b >> 23) & 0xFF) - (126 if big else 127))
+        f = m - 1.0
+        s = f / (2.0 + f)
+        z = s * s
+        # 2 atanh(s) = 2s + 2s^3/3 + ... + 2s^17/17; the next term is below 4e-16
+        r = z * (2.0 / 3 + z * (2.0 / 5 + z * (2.0 / 7 + z * (2.0 / 9 + z * (2.0 / 11 + z * (2.0 / 13 + z * (
+            2.0 / 15 + z * (2.0 / 17))))))))
+        y = (e * LN2_HI + 2.0 * s) + (s * r + e * LN2_LO)
+        y = v * slope if v <= threshold else y
+        u = y * 1e8
+        bad = (abs(u - np.floor(u) - 0.5) < DANGER) | (((b >> 23) & 0xFF) == 0xFF)  # near k + 1/2, or inf/NaN
+        out[i] = np.float32(np.rint(u) / 1e8)
+        danger[i] = bad
+        n_danger += bad
+    return n_danger
 
 
-_local = threading.local()
+@_jit
+def _lin_log_redo(x, bits, out, out_bits, danger, threshold, slope):
+    for i in range(x.size):
+        if danger[i]:
+            v = np.float64(x[i])
+            if v != v:
+                out_bits[i] = bits[i] | 0x400000  # NaN stays NaN, quieted, as through torch's log
+            else:
+                y = v * slope if v <= threshold else math.log(v)
+                out[i] = np.float32(np.rint(y * 1e8) / 1e8)
 
 
-def _buffer(size: int) -> np.ndarray:
-    """A float64 buffer of at least ``size`` kept per thread (a fresh one would be page-faulted in)."""
-    buf = getattr(_local, "buf", None)
-    if buf is None or buf.size < size:
-        buf = _local.buf = np.empty(size, np.float64)
-    return buf[:size]
-
-
-LOG_BLOCK = 65_536  # values per lin-log block: its float64 buffer (512 KiB) stays in the L2 cache
+@_pjit
+def _lin_log(x, bits, out, out_bits, threshold, slope, n_chunks):
+    n = x.size
+    for c in prange(n_chunks):
+        danger = np.empty(BLOCK, np.bool_)
+        for a in range(n * c // n_chunks, n * (c + 1) // n_chunks, BLOCK):
+            b = min(a + BLOCK, n * (c + 1) // n_chunks)
+            if _lin_log_block(x[a:b], bits[a:b], out[a:b], danger[:b - a], threshold, slope):
+                _lin_log_redo(x[a:b], bits[a:b], out[a:b], out_bits[a:b], danger[:b - a], threshold, slope)
 
 
 def lin_log(x: np.ndarray, threshold: float) -> np.ndarray:
-    """v2e's lin-log of a float32 array, bit-identical to the torch formula; numpy's SIMD float64 log in
-    between (one vectorised log pass instead of torch's ten), block by block."""
+    """v2e's lin-log of a float32 array, bit-identical to the torch formula, on the kernel threads."""
     flat = np.ascontiguousarray(x, dtype=F32).reshape(-1)
     out = np.empty(flat.size, F32)
-    buf = _buffer(min(flat.size, LOG_BLOCK))
     threshold = float(threshold)
-    slope = math.log(threshold) / threshold
-    for a in range(0, flat.size, LOG_BLOCK):
-        f, o = flat[a:a + LOG_BLOCK], out[a:a + LOG_BLOCK]
-        b = buf[:f.size]
-        _lin_log_prepare(f, b, threshold)
-        np.log(b, out=b)
-        _lin_log_finish(f, b, o, threshold, slope)
+    _launch_parallel(_lin_log, (flat, flat.view(np.int32), out, out.view(np.int32), threshold,
+                                math.log(threshold) / threshold), _chunks(flat.size))
     return out.reshape(np.shape(x))
 
 
@@ -334,7 +360,6 @@ def _signal_step(slots, L1, I1, lp, base, pos_thr, neg_thr, on_cand, off_cand, l
 _MIN_PIXELS_PER_CHUNK = 32_768  # a smaller share is not worth waking another thread for
 _launch = threading.Lock()  # numba's "workqueue" threading layer (used where OpenMP is missing) is not thread-safe
 _launched_in = None  # pid of the process that started numba's thread pool
-_serial = None
 
 
 def signal_step(slots, L1, I1, lp, base, pos_thr, neg_thr, on_cand, off_cand, leak_speed, dt, cutoff, t0, dt_us,
@@ -351,23 +376,33 @@ def signal_step(slots, L1, I1, lp, base, pos_thr, neg_thr, on_cand, off_cand, le
     The pixels are split into ``chunks`` ranges run on parallel threads (default: :func:`threads`, fewer
     for small frames); the result does not depend on it.
     """
-    n = L1.size
-    if chunks is None:
-        chunks = max(1, min(threads(), n // _MIN_PIXELS_PER_CHUNK))
-    chunks = min(chunks, workspace.chunks)
+    chunks = min(_chunks(L1.size) if chunks is None else chunks, workspace.chunks)
     args = (slots, L1, I1, lp, base, pos_thr, neg_thr, on_cand, off_cand, leak_speed, dt, cutoff, t0, dt_us,
             use_lowpass, use_leak, update_base, sort, want_flat, *workspace.args())
-    global _launched_in, _serial
+    return _launch_parallel(_signal_step, args, chunks)
+
+
+_serial = {}  # parallel kernel -> the same function compiled without threads, for forked children
+
+
+def _launch_parallel(kernel, args, chunks):
+    """``kernel(*args, chunks)`` on ``chunks`` numba threads, one launch at a time."""
+    global _launched_in
     if _launched_in not in (None, os.getpid()):
         # a child forked after this process started numba's thread pool: the pool's threads are not in the
         # child, and an OpenMP pool may hang there, so run the same function compiled without threads
-        if _serial is None:
-            _serial = njit(nogil=True, error_model="numpy")(_signal_step.py_func)
-        return _serial(*args, 1)
+        if kernel not in _serial:
+            _serial[kernel] = njit(nogil=True, error_model="numpy")(kernel.py_func)
+        return _serial[kernel](*args, 1)
     with _launch:
         _launched_in = os.getpid()
         numba.set_num_threads(max(1, min(chunks, numba.config.NUMBA_NUM_THREADS)))
-        return _signal_step(*args, chunks)
+        return kernel(*args, chunks)
+
+
+def _chunks(n: int) -> int:
+    """Threads worth waking for ``n`` pixels: :func:`threads`, fewer for small frames."""
+    return max(1, min(threads(), n // _MIN_PIXELS_PER_CHUNK))
 
 
 def threads() -> int:

@@ -54,8 +54,8 @@ def lin_log(x: torch.Tensor, threshold: float = LIN_LOG_THRESHOLD) -> torch.Tens
     """v2e's lin-log response: ``x * ln(thr)/thr`` for ``x <= thr`` (no log of 0), ``ln(x)`` above.
 
     Rounded to 1e-8 in float64 so that adding and removing thresholds cancels exactly. On the CPU a float32
-    or uint8 frame goes through :func:`cpu_kernels.lin_log` (one vectorised float64 log); its results equal
-    :func:`lin_log_torch` bit for bit (checked for every float32 value in [0, 70000]).
+    or uint8 frame goes through :func:`cpu_kernels.lin_log` (a vectorised log on the kernel threads); its
+    results equal :func:`lin_log_torch` bit for bit (a slow test checks every non-negative float32).
     """
     if (cpu_kernels.AVAILABLE and x.device.type == "cpu" and x.dtype in (torch.float32, torch.uint8)
             and not x.requires_grad):

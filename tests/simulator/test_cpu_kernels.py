@@ -15,27 +15,71 @@ from evforge.simulator.resample import rgb_to_gray
 pytestmark = pytest.mark.skipif(not cpu_kernels.AVAILABLE, reason="numba kernels not available")
 
 
+def _same_bits(x: np.ndarray) -> None:
+    fast = lin_log(torch.from_numpy(x))
+    ref = lin_log_torch(torch.from_numpy(x))
+    bad = np.flatnonzero(fast.view(torch.int32).numpy() != ref.view(torch.int32).numpy())
+    assert bad.size == 0, f"{bad.size} values differ, e.g. x={x[bad[:3]]}: {fast[bad[:3]]} != {ref[bad[:3]]}"
+
+
+def _near_rounding_boundary(n: int, seed: int) -> np.ndarray:
+    """float32 values whose ln(x) * 1e8 lies within 2e-5 of k + 1/2: where the kernel redoes the value."""
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(20, 70000, 10_000_000).astype(np.float32)
+    u = np.log(x.astype(np.float64)) * 1e8
+    return x[np.abs(u - np.floor(u) - 0.5) < 2e-5][:n]
+
+
 def test_lin_log_equals_the_torch_formula_bit_for_bit():
     rng = np.random.default_rng(0)
     thr = np.float32(20.0)
     near = np.concatenate([np.nextafter(np.full(64, v, np.float32), np.float32(d)) for v in (20.0, 255.0, 1.0)
                            for d in (0.0, 1e9)])
+    boundary = _near_rounding_boundary(200, seed=1)
+    assert boundary.size > 100
+    specials = np.array([0x7F800000, 0xFF800000, 0x7FC00000, 0x7F800001, 0xFFA00000, 0x00000001, 0x80000001,
+                         0x7F7FFFFF, 0xFF7FFFFF], np.uint32).view(np.float32)  # inf, NaNs, denormals, max
     x = np.concatenate([
         np.arange(256, dtype=np.float32),  # every 8-bit value
-        np.float32([0.0, thr, np.nextafter(thr, 0), np.nextafter(thr, 1e9), 1e-30, 65535.0, 70000.0]),
+        np.float32([0.0, thr, np.nextafter(thr, 0), np.nextafter(thr, 1e9), 1e-30, 65535.0, 70000.0, -5.0]),
         near,
+        boundary,
+        specials,
         rng.uniform(0, 300, 200_000).astype(np.float32),
         rng.uniform(0, 70000, 100_000).astype(np.float32),
+        rng.uniform(-1e38, 1e38, 10_000).astype(np.float32),
         # a dense run of consecutive float32 values around a point, where rounding to 1e-8 is decided
         (np.float32(100.0).view(np.uint32) + np.arange(-50_000, 50_000, dtype=np.int64)).astype(np.uint32)
         .view(np.float32),
     ])
-    fast = lin_log(torch.from_numpy(x))
-    assert torch.equal(fast.view(torch.int32), lin_log_torch(torch.from_numpy(x)).view(torch.int32))
+    _same_bits(x)
     as_u8 = torch.arange(256, dtype=torch.uint8).view(16, 16)
     assert torch.equal(lin_log(as_u8), lin_log_torch(as_u8))
     assert lin_log(torch.from_numpy(x[:10].reshape(2, 5))).shape == (2, 5)
-    assert x.size > 2 * cpu_kernels.LOG_BLOCK and lin_log(torch.zeros(0)).shape == (0,)
+    assert lin_log(torch.zeros(0)).shape == (0,)
+
+
+def test_lin_log_does_not_depend_on_the_thread_count():
+    x = np.random.default_rng(2).uniform(0, 300, 3 * cpu_kernels._MIN_PIXELS_PER_CHUNK + 17).astype(np.float32)
+    x[::1000] = _near_rounding_boundary(x[::1000].size, seed=3)
+    outs = []
+    for threads in (1, 2, 3):
+        out = np.empty_like(x)
+        cpu_kernels._launch_parallel(cpu_kernels._lin_log, (x, x.view(np.int32), out, out.view(np.int32), 20.0,
+                                                            np.log(20.0) / 20.0), threads)
+        outs.append(out)
+    ref = lin_log_torch(torch.from_numpy(x)).numpy()
+    for out in outs:
+        assert np.array_equal(out.view(np.int32), ref.view(np.int32))
+
+
+@pytest.mark.slow
+def test_lin_log_equals_the_torch_formula_for_every_non_negative_float32():
+    """All 2**31 - 2**23 finite non-negative float32 values, +inf and a signalling NaN (about a minute)."""
+    chunk = 1 << 24
+    for start in range(0, 0x7F800002, chunk):
+        bits = np.arange(start, min(start + chunk, 0x7F800002), dtype=np.int64).astype(np.int32)
+        _same_bits(bits.view(np.float32))
 
 
 def test_floor_div_equals_torch_floor_division():
