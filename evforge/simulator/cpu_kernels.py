@@ -174,7 +174,7 @@ BLOCK = 4096  # pixels per block of the dense pass: its diffs and flags stay in 
 
 @_jit
 def _hits(lo, hi, slots, HW, L1f, I1f, lpf, basef, lk, pt, nt, onc, offc, dt, cutoff, use_lowpass, use_leak,
-          update_base, d0, d1, flag, cand, hit_s, hit_r, hit_cnt, hit_d0, hit_d1):
+          update_base, d0, d1, flag, cand, hit_s, hit_r, hit_cnt, hit_d0, hit_d1, hit_thr):
     """Pixels ``lo:hi`` of the selected slots flattened: update lp/base, store the pixels with events
     ("hits": slot, pixel in slot, count, diff before/after) from index ``lo`` on. Returns (hits, events).
     ``d0``, ``d1``, ``flag``, ``cand``: scratch of ``BLOCK`` entries."""
@@ -214,6 +214,7 @@ def _hits(lo, hi, slots, HW, L1f, I1f, lpf, basef, lk, pt, nt, onc, offc, dt, cu
                 hit_cnt[h] = n
                 hit_d0[h] = d0[U(i)]
                 hit_d1[h] = d
+                hit_thr[h] = thr
                 n_hit += 1  # a candidate below one threshold is a hit with no events (no dependency on n)
                 n_ev += n
                 if update_base:  # base +- n * thr (negating the product is exact)
@@ -223,21 +224,20 @@ def _hits(lo, hi, slots, HW, L1f, I1f, lpf, basef, lk, pt, nt, onc, offc, dt, cu
 
 
 @_jit
-def _event_keys(h_lo, h_hi, j, slots, HW, W, hit_s, hit_r, hit_cnt, hit_d0, hit_d1, pt, nt, dt_us, offset,
+def _event_keys(h_lo, h_hi, j, W, hit_s, hit_r, hit_cnt, hit_d0, hit_d1, hit_thr, dt_us, offset,
                 counts, counting, key, of_hit, packed):
     """Events of hits ``h_lo:h_hi`` from index ``j`` on: (slot, t) bucket and hit, a histogram of the buckets
     in ``counts`` and each hit's slot, row, column and polarity packed in one int64."""
+    inv_w = 1.0 / W
     for h in range(U(h_lo), U(h_hi)):
         s = hit_s[h]
         r = hit_r[h]
-        y = r // W
+        y = np.int64((np.float64(r) + 0.5) * inv_w)  # = r // W: the quotient is >= 0.5 / W from an integer
         e0 = hit_d0[h]
         e1 = hit_d1[h]
         packed[h] = (((s << 21) | y) << 21 | (r - y * W)) << 1 | (e1 > 0)
-        g = U(slots[U(s)] * HW + r)
         sign = F32(1.0) if e1 > 0 else F32(-1.0)
-        tp, tn = pt[g], nt[g]
-        thr = tp if e1 > 0 else tn
+        thr = hit_thr[h]
         span = np.float64(dt_us[U(s)])
         first = offset[U(s)]
         for k in range(1, hit_cnt[h] + 1):
@@ -295,7 +295,7 @@ def _signal_step(slots, L1, I1, lp, base, pos_thr, neg_thr, on_cand, off_cand, l
     lpf, basef, lk = lp.reshape(-1), base.reshape(-1), leak_speed.reshape(-1)
     pt, nt = pos_thr.reshape(-1), neg_thr.reshape(-1)
     onc, offc = on_cand.reshape(-1), off_cand.reshape(-1)
-    hit_d0, hit_d1 = work_f32[0, :P], work_f32[1, :P]
+    hit_d0, hit_d1, hit_thr = work_f32[0, :P], work_f32[1, :P], work_f32[2, :P]
     packed, hit_s, hit_r, hit_cnt = work_i64[0, :P], work_i64[1, :P], work_i64[2, :P], work_i64[3, :P]
 
     # 1. per chunk of pixels: state, candidates, hits (stored from the chunk's first pixel index)
@@ -309,7 +309,7 @@ def _signal_step(slots, L1, I1, lp, base, pos_thr, neg_thr, on_cand, off_cand, l
         n_hit[c], n_ev[c + 1] = _hits(edges[c], edges[c + 1], slots, HW, L1f, I1f, lpf, basef, lk, pt, nt, onc,
                                       offc, dt, cutoff, use_lowpass, use_leak, update_base, block_f32[0, blk],
                                       block_f32[1, blk], block_flag[blk], block_i64[blk], hit_s, hit_r, hit_cnt,
-                                      hit_d0, hit_d1)
+                                      hit_d0, hit_d1, hit_thr)
     for c in range(n_chunks):
         n_ev[c + 1] += n_ev[c]  # first event of each chunk
     total = n_ev[n_chunks]
@@ -324,8 +324,8 @@ def _signal_step(slots, L1, I1, lp, base, pos_thr, neg_thr, on_cand, off_cand, l
     key = work_t[:total] if total <= work_t.size else np.empty(total, np.int64)
     of_hit = np.empty(total, np.int32)
     for c in prange(n_chunks):
-        _event_keys(edges[c], edges[c] + n_hit[c], n_ev[c], slots, HW, W, hit_s, hit_r, hit_cnt, hit_d0, hit_d1,
-                    pt, nt, dt_us, offset, counts[c], counting, key, of_hit, packed)
+        _event_keys(edges[c], edges[c] + n_hit[c], n_ev[c], W, hit_s, hit_r, hit_cnt, hit_d0, hit_d1, hit_thr,
+                    dt_us, offset, counts[c], counting, key, of_hit, packed)
 
     # 3. the event at each output position: stably sorted by (slot, t) (within a bucket chunk 0 first, each
     # chunk in generation order), or generation order
@@ -418,7 +418,7 @@ class Workspace:
     step's arithmetic."""
 
     def __init__(self, n_pixels: int, chunks: int = 8):
-        self.f32 = np.empty((2, n_pixels), F32)  # per hit: diff before and after
+        self.f32 = np.empty((3, n_pixels), F32)  # per hit: diff before and after, threshold
         self.i64 = np.empty((4, n_pixels), np.int64)  # per hit: packed coordinates, slot, pixel, count
         self.t = np.empty(2 * n_pixels, np.int64)  # event keys; more events than this get a fresh array
         self.chunks = chunks
