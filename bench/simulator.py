@@ -19,7 +19,10 @@ Rows:
 * ``evforge`` / upsample ``linear``: end to end from a ``--e2e-hz`` (default 30 Hz) source with the default
   adaptive log-linear upsampling; frames/s counts source frames, steps/s the simulated sub-steps.
 
-frames/s = batch * frames / seconds. Each measurement is repeated ``--repeats`` times (after a warm-up),
+frames/s = batch * frames / seconds. Every measurement starts from a fresh engine (or reference) and first
+simulates ``--settle-frames`` frame pairs untimed (default 4; 1 for the end-to-end rows), for evforge and the
+reference alike, so the timed frames show the steady state of a long sequence rather than the page faults of
+fresh buffers. Each measurement is repeated ``--repeats`` times (after a warm-up),
 interleaved across the rows of a (device, resolution, preset) group so that slow drifts of a shared machine
 hit all rows alike; tables quote the median with [min-max]. Events are copied to the host as one array per
 step (as the dataset pipeline does; the reference returns host arrays too) unless ``--events device``.
@@ -120,8 +123,9 @@ def _to_host(ev) -> tuple:
 
 
 def run_evforge(clip: torch.Tensor, batch: int, n_frames: int, preset: str, dt_us: int, upsample: UpsampleConfig,
-                host_events: bool, device: torch.device, kernels: str = "auto") -> dict:
-    """Simulate ``n_frames`` frame pairs for ``batch`` slots; times only the advance() loop."""
+                host_events: bool, device: torch.device, kernels: str = "auto", settle: int = 0) -> dict:
+    """Simulate ``settle`` untimed, then ``n_frames`` timed frame pairs for ``batch`` slots; times only the
+    advance() loop."""
     params = get_preset(preset)
     last = clip.shape[0] - 1
     _, _, _, H, W = clip.shape
@@ -130,33 +134,40 @@ def run_evforge(clip: torch.Tensor, batch: int, n_frames: int, preset: str, dt_u
         for b in range(batch):
             eng.start(b, clip[0, b], 0, params, seed=b)
         active = [True] * batch
+        for i in range(1, settle + 1):
+            _to_host(eng.advance(clip[pingpong(i, last), :batch], [i * dt_us] * batch, active))
+        settle_steps = sum(eng.substeps)
         events = 0
         _sync(device)
         t0 = time.perf_counter()
-        for i in range(1, n_frames + 1):
+        for i in range(settle + 1, settle + n_frames + 1):
             ev = eng.advance(clip[pingpong(i, last), :batch], [i * dt_us] * batch, active)
             events += len(ev)
             if host_events and len(ev):
                 _to_host(ev)
         _sync(device)
         seconds = time.perf_counter() - t0
-        steps = sum(eng.substeps)
+        steps = sum(eng.substeps) - settle_steps
         del eng, ev
     return {"seconds": seconds, "frames": batch * n_frames, "steps": steps, "events": events,
             "peak_mem_mib": mem.peak_mib}
 
 
-def run_reference(clip: torch.Tensor, n_frames: int, preset: str, dt_us: int, device: torch.device) -> dict:
-    """V2EReference on batch element 0 of the same frames; times every frame after the first."""
+def run_reference(clip: torch.Tensor, n_frames: int, preset: str, dt_us: int, device: torch.device,
+                  settle: int = 0) -> dict:
+    """V2EReference on batch element 0 of the same frames: ``settle`` untimed frames after the first, then
+    ``n_frames`` timed ones."""
     params = get_preset(preset)
     last = clip.shape[0] - 1
     with MemoryProbe(device) as mem:
         ref = V2EReference(params, seed=0, device=device)
         ref.generate_events(clip[0, 0, 0], 0.0)
+        for i in range(1, settle + 1):
+            ref.generate_events(clip[pingpong(i, last), 0, 0], i * dt_us * 1e-6)
         events = 0
         _sync(device)
         t0 = time.perf_counter()
-        for i in range(1, n_frames + 1):
+        for i in range(settle + 1, settle + n_frames + 1):
             events += len(ref.generate_events(clip[pingpong(i, last), 0, 0], i * dt_us * 1e-6))
         _sync(device)
         seconds = time.perf_counter() - t0
@@ -176,15 +187,19 @@ class Row:
     batch: int
     n_frames: int  # frame pairs per slot per measurement
     runs: list = field(default_factory=list)
+    settle: int = 0  # untimed frame pairs at the start of each measurement
+
 
     def run(self, clip, host_events, warmup: bool = False) -> dict:
         dev = torch.device(self.device)
         dt_us = int(round(1e6 / self.source_hz))
         n = min(self.n_frames, 3 if dev.type == "cpu" else 20) if warmup else self.n_frames
+        settle = 0 if warmup else self.settle
         if self.impl == "v2e-ref":
-            return run_reference(clip, n, self.preset, dt_us, dev)
+            return run_reference(clip, n, self.preset, dt_us, dev, settle)
         return run_evforge(clip, self.batch, n, self.preset, dt_us, UpsampleConfig(mode=self.upsample),
-                           host_events, dev, kernels="torch" if self.impl == "evforge-torch" else "auto")
+                           host_events, dev, kernels="torch" if self.impl == "evforge-torch" else "auto",
+                           settle=settle)
 
     def stat(self, key: str) -> dict:
         """median/min/max of ``key`` per second over the repeats."""
@@ -292,7 +307,8 @@ def write_results(path: Path, info: dict, config: dict, rows: list[dict], elapse
           f"Command: `{config['command']}`", "",
           f"Medians of {config['repeats']} repeats [min-max]; frames/s = batch x frames / s; per-step rows "
           f"(upsample none) take a {config['source_hz']:g} Hz source, end-to-end rows (upsample linear) a "
-          f"{config['e2e_hz']:g} Hz source; events {'copied to the host' if config['events'] == 'host' else 'left on the device'}."
+          f"{config['e2e_hz']:g} Hz source; each measurement times its frames after "
+          f"{config.get('settle_frames', 0)} untimed ones (1 for end-to-end rows); events {'copied to the host' if config['events'] == 'host' else 'left on the device'}."
           f" 'vs v2e-ref' = evforge frames/s / V2EReference frames/s, same device, resolution and preset.", "",
           table(rows), ""]
     goals = targets(rows, info)
@@ -338,6 +354,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-torch-path", action="store_true",
                    help="skip the CPU row that runs the step as torch ops instead of the fused kernels")
     p.add_argument("--repeats", type=int, default=None, help="repeats per measurement (default 5)")
+    p.add_argument("--settle-frames", type=int, default=4,
+                   help="untimed frame pairs at the start of every measurement, for every implementation "
+                        "(1 for the end-to-end rows): the steady state, not a fresh engine's first steps")
     p.add_argument("--source-hz", type=float, default=1000.0, help="source frame rate of the per-step rows")
     p.add_argument("--e2e-hz", type=float, default=30.0, help="source frame rate of the end-to-end rows")
     p.add_argument("--speed", type=float, default=240.0, help="typical image motion of the scenes, pixels/s")
@@ -419,17 +438,18 @@ def main(argv=None) -> int:
                 group: list[Row] = []
                 if not args.no_reference:
                     group.append(Row(device, res, preset, "v2e-ref", "none", args.source_hz, 1,
-                                     frames_for(args, device, res, 1)))
+                                     frames_for(args, device, res, 1), settle=args.settle_frames))
                 for b in args.batches:
                     group.append(Row(device, res, preset, "evforge", "none", args.source_hz, b,
-                                     frames_for(args, device, res, b)))
+                                     frames_for(args, device, res, b), settle=args.settle_frames))
                 if device == "cpu" and not args.no_torch_path:  # the same step as torch ops, side by side
                     b = min(args.batches)
                     group.append(Row(device, res, preset, "evforge-torch", "none", args.source_hz, b,
-                                     frames_for(args, device, res, b)))
-                if not args.no_e2e:
+                                     frames_for(args, device, res, b), settle=args.settle_frames))
+                if not args.no_e2e:  # an end-to-end frame is a dozen steps: one settles
                     n = args.e2e_frames or DEFAULT_E2E_FRAMES[device].get(tuple(res), 2)
-                    group.append(Row(device, res, preset, "evforge", "linear", args.e2e_hz, e2e_batches[device], n))
+                    group.append(Row(device, res, preset, "evforge", "linear", args.e2e_hz, e2e_batches[device], n,
+                                     settle=min(1, args.settle_frames)))
                 kind = lambda r: "e2e" if r.upsample != "none" else "step"  # noqa: E731
                 for r in group:
                     r.run(dev_clips[res, kind(r)], args.events == "host", warmup=True)
@@ -451,8 +471,8 @@ def main(argv=None) -> int:
               "quick": args.quick, "devices": devices, "presets": args.presets,
               "resolutions": [f"{w}x{h}" for w, h in args.resolutions], "batches": args.batches,
               "repeats": args.repeats, "source_hz": args.source_hz, "e2e_hz": args.e2e_hz, "speed_px_s": args.speed,
-              "scene_frames": args.scene_frames, "events": args.events, "seed": args.seed,
-              "cpu_peak_rss_reset": MemoryProbe.hwm_resettable}
+              "scene_frames": args.scene_frames, "settle_frames": args.settle_frames, "events": args.events,
+              "seed": args.seed, "cpu_peak_rss_reset": MemoryProbe.hwm_resettable}
     rows = [r for d in devices for r in all_rows[d]]
     print("\n" + table(rows), flush=True)
     goals = targets(rows, info)
