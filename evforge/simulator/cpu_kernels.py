@@ -225,9 +225,9 @@ def _hits(lo, hi, slots, HW, L1f, I1f, lpf, basef, lk, pt, nt, onc, offc, dt, cu
 
 @_jit
 def _event_keys(h_lo, h_hi, j, W, hit_s, hit_r, hit_cnt, hit_d0, hit_d1, hit_thr, dt_us, offset,
-                counts, counting, key, of_hit, packed):
-    """Events of hits ``h_lo:h_hi`` from index ``j`` on: (slot, t) bucket and hit, a histogram of the buckets
-    in ``counts`` and each hit's slot, row, column and polarity packed in one int64."""
+                counts, counting, ev):
+    """Events of hits ``h_lo:h_hi`` from index ``j`` on, as rows of ``ev``: the pixel's slot, row, column and
+    polarity packed in one int64, and the event's (slot, t) bucket; a histogram of the buckets in ``counts``."""
     inv_w = 1.0 / W
     for h in range(U(h_lo), U(h_hi)):
         s = hit_s[h]
@@ -235,7 +235,7 @@ def _event_keys(h_lo, h_hi, j, W, hit_s, hit_r, hit_cnt, hit_d0, hit_d1, hit_thr
         y = np.int64((np.float64(r) + 0.5) * inv_w)  # = r // W: the quotient is >= 0.5 / W from an integer
         e0 = hit_d0[h]
         e1 = hit_d1[h]
-        packed[h] = (((s << 21) | y) << 21 | (r - y * W)) << 1 | (e1 > 0)
+        packed = (((s << 21) | y) << 21 | (r - y * W)) << 1 | (e1 > 0)
         sign = F32(1.0) if e1 > 0 else F32(-1.0)
         thr = hit_thr[h]
         span = np.float64(dt_us[U(s)])
@@ -248,37 +248,37 @@ def _event_keys(h_lo, h_hi, j, W, hit_s, hit_r, hit_cnt, hit_d0, hit_d1, hit_thr
             else:
                 frac = min(max((level - e0) / (e1 - e0), F32(0.0)), F32(1.0))
             kk = first + np.int64(np.rint(np.float64(frac) * span))
-            key[U(j)] = kk
-            of_hit[U(j)] = h
+            ev[U(j), 0] = packed  # one row per event: the gather reads one cache line per event
+            ev[U(j), 1] = kk
             if counting:
                 counts[U(kk)] += 1
             j += 1
 
 
 @_jit
-def _place(j_lo, j_hi, key, starts, order):
+def _place(j_lo, j_hi, ev, starts, order):
     """Counting-sort placement of events ``j_lo:j_hi`` (their buckets start at ``starts``)."""
     for j in range(j_lo, j_hi):
-        kk = U(key[U(j)])
+        kk = U(ev[U(j), 1])
         order[U(starts[kk])] = j
         starts[kk] += 1
 
 
 @_jit
-def _gather(q_lo, q_hi, order, of_hit, packed, key, slots, t0, offset, HW, W, want_flat,
+def _gather(q_lo, q_hi, order, ev, slots, t0, offset, HW, W, want_flat,
             ev_s, ev_y, ev_x, ev_t, ev_p, ev_flat):
     """Output columns at positions ``q_lo:q_hi``, written in order (reads are cheaper to scatter than writes)."""
     mask21 = (1 << 21) - 1
     for q in range(U(q_lo), U(q_hi)):
         j = U(order[q])
-        v = packed[U(of_hit[j])]
+        v = ev[j, 0]
         x = (v >> 1) & mask21
         y = (v >> 22) & mask21
         s = v >> 43
         ev_s[q] = s
         ev_y[q] = y
         ev_x[q] = x
-        ev_t[q] = t0[U(s)] + key[j] - offset[U(s)]
+        ev_t[q] = t0[U(s)] + ev[j, 1] - offset[U(s)]
         ev_p[q] = 1 if v & 1 else -1
         if want_flat:
             ev_flat[q] = slots[U(s)] * HW + y * W + x
@@ -296,7 +296,7 @@ def _signal_step(slots, L1, I1, lp, base, pos_thr, neg_thr, on_cand, off_cand, l
     pt, nt = pos_thr.reshape(-1), neg_thr.reshape(-1)
     onc, offc = on_cand.reshape(-1), off_cand.reshape(-1)
     hit_d0, hit_d1, hit_thr = work_f32[0, :P], work_f32[1, :P], work_f32[2, :P]
-    packed, hit_s, hit_r, hit_cnt = work_i64[0, :P], work_i64[1, :P], work_i64[2, :P], work_i64[3, :P]
+    hit_s, hit_r, hit_cnt = work_i64[0, :P], work_i64[1, :P], work_i64[2, :P]
 
     # 1. per chunk of pixels: state, candidates, hits (stored from the chunk's first pixel index)
     edges = np.empty(n_chunks + 1, np.int64)
@@ -321,11 +321,10 @@ def _signal_step(slots, L1, I1, lp, base, pos_thr, neg_thr, on_cand, off_cand, l
         offset[s + 1] = offset[s] + dt_us[s] + 1
     counting = sort and offset[S] <= 4 * total + 65536
     counts = np.zeros((n_chunks, offset[S] if counting else 1), np.int64)
-    key = work_t[:total] if total <= work_t.size else np.empty(total, np.int64)
-    of_hit = np.empty(total, np.int32)
+    ev = work_t[:total] if total <= work_t.shape[0] else np.empty((total, 2), np.int64)
     for c in prange(n_chunks):
         _event_keys(edges[c], edges[c] + n_hit[c], n_ev[c], W, hit_s, hit_r, hit_cnt, hit_d0, hit_d1, hit_thr,
-                    dt_us, offset, counts[c], counting, key, of_hit, packed)
+                    dt_us, offset, counts[c], counting, ev)
 
     # 3. the event at each output position: stably sorted by (slot, t) (within a bucket chunk 0 first, each
     # chunk in generation order), or generation order
@@ -338,9 +337,9 @@ def _signal_step(slots, L1, I1, lp, base, pos_thr, neg_thr, on_cand, off_cand, l
                 run += k
         order = np.empty(total, np.int32)
         for c in prange(n_chunks):
-            _place(n_ev[c], n_ev[c + 1], key, counts[c], order)
+            _place(n_ev[c], n_ev[c + 1], ev, counts[c], order)
     elif sort:
-        order = np.argsort(key, kind="mergesort").astype(np.int32)
+        order = np.argsort(ev[:, 1], kind="mergesort").astype(np.int32)
     else:
         order = np.arange(total).astype(np.int32)
 
@@ -352,7 +351,7 @@ def _signal_step(slots, L1, I1, lp, base, pos_thr, neg_thr, on_cand, off_cand, l
     ev_p = np.empty(total, np.int8)
     ev_flat = np.empty(total if want_flat else 0, np.int64)
     for c in prange(n_chunks):
-        _gather(total * c // n_chunks, total * (c + 1) // n_chunks, order, of_hit, packed, key, slots, t0, offset,
+        _gather(total * c // n_chunks, total * (c + 1) // n_chunks, order, ev, slots, t0, offset,
                 HW, W, want_flat, ev_s, ev_y, ev_x, ev_t, ev_p, ev_flat)
     return ev_s, ev_y, ev_x, ev_t, ev_p, ev_flat
 
@@ -419,8 +418,8 @@ class Workspace:
 
     def __init__(self, n_pixels: int, chunks: int = 8):
         self.f32 = np.empty((3, n_pixels), F32)  # per hit: diff before and after, threshold
-        self.i64 = np.empty((4, n_pixels), np.int64)  # per hit: packed coordinates, slot, pixel, count
-        self.t = np.empty(2 * n_pixels, np.int64)  # event keys; more events than this get a fresh array
+        self.i64 = np.empty((3, n_pixels), np.int64)  # per hit: slot, pixel, count
+        self.t = np.empty((n_pixels, 2), np.int64)  # per event: packed pixel, bucket; more get a fresh array
         self.chunks = chunks
         self.block_f32 = np.empty((2, chunks * BLOCK), F32)
         self.block_i64 = np.empty(chunks * BLOCK, np.int64)

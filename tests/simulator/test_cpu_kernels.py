@@ -162,6 +162,21 @@ def test_fused_step_sorts_long_steps_too():
             assert torch.equal(getattr(fused, f), getattr(ref, f)), f
 
 
+def test_fused_step_with_more_events_than_pixels():
+    """A flash (dark to bright): a dozen events per pixel, more than the workspace's event rows."""
+    H, W = 24, 32
+    dark, bright = torch.full((1, H, W), 10.0), torch.full((1, H, W), 250.0)
+    bright[0, :, ::2] = 200.0
+    sims = [EventSimulator([get_preset("ideal")], [0], H, W, kernels=k) for k in ("auto", "torch")]
+    for sim in sims:
+        sim.reset(0, lin_log(dark[0]), 0)
+    fused, ref = (sim.step(lin_log(bright), [1000]) for sim in sims)
+    assert len(fused) > 10 * H * W
+    for f in "bxytp":
+        assert torch.equal(getattr(fused, f), getattr(ref, f)), f
+    assert torch.equal(sims[0].base, sims[1].base)
+
+
 def test_sort_events_is_a_stable_sort_by_slot_and_time():
     rng = np.random.default_rng(2)
     for n, span in ((5000, 200), (3000, 10**9)):  # counting sort, then the merge-sort fallback
