@@ -1,4 +1,4 @@
-"""Fused CPU kernels (numba) for the dense part of a simulator step.
+"""Fused CPU kernels (numba) for a simulator step: the lin-log response, the per-pixel part and the events.
 
 On the CPU a step of :class:`~evforge.simulator.pixel.EventSimulator` written as torch ops is dominated by
 per-op overhead and by a dozen passes over every pixel. These kernels do the same arithmetic in one pass
