@@ -9,6 +9,7 @@ import os
 import platform
 import re
 import resource
+import sys
 import tempfile
 from pathlib import Path
 
@@ -111,6 +112,24 @@ def machine_lines(info: dict) -> list[str]:
     if info.get("evforge_commit"):
         out.append(f"- evforge commit: {info['evforge_commit']}")
     return out
+
+
+def bench_devices(choice: str) -> list[str] | None:
+    """The devices of ``--device cpu|cuda|all`` (all: the CPU, plus CUDA when torch sees it); None, after an
+    error line, when CUDA is asked for and torch sees none."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+        return None
+    if choice in ("cpu", "cuda"):
+        return [choice]
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def announce(info: dict, choice: str, devices: list[str]) -> None:
+    """Print the machine at the start of a run, and say when ``--device all`` found no GPU."""
+    print("Machine:\n" + "\n".join(machine_lines(info)), flush=True)
+    if choice == "all" and devices == ["cpu"]:
+        print("(no CUDA device: CPU only)", flush=True)
 
 
 def machine_tag(device: str, info: dict) -> str:

@@ -61,7 +61,8 @@ from evforge.simulator.resample import rgb_to_gray  # noqa: E402
 from evforge.simulator.scenes import SceneSpec, build_scene, render_frame  # noqa: E402
 from evforge.simulator.upsample import UpsampleConfig  # noqa: E402
 from evforge.simulator.v2e_reference import V2EReference  # noqa: E402
-from machine import MemoryProbe, cpuinfo, machine_info, machine_lines, result_paths, sync as _sync  # noqa: E402
+from machine import (MemoryProbe, announce, bench_devices, cpuinfo, machine_info, machine_lines, result_paths,  # noqa: E402
+                     sync as _sync)
 
 
 # Frames per measurement for batch 1, per device and resolution; batch B runs ceil(N / B**BATCH_SCALING)
@@ -399,15 +400,11 @@ def frames_for(args, device: str, res, batch: int) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     threads = args.threads or cpuinfo()["usable_cpus"] or 1  # torch.set_num_threads after rendering
-    devices = ["cpu"] if args.device == "cpu" else ["cuda"] if args.device == "cuda" else \
-        ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    if "cuda" in devices and not torch.cuda.is_available():
-        print("error: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+    devices = bench_devices(args.device)
+    if devices is None:
         return 2
     info = machine_info(threads)
-    print("Machine:\n" + "\n".join(machine_lines(info)), flush=True)
-    if args.device == "all" and devices == ["cpu"]:
-        print("(no CUDA device: CPU only)", flush=True)
+    announce(info, args.device, devices)
 
     started = time.perf_counter()
     e2e_batches = {d: args.e2e_batch or (min(max(args.batches), 8) if d == "cpu" else max(args.batches))

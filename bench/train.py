@@ -70,7 +70,8 @@ import numpy as np  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
 
-from machine import MemoryProbe, cpuinfo, machine_info, machine_lines, result_paths, sync as _sync  # noqa: E402
+from machine import (MemoryProbe, announce, bench_devices, cpuinfo, machine_info, machine_lines, result_paths,  # noqa: E402
+                     sync as _sync)
 from evforge.dataset_builder.build import build_dataset  # noqa: E402
 from evforge.dataset_builder.dataset import collate_events, make_loader  # noqa: E402
 from evforge.dataset_builder.synthetic import make_synthetic_classification  # noqa: E402
@@ -1062,15 +1063,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     threads = args.threads or cpuinfo()["usable_cpus"] or 1
     torch.set_num_threads(threads)
-    devices = ["cpu"] if args.device == "cpu" else ["cuda"] if args.device == "cuda" else \
-        ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    if "cuda" in devices and not torch.cuda.is_available():
-        print("error: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+    devices = bench_devices(args.device)
+    if devices is None:
         return 2
     info = train_machine_info(threads)
-    print("Machine:\n" + "\n".join(machine_lines(info)), flush=True)
-    if args.device == "all" and devices == ["cpu"]:
-        print("(no CUDA device: CPU only)", flush=True)
+    announce(info, args.device, devices)
     started = time.perf_counter()
     data_root = args.data_dir or Path(tempfile.gettempdir()) / "evforge-bench" / "train-data"
     sim_device = "cuda" if torch.cuda.is_available() else "cpu"
