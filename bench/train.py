@@ -77,7 +77,7 @@ from evforge.dataset_builder.dataset import collate_events, make_loader  # noqa:
 from evforge.dataset_builder.synthetic import make_synthetic_classification  # noqa: E402
 from evforge.finetune.classification import ClassificationTask  # noqa: E402
 from evforge.finetune.segmentation import SegmentationTask  # noqa: E402
-from evforge.pretrain.ecddp.backbone import TINY_SWIN_KWARGS  # noqa: E402
+from evforge.models.swin import TINY_SWIN_KWARGS  # noqa: E402
 from evforge.pretrain.ecddp.model import ECDDPConfig  # noqa: E402
 from evforge.pretrain.ecddp.task import ECDDPTask  # noqa: E402
 from evforge.pretrain.mem.task import MEMDVAETask, MEMTask  # noqa: E402

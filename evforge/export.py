@@ -37,7 +37,7 @@ def _load_checkpoint(path) -> dict:
 
 
 def _ecddp_backbone(state: dict, cfg: dict, which: str, with_neck: bool) -> tuple[dict, dict]:
-    from .pretrain.ecddp.backbone import TINY_SWIN_KWARGS
+    from .models.swin import TINY_SWIN_KWARGS
 
     prefix = f"{which}.backbone."
     model_cfg = cfg.get("task", {}).get("model", {})

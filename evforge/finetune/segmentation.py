@@ -65,6 +65,7 @@ from ..dataset_builder.dataset import collate_events, resolve_manifest
 from ..dataset_builder.manifest import Manifest
 from ..dataset_builder.shards import ShardReader
 from ..export import read_backbone
+from ..models.swin import TINY_SWIN_KWARGS, use_pad_first_blocks
 from ..representations import stacked_histograms
 from ..trainer.config import check_option_keys, merge
 from ..trainer.optim import default_param_groups
@@ -221,11 +222,7 @@ class SwinFeatures(nn.Module):
 
     def __init__(self, net: nn.Module, tensors: dict | None = None):
         super().__init__()
-        from ..pretrain.ecddp.backbone import _PadFirstSwinBlock
-
-        for stage in net.layers:
-            for blk in stage.blocks:
-                blk.__class__ = _PadFirstSwinBlock
+        use_pad_first_blocks(net)
         dims = [int(info["num_chs"]) for info in net.feature_info]
         eps = float(getattr(net.norm, "eps", 1e-5))
         self.patch_embed, self.layers = net.patch_embed, net.layers
@@ -287,8 +284,6 @@ def build_backbone(arch: str, in_chans: int, *, init=None, tiny: bool = False, k
         if init:
             tensors, meta = read_backbone(init)
         fam = family(meta["arch"] if meta else arch)
-        from ..pretrain.ecddp.backbone import TINY_SWIN_KWARGS
-
         base = (dict(TINY_SWIN_KWARGS) if fam == "swin" else dict(TINY_VIT_KWARGS)) if tiny else {}
         model_cfg = {"arch": arch, "kwargs": {**base, **(kwargs or {})}, "norm_eps": norm_eps,
                      "drop_path_rate": drop_path_rate}

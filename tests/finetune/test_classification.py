@@ -170,7 +170,7 @@ def test_layer_decay_scales_per_depth_vit():
 def test_layer_decay_scales_per_depth_swin():
     import timm
 
-    from evforge.pretrain.ecddp.backbone import TINY_SWIN_KWARGS
+    from evforge.models.swin import TINY_SWIN_KWARGS
 
     swin = timm.create_model("swin_tiny_patch4_window7_224", num_classes=3, **TINY_SWIN_KWARGS)
     assert num_layers(swin) == 2 + 2 + 1 + 1 + 2  # depths (2, 2, 1, 1)

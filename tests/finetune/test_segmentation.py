@@ -216,7 +216,7 @@ def test_init_from_an_exported_backbone_adapts_the_patch_embedding(tmp_path):
 
     from evforge.export import FORMAT
     from evforge.finetune.backbones import adapt_patch_embed
-    from evforge.pretrain.ecddp.backbone import TINY_SWIN_KWARGS
+    from evforge.models.swin import TINY_SWIN_KWARGS
 
     kwargs = {**TINY_SWIN_KWARGS, "img_size": 64}
     src = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=0, in_chans=6, **kwargs)

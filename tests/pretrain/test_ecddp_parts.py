@@ -26,7 +26,7 @@ from evforge.pretrain.ecddp import (
     sinkhorn_knopp,
     teacher_temperature,
 )
-from evforge.pretrain.ecddp.backbone import _PadFirstSwinBlock
+from evforge.models.swin import PadFirstSwinBlock
 from evforge.pretrain.ecddp.masking import LEGACY_NUM_TOKENS
 
 
@@ -294,7 +294,7 @@ def test_swin_windows_pad_before_shift():
     torch.manual_seed(0)
     net = FusedSwin(img_size=64, fused_dim=32, tiny=True)
     blk = net.swin.layers[0].blocks[1]
-    assert isinstance(blk, _PadFirstSwinBlock) and blk.shift_size == (2, 2) and blk.window_size == (4, 4)
+    assert isinstance(blk, PadFirstSwinBlock) and blk.shift_size == (2, 2) and blk.window_size == (4, 4)
     # 7x7 grid with window 4, shift 2: row 0 and row 6 only meet across the cyclic wrap -> no interaction
     x = torch.randn(1, 7, 7, 24, requires_grad=True)
     (grad,) = torch.autograd.grad(blk._attn(x)[0, 0, 0].sum(), x)

@@ -1,0 +1,1 @@
+"""Network building blocks shared by pretraining and finetuning (no task logic here)."""
