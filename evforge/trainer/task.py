@@ -36,6 +36,10 @@ class Task(Protocol):
         steps done), ``epoch``, the current scheduled scalars (``lr``, ``weight_decay`` and any task scalar
         such as ``ema_momentum`` or ``teacher_temp``) and ``device``."""
 
+    def before_gradient_clip(self, model: nn.Module, state: dict) -> None:
+        """Optional: called after the backward pass(es), before gradient clipping (e.g. ECDDP's public order,
+        which drops the prototype gradients before the norm is taken). ``model`` is the plain module."""
+
     def before_optimizer_step(self, model: nn.Module, state: dict) -> None:
         """Optional: called after gradient clipping, before each optimizer step (e.g. zeroing the gradients
         of prototype layers during the first epoch). ``model`` is the plain module."""

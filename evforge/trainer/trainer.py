@@ -374,6 +374,9 @@ class Trainer:
                 v = v.detach().float() if torch.is_tensor(v) else float(v)
                 sums[name] = sums[name] + v if name in sums else v
         out = {name: v / accum for name, v in sums.items()}
+        before_clip = getattr(self.task, "before_gradient_clip", None)
+        if before_clip is not None:  # e.g. ECDDP's public order: prototype gradients dropped before clipping
+            before_clip(self.raw_model, state)
         if self.grad_clip is not None:
             norm = fabric.clip_gradients(self.model, self.optimizer, max_norm=self.grad_clip,
                                          error_if_nonfinite=False)

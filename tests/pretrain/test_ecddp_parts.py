@@ -320,7 +320,7 @@ def test_fused_swin_t_real_shapes():
 
 
 def test_loss_weights_match_public_formula():
-    loss = ECDDPLoss(n_global=2, n_local=8, context_lambda=1.0)  # the public code's weighting
+    loss = ECDDPLoss(n_global=2, n_local=8)  # the public code's weighting is the default
     assert loss.w == pytest.approx(1 / 20)
     torch.manual_seed(0)
     b, p, k = 3, 10, 4
@@ -345,10 +345,12 @@ def test_loss_weights_match_public_formula():
     torch.testing.assert_close(parts["context"], ref_ctx)
     torch.testing.assert_close(parts["patch"], ref_patch)
     torch.testing.assert_close(total, ref_global + ref_local + ref_ctx + ref_patch)
-    lam = ECDDPLoss(context_lambda=0.1)(student_global=sg, teacher_global=tg, student_local=sl, student_context=sc,
+    lam = ECDDPLoss(context_weight=0.1)(student_global=sg, teacher_global=tg, student_local=sl, student_context=sc,
                                         teacher_context=tc, context_index=cidx, student_patch=sp, teacher_patch=tp,
                                         patch_crop_index=pidx, teacher_temp=0.07)[1]
     torch.testing.assert_close(lam["context"], 0.1 * ref_ctx)
+    with pytest.raises(ValueError, match="context_lambda was removed"):
+        ECDDPConfig.from_dict({"context_lambda": 0.1})
 
 
 def test_full_model_tiny_forward_backward(tiny_model):

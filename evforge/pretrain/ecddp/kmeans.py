@@ -3,8 +3,16 @@
 The public code (``batch_cosine_KMeans`` in model/pretrain_model.py of Yan98/Event-Camera-Data-Dense-Pre-training)
 normalises the tokens, seeds K centroids with K random tokens per sample, and runs 10 rounds of
 "assign by cosine distance, centroid = mean of its tokens" (``torch_scatter.scatter_mean``), K = 8. Here the
-mean is a plain ``scatter_reduce_`` (no torch_scatter), seeding may be k-means++, empty clusters are re-seeded
-with the worst-fitting token, and the returned assignment is the one of the returned centroids.
+mean is a plain ``scatter_reduce_`` (no torch_scatter). Two named differences (``reseed_empty``, ``init``):
+
+* evforge (``reseed_empty=True``): an empty cluster is re-seeded with the worst-fitting token, and the returned
+  assignment is the one of the returned centroids.
+* public (``reseed_empty=False``): an empty cluster's centroid is the zero vector (cosine 0 to every token, so
+  it wins only tokens whose cosine to every other centroid is negative), and ``scatter_mean`` sizes its output
+  by the largest cluster index used anywhere in the batch, so clusters above it vanish for the rest of the run;
+  the returned assignment is the last round's (made with the centroids *before* the last update).
+* seeding: k-means++ (evforge) or K distinct random tokens (``init="random"``, public); ``seeds`` gives the
+  seed tokens explicitly (the reference fixtures replay the public code's draws with it).
 """
 
 from __future__ import annotations
@@ -52,6 +60,9 @@ def _init_plusplus(x: torch.Tensor, k: int, generator) -> torch.Tensor:
     return torch.stack(cents, 1)
 
 
+KMEANS_INITS = ("kmeans++", "random")
+
+
 @torch.no_grad()
 def cosine_kmeans(
     tokens: torch.Tensor,
@@ -59,25 +70,54 @@ def cosine_kmeans(
     iters: int = 10,
     generator: torch.Generator | None = None,
     init: str = "kmeans++",
+    reseed_empty: bool = True,
+    seeds: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cluster each sample's tokens by direction.
 
-    tokens: (B, N, D). Returns ``assignments`` (B, N) long in [0, k) and unit-norm ``centroids`` (B, k, D);
-    ``assignments`` is the nearest (max cosine) centroid of each token for the returned centroids.
-    init: ``"kmeans++"`` or ``"random"`` (K random tokens, as the public code). Needs N >= k.
+    tokens: (B, N, D). Returns ``assignments`` (B, N) long in [0, k) and ``centroids`` (B, k', D).
+    With ``reseed_empty`` (evforge) k' = k, the centroids are unit vectors and ``assignments`` is the nearest (max
+    cosine) centroid of each token for them; without (public code) see the module doc. init: ``"kmeans++"`` or
+    ``"random"`` (K random tokens, as the public code); ``seeds`` (B, k) token indices overrides it. Needs N >= k.
     """
-    if init not in ("kmeans++", "random"):
-        raise ValueError(f"init must be 'kmeans++' or 'random', not {init!r}")
+    if init not in KMEANS_INITS:
+        raise ValueError(f"init must be one of {KMEANS_INITS}, not {init!r}")
     b, n, d = tokens.shape
     if n < k:
         raise ValueError(f"need at least k={k} tokens per sample, got {n}")
     with torch.autocast(tokens.device.type, enabled=False):  # cosines in float32 even under mixed precision
-        return _lloyd(F.normalize(tokens.detach().float(), dim=-1), k, iters, generator, init)
+        x = F.normalize(tokens.detach().float(), dim=-1)
+        if seeds is not None:
+            cents = torch.gather(x, 1, seeds.to(x.device, torch.long).unsqueeze(-1).expand(-1, -1, d))
+        elif init == "kmeans++":
+            cents = _init_plusplus(x, k, generator)
+        else:
+            cents = _init_random(x, k, generator)
+        if not reseed_empty:
+            return _lloyd_public(x, cents, iters)
+        return _lloyd(x, cents, iters)
 
 
-def _lloyd(x: torch.Tensor, k: int, iters: int, generator, init: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _lloyd_public(x: torch.Tensor, cents: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The public code's rounds (assign by argmin of 1 - cos, then per-cluster means; empty clusters zero,
+    clusters above the largest used index dropped), written without torch_scatter."""
     b, n, d = x.shape
-    cents = _init_plusplus(x, k, generator) if init == "kmeans++" else _init_random(x, k, generator)
+    assign = torch.zeros(b, n, dtype=torch.long, device=x.device)
+    for _ in range(iters):
+        cents = F.normalize(cents, dim=2)
+        dis = 1 - torch.einsum("bij,bkj->bik", x, cents)  # the public formula: its ties break the same way
+        assign = torch.argmin(dis, dim=2)
+        size = int(assign.max()) + 1  # torch_scatter sizes the output by the largest index in the batch
+        idx = assign.unsqueeze(-1).expand(-1, -1, d)
+        sums = torch.zeros(b, size, d, device=x.device, dtype=x.dtype).scatter_add_(1, idx, x)
+        counts = torch.zeros(b, size, d, device=x.device, dtype=x.dtype).scatter_add_(1, idx, torch.ones_like(x))
+        cents = sums / counts.clamp(min=1)
+    return assign, cents
+
+
+def _lloyd(x: torch.Tensor, cents: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    b, n, d = x.shape
+    k = cents.shape[1]
     cents = F.normalize(cents, dim=-1)
     batch = torch.arange(b, device=x.device)
 

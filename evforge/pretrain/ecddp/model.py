@@ -25,12 +25,14 @@ from .heads import DINOHead
 from .kmeans import cosine_kmeans
 from .loss import ECDDPLoss
 from .masking import BlockMaskGenerator
-from .multicrop import MultiCrop, resample_mask
+from .multicrop import MultiCrop, MultiCropOutput
 
 
 @dataclass
 class ECDDPConfig:
-    """All ECDDP model options; defaults are the paper's (config/pretrain/swin_small.yml of the public code)."""
+    """All ECDDP model options; defaults are evforge's (the public code's config/pretrain/swin_small.yml where it
+    is not improved on). Each difference from the public code is one of these options; ``reference_defaults``
+    lists the values that reproduce the public code (docs/FIDELITY.md says why each differs)."""
 
     # backbone: Swin-T/7 on 6 voxel bins, 4 stages fused to stride 16 / 768 channels
     in_chans: int = 6
@@ -40,12 +42,16 @@ class ECDDPConfig:
     drop_path_rate: float = 0.0
     tiny: bool = False
     backbone_kwargs: dict = field(default_factory=dict)
+    always_partition: bool = False  # public: True (every odd block shifts, at every stage)
+    mask_padded_keys: bool = True  # public: False (tokens attend to the window padding)
+    swin_init: str = "timm"  # public: "torch" (its init_weights is never applied)
+    mask_token_init: str = "trunc_normal"  # public: "zeros"
     # heads: 768-2048-2048-256 -> 32768 weight-normed prototypes; AttPool 2 blocks (dim // 32 heads)
     head_hidden: int = 2048
     head_bottleneck: int = 256
     head_out_dim: int = 32768
     head_nlayers: int = 3
-    norm_last_layer: bool = True
+    norm_last_layer: bool = True  # public: False (prototype norms g trainable, and weight-decayed)
     attpool_blocks: int = 2
     attpool_heads: int | None = None
     separate_patch_head: bool = True
@@ -58,19 +64,21 @@ class ECDDPConfig:
     n_local: int = 8
     local_scale: tuple = (0.05, 0.32)
     flip_p: float = 0.5
+    crop_mode: str = "exact"  # public: "reference" (kornia 0.7.1 integer boxes and grids)
     # context mining
     num_clusters: int = 8
     kmeans_iters: int = 10
-    kmeans_init: str = "kmeans++"
+    kmeans_init: str = "kmeans++"  # public: "random"
+    kmeans_reseed_empty: bool = True  # public: False
     coverage_threshold: float = 0.25
     # iBOT block masks on half of the global crops
     mask_probability: float = 0.5
     mask_ratio: tuple = (0.1, 0.5)
     mask_min_patches: int = 4
-    legacy_mask_ratio: bool = False
+    legacy_mask_ratio: bool = False  # public: True (an effective 4.4-22 % instead of 10-50 %)
     # loss
     student_temp: float = 0.1
-    context_lambda: float = 0.1  # the paper's lambda1; the public code's weighting is 1.0 (see loss.py)
+    context_weight: float = 1.0  # factor on the public context weight 2w = 0.1 (the paper's lambda1); see loss.py
     patch_weight: float = 1.0
     sinkhorn_iters: int = 3
     # optimisation hints for the task (schedules live in the trainer)
@@ -83,12 +91,22 @@ class ECDDPConfig:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "ECDDPConfig":
-        """Build from a plain dict (e.g. ``cfg["task"]["model"]``, optional ``preset: tiny``); unknown keys are an
-        error."""
+        """Build from a plain dict (e.g. ``cfg["task"]["model"]``, optional ``preset: tiny`` or ``reference``, or
+        both as a list); unknown keys are an error."""
         d = dict(d or {})
-        preset = d.pop("preset", None)  # "tiny" starts from :meth:`tiny_defaults`
+        if "context_lambda" in d:
+            raise ValueError(
+                "task.model.context_lambda was removed: it multiplied the context term by a second 0.1. The public "
+                "code weights it 2w = 0.1, which is the paper's lambda1; set context_weight (a factor on that, "
+                "default 1.0) instead")
+        presets = d.pop("preset", None)
+        presets = [presets] if isinstance(presets, str) else list(presets or [])
+        base: dict = {}
+        for name in presets:
+            if name not in PRESETS:
+                raise ValueError(f"task.model.preset: unknown preset {name!r} (known: {sorted(PRESETS)})")
+            base.update(PRESETS[name]())
         check_fields(cls, d, "task.model (ECDDP)")
-        base = cls.tiny_defaults() if preset == "tiny" else {}
         return cls(**{**base, **d})
 
     @staticmethod
@@ -99,10 +117,22 @@ class ECDDPConfig:
             attpool_heads=2, view_size=96, global_size=64, local_size=32, n_local=4, num_clusters=4,
         )
 
+    @staticmethod
+    def reference_defaults() -> dict:
+        """The values that reproduce the public code (model/pretrain_model.py, model/network/*.py)."""
+        return dict(
+            always_partition=True, mask_padded_keys=False, swin_init="torch", mask_token_init="zeros",
+            norm_last_layer=False, crop_mode="reference", kmeans_init="random", kmeans_reseed_empty=False,
+            legacy_mask_ratio=True,
+        )
+
     @classmethod
     def tiny_config(cls, **overrides) -> "ECDDPConfig":
         """The CPU-sized config (named so it cannot shadow the ``tiny`` field's default)."""
         return cls(**{**cls.tiny_defaults(), **overrides})
+
+
+PRESETS = {"tiny": ECDDPConfig.tiny_defaults, "reference": ECDDPConfig.reference_defaults}
 
 
 def ema_momentum(progress: float, base: float = 0.992) -> float:
@@ -134,7 +164,8 @@ class ECDDPModel(nn.Module):
         pooled = dict(pool=True, pool_blocks=cfg.attpool_blocks, pool_heads=cfg.attpool_heads)
         student = {
             "backbone": FusedSwin(cfg.in_chans, cfg.variant, cfg.img_size, dim, cfg.drop_path_rate, cfg.tiny,
-                                  **cfg.backbone_kwargs),
+                                  always_partition=cfg.always_partition, mask_padded_keys=cfg.mask_padded_keys,
+                                  init=cfg.swin_init, mask_token_init=cfg.mask_token_init, **cfg.backbone_kwargs),
             "image_head": DINOHead(dim, **head, **pooled),
             "context_head": DINOHead(dim, **head, **pooled),
         }
@@ -145,12 +176,13 @@ class ECDDPModel(nn.Module):
         self.teacher.requires_grad_(False)
         self.teacher.eval()
         self.multicrop = MultiCrop(cfg.view_size, cfg.global_size, cfg.n_global, cfg.global_scale,
-                                   cfg.local_size, cfg.n_local, cfg.local_scale, flip_p=cfg.flip_p)
+                                   cfg.local_size, cfg.n_local, cfg.local_scale, flip_p=cfg.flip_p,
+                                   mode=cfg.crop_mode)
         g = cfg.global_size // 16
         self.mask_generator = BlockMaskGenerator((g, g), cfg.mask_ratio, cfg.mask_min_patches,
                                                  mask_probability=cfg.mask_probability,
                                                  legacy_ratio=cfg.legacy_mask_ratio)
-        self.loss_fn = ECDDPLoss(cfg.n_global, cfg.n_local, cfg.student_temp, cfg.context_lambda,
+        self.loss_fn = ECDDPLoss(cfg.n_global, cfg.n_local, cfg.student_temp, cfg.context_weight,
                                  cfg.patch_weight, cfg.sinkhorn_iters)
 
     def train(self, mode: bool = True):
@@ -206,23 +238,38 @@ class ECDDPModel(nn.Module):
         """One ECDDP step on voxel grids (B, in_chans, H, W), H, W >= view_size. Random crops, flips, masks and
         k-means seeds come from ``generator`` (a CPU generator is fine on any device).
         Returns the total loss and its parts (+ counts ``n_context``, ``n_masked``)."""
-        cfg = self.cfg
         crops = self.multicrop(voxels, generator)
+        masks = self.mask_generator(self.cfg.n_global * voxels.shape[0], generator)
+        return self.forward_crops(crops, masks, teacher_temp, generator)
+
+    def forward_crops(
+        self,
+        crops: MultiCropOutput,
+        masks: torch.Tensor,
+        teacher_temp: float,
+        generator: torch.Generator | None = None,
+        kmeans_seeds: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The step after the random draws: ``crops`` (view, global and local crops), ``masks`` (nG*B, Ng) bool
+        iBOT masks of the global crops; ``kmeans_seeds`` (B, K) token indices seeding the context k-means (else
+        drawn from ``generator``). The reference fixtures replay the public code's draws through here."""
+        cfg = self.cfg
         view, gl, lo = crops.view, crops.global_crops, crops.local_crops
         b, ng, k = view.shape[0], gl.n, cfg.num_clusters
-        masks = self.mask_generator(ng * b, generator).to(view.device)  # (nG*B, Ng) iBOT masks
+        masks = masks.to(view.device)  # (nG*B, Ng) iBOT masks
         teacher, student = self.teacher, self.student
 
         with torch.no_grad():
             tv, hw_v = teacher["backbone"](view)
-            assign, _ = cosine_kmeans(tv, k, cfg.kmeans_iters, generator, cfg.kmeans_init)
+            assign, _ = cosine_kmeans(tv, k, cfg.kmeans_iters, generator, cfg.kmeans_init,
+                                      reseed_empty=cfg.kmeans_reseed_empty, seeds=kmeans_seeds)
             onehot = F.one_hot(assign, k).transpose(1, 2)  # (B, K, Nv): context membership on the view
             t_context = teacher["context_head"].forward_tokens(tv, hw_v, k, onehot.bool())  # (B, K, P)
             tg, hw_g = teacher["backbone"](gl.images)
             t_global = teacher["image_head"].forward_tokens(tg, hw_g).squeeze(1)  # (nG*B, P)
             t_patch = self._patch_head(teacher)(tg[masks])  # (Mp, P)
             # context masks in each global crop's token grid: bilinear coverage > 0.25
-            cover = resample_mask(onehot.view(b, k, *hw_v).to(tv.dtype), gl.grid(hw_g))
+            cover = gl.resample(onehot.view(b, k, *hw_v).to(tv.dtype), hw_g)
             ctx_mask = (cover > cfg.coverage_threshold).flatten(2)  # (nG*B, K, Ng)
             present = ctx_mask.any(-1)  # (nG*B, K): context k visible in the crop
             crop_sample = torch.arange(ng * b, device=view.device) % b

@@ -1,10 +1,21 @@
 """ECDDP as a :class:`~evforge.trainer.task.Task`: stream windows -> voxel grids -> crops -> student/teacher.
 
 Data: an evforge stream dataset (``evforge convert tartanair``); each item is ECDDP's sample, the events
-between two consecutive source frames. On the device: a ``bins``-bin voxel grid (bilinear in time, OFF
-events weighted -1; ``legacy_off_weight_zero`` reproduces the public code, where OFF events weigh 0), a
-random ``input_size`` square crop (ECDDP: 320 of 480x640), then :class:`ECDDPModel`'s multi-crop and loss.
-Task options live under ``cfg["task"]``; the model's under ``cfg["task"]["model"]`` (:class:`ECDDPConfig`).
+between two consecutive source frames. On the device: a random ``input_size`` square crop (ECDDP: 320 of
+480x640) and a ``bins``-bin voxel grid of it (bilinear in time), then :class:`ECDDPModel`'s multi-crop and loss.
+Task options live under ``cfg["task"]`` (:data:`TASK_DEFAULTS`, typos are errors); the model's under
+``cfg["task"]["model"]`` (:class:`ECDDPConfig`). Options that reproduce the public code
+(data/ETartanAir_dataset.py, data/event_utils.py, trainer/pretrain_trainer.py) instead of evforge's defaults:
+
+* ``legacy_off_weight_zero``: OFF events weigh 0 in the voxels (v2e's p in {0, 1} was never remapped);
+* ``time_norm: crop`` + ``min_crop_events: 10``: time normalised over the events inside the crop (not the whole
+  window), and a crop with fewer than 10 events is all zeros;
+* ``input_crop: reference``: the crop corner drawn with ``np.random.randint(0, 480 - 320)`` (the last offset
+  is never drawn);
+* ``ema_timing: before_forward``: the teacher is updated at the start of each step with that step's momentum
+  (public ``PretrainModel.forward``), not after the optimizer step;
+* ``freeze_last_layer_before_clip``: the prototype gradients are dropped *before* the gradient norm is clipped
+  (Lightning clips inside ``optimizer.step()``), so they do not count in the norm; DINO's order is the reverse.
 """
 
 from __future__ import annotations
@@ -12,10 +23,39 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ...augment import crop_events
 from ...dataset_builder.dataset import EventDataset, collate_events
 from ...representations import voxel_grid
+from ...trainer.config import check_option_keys, merge
 from ...trainer.sampler import mix_seed
 from .model import ECDDPConfig, ECDDPModel
+
+TASK_DEFAULTS: dict = {
+    "name": "ecddp",
+    "input_size": 320,                   # random square crop of the sensor's voxel grid before the multi-crop
+    "legacy_off_weight_zero": False,     # public: true
+    "time_norm": "window",               # "window" (all events of the sample) or "crop" (public)
+    "min_crop_events": 0,                # crops with fewer events are zeroed (public: 10)
+    "input_crop": "uniform",             # "uniform" (every offset) or "reference" (the last offset never drawn)
+    "ema_timing": "after_step",          # "after_step" or "before_forward" (public)
+    "freeze_last_layer_before_clip": False,  # public: true
+    "freeze_last_layer_epochs": 1,
+    "model": {},
+}
+OPEN_KEYS = ("task.model",)  # checked by ECDDPConfig itself
+CHOICES = {"time_norm": ("window", "crop"), "input_crop": ("uniform", "reference"),
+           "ema_timing": ("after_step", "before_forward")}
+
+
+def task_options(cfg: dict) -> dict:
+    """``cfg["task"]`` over :data:`TASK_DEFAULTS`; unknown keys and values outside :data:`CHOICES` are errors."""
+    t = dict(cfg.get("task", {}) or {})
+    check_option_keys(t, TASK_DEFAULTS, "task", OPEN_KEYS)
+    opts = merge(TASK_DEFAULTS, t)
+    for key, allowed in CHOICES.items():
+        if opts[key] not in allowed:
+            raise ValueError(f"task.{key}: {opts[key]!r} is not one of {allowed}")
+    return opts
 
 
 class ECDDPTask:
@@ -26,17 +66,11 @@ class ECDDPTask:
     def __init__(self):
         self.sensor_size: tuple[int, int] | None = None
         self.cfg: dict = {}
-
-    def _opts(self, cfg: dict) -> dict:
-        t = dict(cfg.get("task", {}))
-        t.setdefault("input_size", 320)
-        t.setdefault("legacy_off_weight_zero", False)
-        t.setdefault("freeze_last_layer_epochs", 1)
-        return t
+        self.opts: dict = dict(TASK_DEFAULTS)
 
     def build_model(self, cfg: dict) -> nn.Module:
-        self.cfg = cfg
-        return ECDDPModel(ECDDPConfig.from_dict(self._opts(cfg).get("model", {})))
+        self.cfg, self.opts = cfg, task_options(cfg)
+        return ECDDPModel(ECDDPConfig.from_dict(self.opts["model"]))
 
     def build_dataset(self, cfg: dict, split: str):
         data = cfg["data"]
@@ -52,23 +86,45 @@ class ECDDPTask:
     def param_groups(self, model: nn.Module, cfg: dict) -> list[dict]:
         return [g for g in model.param_groups() if g["params"]]
 
+    def _corners(self, batch_size: int, height: int, width: int, size: int, generator: torch.Generator):
+        """Per-sample crop corners (x0, y0): every offset, or the public code's ``randint(0, H - size)``."""
+        last = 0 if self.opts["input_crop"] == "reference" else 1
+        dev = generator.device
+        x0 = torch.randint(0, max(width - size + last, 1), (batch_size,), generator=generator, device=dev)
+        y0 = torch.randint(0, max(height - size + last, 1), (batch_size,), generator=generator, device=dev)
+        return x0, y0
+
     def inputs(self, model: ECDDPModel, batch: dict, cfg: dict, generator: torch.Generator) -> torch.Tensor:
-        """Voxel grids of the batch, randomly cropped to ``input_size`` (whole sensor if smaller)."""
-        opts = self._opts(cfg)
+        """Voxel grids (B, bins, S, S) of a random ``input_size`` square per sample (whole sensor if smaller)."""
+        opts = self.opts
         W, H = self.sensor_size
-        vox = voxel_grid(batch, bins=model.cfg.in_chans, height=H, width=W,
-                         off_weight=0.0 if opts["legacy_off_weight_zero"] else -1.0)
+        bins = model.cfg.in_chans
+        off = 0.0 if opts["legacy_off_weight_zero"] else -1.0
         size = min(int(opts["input_size"]), H, W)
-        B = vox.shape[0]
-        x0 = torch.randint(0, W - size + 1, (B,), generator=generator, device=generator.device)
-        y0 = torch.randint(0, H - size + 1, (B,), generator=generator, device=generator.device)
-        # an integer window: gather it exactly (no interpolation)
-        r = torch.arange(size, device=vox.device)
-        rows = (y0.to(vox.device)[:, None] + r)[:, None, :, None]
-        cols = (x0.to(vox.device)[:, None] + r)[:, None, None, :]
-        b = torch.arange(B, device=vox.device)[:, None, None, None]
-        c = torch.arange(vox.shape[1], device=vox.device)[None, :, None, None]
-        return vox[b, c, rows, cols]
+        B = int(batch["offsets"].shape[0]) - 1
+        x0, y0 = self._corners(B, H, W, size, generator)
+        if opts["time_norm"] == "crop":  # the crop's own events set the time range (public)
+            boxes = torch.stack((x0, y0, x0 + size, y0 + size), 1)
+            crop = crop_events(batch, boxes)
+            vox = voxel_grid(crop, bins=bins, height=size, width=size, off_weight=off)
+            counts = crop["offsets"][1:] - crop["offsets"][:-1]
+        else:
+            vox = voxel_grid(batch, bins=bins, height=H, width=W, off_weight=off)
+            # an integer window: gather it exactly (no interpolation)
+            r = torch.arange(size, device=vox.device)
+            rows = (y0.to(vox.device)[:, None] + r)[:, None, :, None]
+            cols = (x0.to(vox.device)[:, None] + r)[:, None, None, :]
+            b = torch.arange(B, device=vox.device)[:, None, None, None]
+            c = torch.arange(vox.shape[1], device=vox.device)[None, :, None, None]
+            vox = vox[b, c, rows, cols]
+            counts = None
+        if opts["min_crop_events"] > 0:
+            if counts is None:  # events inside each crop
+                crop = crop_events(batch, torch.stack((x0, y0, x0 + size, y0 + size), 1))
+                counts = crop["offsets"][1:] - crop["offsets"][:-1]
+            few = counts.to(vox.device) < int(opts["min_crop_events"])
+            vox = vox.masked_fill(few[:, None, None, None], 0.0)
+        return vox
 
     def _generator(self, cfg: dict, state: dict, salt: int) -> torch.Generator:
         device = torch.device(state["device"])
@@ -79,19 +135,31 @@ class ECDDPTask:
 
     def training_step(self, model: nn.Module, batch, state: dict):
         cfg = self.cfg
-        g = self._generator(cfg, state, salt=1)
         core = getattr(model, "module", model)
+        if self.opts["ema_timing"] == "before_forward" and state.get("micro_step", 0) == 0:
+            core.ema_update(float(state["ema_momentum"]))  # public: update_teacher(m) opens each step
+        g = self._generator(cfg, state, salt=1)
         vox = self.inputs(core, batch, cfg, g)
         loss, parts = model(vox, teacher_temp=float(state["teacher_temp"]), generator=g)
         return loss, {k: v for k, v in parts.items() if k in ("img_local", "img_global", "context", "patch")}
 
-    def before_optimizer_step(self, model: nn.Module, state: dict) -> None:
-        """Freeze the prototype layers during the first epoch(s), as DINO/ECDDP do."""
-        if state["epoch"] < self._opts(self.cfg)["freeze_last_layer_epochs"]:
+    def _freeze_last_layer(self, model: nn.Module, state: dict) -> None:
+        if state["epoch"] < self.opts["freeze_last_layer_epochs"]:
             model.cancel_last_layer_gradients()
 
+    def before_gradient_clip(self, model: nn.Module, state: dict) -> None:
+        """Public order: the prototype gradients are dropped before the norm is clipped."""
+        if self.opts["freeze_last_layer_before_clip"]:
+            self._freeze_last_layer(model, state)
+
+    def before_optimizer_step(self, model: nn.Module, state: dict) -> None:
+        """Freeze the prototype layers during the first epoch(s), after clipping, as DINO does."""
+        if not self.opts["freeze_last_layer_before_clip"]:
+            self._freeze_last_layer(model, state)
+
     def after_optimizer_step(self, model: nn.Module, state: dict) -> None:
-        model.ema_update(float(state["ema_momentum"]))
+        if self.opts["ema_timing"] == "after_step":
+            model.ema_update(float(state["ema_momentum"]))
 
     @torch.no_grad()
     def validation_step(self, model: nn.Module, batch, state: dict) -> dict:
