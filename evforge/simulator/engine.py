@@ -25,6 +25,9 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return device
 
 
+SUBSTEP_CHUNK = 32  # interpolated frames made at once (memory: SUBSTEP_CHUNK x B x H x W floats)
+
+
 class BatchEngine:
     """Simulates B slots in lockstep; each slot is one sequence at a time (restart a slot with :meth:`start`).
 
@@ -47,21 +50,29 @@ class BatchEngine:
         self.prev_t = [0] * batch
         self.substeps = [0] * batch  # simulated steps per slot, for reporting
 
+    def _between(self, frames, log1, fractions, flow, flow_valid) -> torch.Tensor:
+        """Interpolated lin-log frames (K, B, 1, H, W) at ``fractions`` (B, K)."""
+        if not self._keeps_linear:
+            return self.interp.interpolate_log(self.prev_log, log1, fractions, flow, flow_valid)
+        made = self.interp(self.prev, frames, fractions, flow=flow, flow_valid=flow_valid)
+        return torch.stack([lin_log(rgb_to_gray(f)) for f in made])
+
     def _substeps(self, frames, log1, steps, t_us, dt_us, active, flow, flow_valid) -> list[StepEvents]:
-        """Several simulated steps per frame pair, through the interpolator; the last one is the real frame."""
+        """Several simulated steps per frame pair, through the interpolator; the last one is the real frame.
+
+        The interpolated frames are made ``SUBSTEP_CHUNK`` sub-steps at a time, so memory stays bounded when
+        a recipe asks for hundreds of steps per frame pair (each interpolator treats fractions independently).
+        """
         fractions, sub_active = substep_fractions(steps, self.device)
         K = fractions.shape[1]
-        if not self._keeps_linear:
-            between = self.interp.interpolate_log(self.prev_log, log1, fractions, flow, flow_valid)
-        else:
-            made = self.interp(self.prev, frames, fractions, flow=flow, flow_valid=flow_valid)
-            between = torch.stack([lin_log(rgb_to_gray(f)) for f in made])
         out = []
         for k in range(K):
+            if k % SUBSTEP_CHUNK == 0:
+                between = self._between(frames, log1, fractions[:, k : k + SUBSTEP_CHUNK], flow, flow_valid)
             mask = [a and active[b] for b, a in enumerate(sub_active[k])]
             # the last sub-step of a slot is its real frame, not an interpolated one
             last = torch.tensor([steps[b] == k + 1 for b in range(len(steps))], device=self.device)
-            log_k = torch.where(last.view(-1, 1, 1, 1), log1, between[k])
+            log_k = torch.where(last.view(-1, 1, 1, 1), log1, between[k % SUBSTEP_CHUNK])
             t_k = [self.prev_t[b] + int(round(float(fractions[b, k]) * dt_us[b])) if mask[b] else self.prev_t[b] + 1
                    for b in range(len(mask))]
             out.append(self.sim.step(log_k[:, 0], t_k, mask, new_interval=[k == 0] * len(mask)))

@@ -93,8 +93,14 @@ class UpsampleConfig:
 
     ``mode``: ``none`` (one step per frame pair), ``linear`` (log-linear, default), ``flow`` (flow-guided,
     needs flow files, falls back to log-linear without them). The step count is the largest of
-    ``max|dlog| / max_log_step``, ``max|flow| / max_px_step`` (flow mode) and, with a low-pass,
-    ``dt * 2 pi cutoff * inten01_max / max_lowpass_eps``, clipped to ``[1, max_steps]``.
+    ``max|dlog| / max_log_step``, ``max|flow| / max_px_step`` (flow mode), with a low-pass
+    ``dt * 2 pi cutoff * inten01_max / max_lowpass_eps`` (``max_lowpass_eps = 0`` leaves this term out) and
+    ``min_steps``; rounded up to a multiple of ``step_multiple``, then clipped to ``max_steps``.
+
+    ``min_steps`` and ``step_multiple`` model a fixed interpolation in front of an adaptive one: the ECDDP
+    recipe's 30 EMA-VFI frames per TartanAir interval, each pair of which v2e's SuperSloMo upsamples by the
+    same integer factor (at least 2) so that nothing moves more than a pixel per frame, is ``min_steps=60,
+    step_multiple=30, max_px_step=1`` (see :mod:`evforge.simulator.recipes`).
     """
 
     mode: str = "linear"
@@ -102,12 +108,20 @@ class UpsampleConfig:
     max_px_step: float = 1.0
     max_lowpass_eps: float = 0.5
     max_steps: int = 16
+    min_steps: int = 1
+    step_multiple: int = 1
 
     def __post_init__(self):
         if self.mode not in ("none", "linear", "flow"):
             raise ValueError(f"unknown upsampling mode {self.mode!r}: use none, linear or flow")
-        if self.max_steps < 1:
-            raise ValueError("max_steps must be >= 1")
+        if self.max_steps < 1 or self.min_steps < 1 or self.step_multiple < 1:
+            raise ValueError("max_steps, min_steps and step_multiple must be >= 1")
+        if self.min_steps > self.max_steps:
+            raise ValueError(f"min_steps {self.min_steps} is more than max_steps {self.max_steps}")
+        if self.mode == "none" and (self.min_steps > 1 or self.step_multiple > 1):
+            raise ValueError("mode 'none' simulates one step per frame pair: min_steps and step_multiple must be 1")
+        if self.max_lowpass_eps < 0 or self.max_log_step <= 0 or self.max_px_step <= 0:
+            raise ValueError("max_log_step and max_px_step must be > 0, max_lowpass_eps >= 0 (0 = no low-pass term)")
 
     def interpolator(self) -> FrameInterpolator:
         return FlowInterpolator() if self.mode == "flow" else LogLinearInterpolator()
@@ -126,14 +140,19 @@ def choose_steps(cfg: UpsampleConfig, l0: torch.Tensor, l1: torch.Tensor, dt_s: 
     need = (l1 - l0).abs().flatten(1).amax(1) / cfg.max_log_step
     if cfg.mode == "flow" and flow is not None:
         need = torch.maximum(need, flow.norm(dim=1).flatten(1).amax(1) / cfg.max_px_step)
-    if any(c > 0 for c in cutoff_hz):
+    if cfg.max_lowpass_eps > 0 and any(c > 0 for c in cutoff_hz):
         unsettled = (l1 - l0).abs() > 1e-3
         if lowpass_state is not None:
             unsettled |= (l1[:, 0] - lowpass_state).abs().unsqueeze(1) > 1e-3
         inten = torch.where(unsettled, intensity01(inverse_lin_log(l1)), torch.zeros_like(l1)).flatten(1).amax(1)
         rate = torch.tensor([dt * 2 * math.pi * c for dt, c in zip(dt_s, cutoff_hz)], device=inten.device)
         need = torch.maximum(need, inten * rate / cfg.max_lowpass_eps)
-    return [int(min(max(1, math.ceil(float(v) - 1e-9)), cfg.max_steps)) for v in need.cpu()]
+    out = []
+    for v in need.cpu():
+        n = max(cfg.min_steps, math.ceil(float(v) - 1e-9), 1)
+        n = -(-n // cfg.step_multiple) * cfg.step_multiple  # round up to a multiple
+        out.append(int(min(n, cfg.max_steps)))
+    return out
 
 
 def substep_fractions(steps: list[int], device) -> tuple[torch.Tensor, list[list[bool]]]:

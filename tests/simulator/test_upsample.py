@@ -283,6 +283,29 @@ def test_choose_steps_differ_per_sequence_in_a_batch():
         assert alone == [steps[b]]
 
 
+def test_choose_steps_min_steps_and_multiple_model_fixed_frames_times_an_adaptive_factor():
+    # The ECDDP recipe: 30 interpolated frames per interval, each pair upsampled by the same factor >= 2
+    # so that nothing moves more than 1 px per step: 30 * max(2, ceil(flow / 30)).
+    cfg = UpsampleConfig(mode="flow", max_px_step=1.0, max_lowpass_eps=0.0, min_steps=60, step_multiple=30,
+                         max_steps=600)
+    l0, l1 = _log_pair(3.0, 3.0)
+    flow = torch.zeros(1, 2, 4, 5)
+    assert choose_steps(cfg, l0, l1, [1.0], [30.0], flow) == [60]  # static: the minimum
+    for px, expected in ((59.0, 60), (60.0, 60), (60.5, 90), (75.0, 90), (200.0, 210), (5000.0, 600)):
+        flow[0, 0, 1, 1] = px
+        assert choose_steps(cfg, l0, l1, [1.0], [30.0], flow) == [expected], px
+        assert expected == min(30 * max(2, math.ceil(px / 30)), 600)
+
+
+def test_choose_steps_lowpass_term_can_be_left_out():
+    l0 = lin_log(torch.full((1, 1, 4, 5), 100.0))
+    l1 = l0.clone()
+    l1[0, 0, 0, 0] = lin_log(torch.tensor(255.0))
+    with_lp = choose_steps(UpsampleConfig(max_lowpass_eps=0.5, max_steps=1000), l0, l1, [1.0], [30.0])
+    without = choose_steps(UpsampleConfig(max_lowpass_eps=0.0, max_steps=1000), l0, l1, [1.0], [30.0])
+    assert with_lp == [377] and without == [3]  # ceil(2 pi 30 / 0.5) vs ceil(1.0 log units / 0.4)
+
+
 # ------------------------------------------------------------------------------------------ substep_fractions
 
 
@@ -318,3 +341,11 @@ def test_config_rejects_max_steps_below_one(max_steps):
 def test_config_accepts_valid_modes():
     for mode in ("none", "linear", "flow"):
         assert UpsampleConfig(mode=mode, max_steps=1).mode == mode
+
+
+@pytest.mark.parametrize("bad", [dict(min_steps=0), dict(step_multiple=0), dict(min_steps=20, max_steps=16),
+                                 dict(mode="none", min_steps=2), dict(mode="none", step_multiple=30),
+                                 dict(max_lowpass_eps=-1.0), dict(max_px_step=0.0)])
+def test_config_rejects_inconsistent_step_options(bad):
+    with pytest.raises(ValueError):
+        UpsampleConfig(**bad)
