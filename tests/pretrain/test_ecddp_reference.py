@@ -237,3 +237,19 @@ def test_legacy_mask_ratio_matches_public_statistics(fx):
         z, m = stats(torch.bincount(ours, minlength=hist.numel()).double())
         assert z == pytest.approx(zero_share, abs=1e-9)  # exactly half the crops unmasked
         assert m == pytest.approx(mean * factor, rel=0.03), (legacy, m, mean)
+
+
+@pytest.mark.parametrize("name", ["ecddp_swin_t_reference.yaml", "ecddp_tiny_reference.yaml"])
+def test_reference_configs_carry_every_public_option(name):
+    """The shipped reference recipes set every option of ECDDPConfig.reference_defaults (and the task's)."""
+    from evforge.pretrain.ecddp.task import task_options
+    from evforge.trainer.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "evforge" / "configs" / "pretrain" / name, [])
+    model = ECDDPConfig.from_dict(cfg["task"]["model"])
+    assert {k: getattr(model, k) for k in ECDDPConfig.reference_defaults()} == ECDDPConfig.reference_defaults()
+    opts = task_options(cfg)
+    assert (opts["legacy_off_weight_zero"], opts["time_norm"], opts["min_crop_events"], opts["input_crop"],
+            opts["ema_timing"], opts["freeze_last_layer_before_clip"]) == (True, "crop", 10, "reference",
+                                                                           "before_forward", True)
+    assert model.context_weight == 1.0 and model.drop_path_rate == 0.0

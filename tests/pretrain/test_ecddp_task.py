@@ -20,6 +20,7 @@ from evforge.trainer.config import load_config
 from evforge.trainer.trainer import Trainer
 
 CONFIG = str(Path(evforge.__file__).resolve().parent / "configs" / "pretrain" / "ecddp_tiny.yaml")
+REFERENCE_CONFIG = CONFIG.replace("ecddp_tiny.yaml", "ecddp_tiny_reference.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +35,8 @@ def streams(tmp_path_factory):
     return report.out
 
 
-def _cfg(streams, *extra):
-    return load_config(CONFIG, [f"data.path={streams}", "log.progress=false", "log.tensorboard=false",
+def _cfg(streams, *extra, config=CONFIG):
+    return load_config(config, [f"data.path={streams}", "log.progress=false", "log.tensorboard=false",
                                 "checkpoint.every_n_steps=null", *extra])
 
 
@@ -110,3 +111,22 @@ def test_pretrain_and_export_cli(streams, tmp_path, capsys):
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert main(["export-backbone", str(ckpt), "--out", str(tmp_path / "b.safetensors")]) == 0
     assert main(["export-backbone", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "c.safetensors")]) == 2
+
+
+def test_reference_recipe_trains_with_the_public_options(streams, tmp_path):
+    """The public code's recipe at toy size: its options reach the model and task, and a few steps train."""
+    cfg = _cfg(streams, "trainer.max_steps=4", "trainer.log_every_n_steps=1", config=REFERENCE_CONFIG)
+    task = ECDDPTask()
+    with Trainer(cfg, task, out_dir=tmp_path / "run", resume=None) as trainer:
+        m = trainer.raw_model
+        assert (m.cfg.crop_mode, m.cfg.kmeans_init, m.cfg.kmeans_reseed_empty) == ("reference", "random", False)
+        assert m.cfg.always_partition and not m.cfg.mask_padded_keys and m.cfg.legacy_mask_ratio
+        g = m.student["image_head"].last_layer.parametrizations.weight.original0
+        assert g.requires_grad  # public: prototype norms trainable
+        assert (task.opts["time_norm"], task.opts["ema_timing"]) == ("crop", "before_forward")
+        teacher0 = {k: v.clone() for k, v in m.teacher.state_dict().items()}
+        trainer.fit()
+        moved = [k for k, v in m.teacher.state_dict().items() if not torch.equal(v, teacher0[k])]
+    losses = _losses(tmp_path / "run")
+    assert sorted(losses) == [1, 2, 3, 4] and np.isfinite(list(losses.values())).all()
+    assert moved  # the teacher follows the student (updated at the start of steps 2-4)

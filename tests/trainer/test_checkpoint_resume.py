@@ -181,3 +181,18 @@ def test_stop_signal_checkpoints_and_returns(tmp_path):
 def test_bf16_mixed_on_cpu(tmp_path):
     summary, rec, _ = _train(_cfg(precision="bf16", max_steps=3), tmp_path / "run")
     assert summary["step"] == 3 and all(np.isfinite(r["loss"]) for r in rec)
+
+
+class _ZeroBeforeClip(ToyTask):
+    """Drops every gradient in the hook that runs before clipping: the clipped norm must then be 0."""
+
+    def before_gradient_clip(self, model, state):
+        for p in model.parameters():
+            p.grad = None
+
+
+def test_before_gradient_clip_runs_before_the_norm_is_taken(tmp_path):
+    _, records, _ = _train(_cfg(max_steps=2), tmp_path / "run", task=_ZeroBeforeClip())
+    assert [r["grad_norm"] for r in records] == [0.0, 0.0]
+    _, records, _ = _train(_cfg(max_steps=2), tmp_path / "plain")
+    assert all(r["grad_norm"] > 0 for r in records)
