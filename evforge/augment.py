@@ -92,12 +92,21 @@ def select_events(batch: dict, keep: Tensor, *, rebase_time: bool = True) -> dic
 
 
 # ------------------------------------------------------------------------------------ event-space flips
-def flip_x(batch: dict, width: int, p: float = 0.5, *, generator: torch.Generator | None = None,
+def _per_event(batch: dict, value) -> Tensor | int:
+    """``value`` (a number, or a tensor with one value per sample) for every event of ``batch``."""
+    if torch.is_tensor(value):
+        return value.to(batch["t"].device)[batch["batch_index"]]
+    return value
+
+
+def flip_x(batch: dict, width, p: float = 0.5, *, generator: torch.Generator | None = None,
            which: Tensor | None = None) -> dict:
-    """Mirror ``x -> width - 1 - x`` in each sample with probability ``p`` (or the samples where ``which``)."""
+    """Mirror ``x -> width - 1 - x`` in each sample with probability ``p`` (or the samples where ``which``).
+    ``width`` is one number or one per sample (MEM's per-sample extent, ``mem/datasets.py:513-521``)."""
     flip = _bernoulli(batch, p, generator, which)[batch["batch_index"]]
     x = batch["x"]
-    return _with(batch, x=torch.where(flip, (width - 1) - x, x))
+    w = _per_event(batch, width)
+    return _with(batch, x=torch.where(flip, (w - 1) - x, x).to(x.dtype))
 
 
 def flip_y(batch: dict, height: int, p: float = 0.5, *, generator: torch.Generator | None = None,
@@ -133,18 +142,18 @@ def time_flip(batch: dict, p: float = 0.5, *, generator: torch.Generator | None 
 
 
 # --------------------------------------------------------------------------------- dropping events
-def shift(batch: dict, max_shift: int, height: int, width: int, *, generator: torch.Generator | None = None,
+def shift(batch: dict, max_shift: int, height, width, *, generator: torch.Generator | None = None,
           shifts: Tensor | None = None) -> dict:
     """Shift each sample by a random integer ``(dx, dy)`` in ``[-max_shift, max_shift]`` (MEM's
-    ``Aug_RandomShiftEvs``); events leaving the ``height x width`` sensor are dropped. ``shifts`` (B, 2)
-    gives the ``(dx, dy)`` explicitly."""
+    ``Aug_RandomShiftEvs``); events leaving the ``height x width`` sensor are dropped (``height`` and ``width``:
+    numbers, or one per sample). ``shifts`` (B, 2) gives the ``(dx, dy)`` explicitly."""
     dev = batch["t"].device
     if shifts is None:
         shifts = _randint(-max_shift, max_shift + 1, (_num_samples(batch), 2), generator, dev)
     d = shifts.to(dev)[batch["batch_index"]]
     x = batch["x"] + d[:, 0].to(batch["x"].dtype)
     y = batch["y"] + d[:, 1].to(batch["y"].dtype)
-    keep = (x >= 0) & (x < width) & (y >= 0) & (y < height)
+    keep = (x >= 0) & (x < _per_event(batch, width)) & (y >= 0) & (y < _per_event(batch, height))
     return select_events(_with(batch, x=x, y=y), keep)
 
 

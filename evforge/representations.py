@@ -5,13 +5,14 @@ p, batch_index, offsets``; tensors on any device, CPU or CUDA) and returns a ``(
 on the events' device. Events are scattered with one ``index_add_`` into the flat index
 ``((b * C + c) * H + y) * W + x``: no padding and no Python loop over samples or events (only over the two
 bilinear time neighbours). Events outside the ``height x width`` sensor (e.g. after a shift) are dropped,
-never wrapped.
+never wrapped (unless :func:`stacked_histograms` is asked to reproduce the public DSEC loader's row wrap).
 
 Representations:
 
 * :func:`voxel_grid` — ECDDP's input (B bins, bilinear in time, with or without polarity split);
 * :func:`histogram` — 2-channel count image (ON, OFF);
-* :func:`mem_image` — MEM's 3-channel image (pos, 0, neg), hot pixels removed, max-normalised;
+* :func:`mem_counts`, :func:`mem_image` — MEM's 3-channel image (pos, 0, neg), hot pixels removed,
+  max-normalised;
 * :func:`stacked_histograms` — ECDDP's DSEC input (the last ``chunks * events_per_chunk`` events as
   ``chunks`` 2-channel histograms).
 """
@@ -21,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["voxel_grid", "histogram", "mem_image", "stacked_histograms", "remove_hot_pixels",
+__all__ = ["voxel_grid", "histogram", "mem_counts", "mem_image", "stacked_histograms", "remove_hot_pixels",
            "normalize_max", "normalize_nonzero_std", "time_flip_voxel"]
 
 
@@ -163,7 +164,7 @@ def histogram(batch: dict, *, height: int, width: int) -> Tensor:
 
 
 def stacked_histograms(batch: dict, *, chunks: int, events_per_chunk: int, height: int, width: int,
-                       neg_first: bool = False) -> Tensor:
+                       neg_first: bool = False, wrap_negative_rows: bool = False) -> Tensor:
     """ECDDP's DSEC input: ``(B, 2 * chunks, H, W)``, chunk ``j`` in channels ``2j, 2j + 1`` (oldest first).
 
     Per sample, the last ``n = min(count, chunks * events_per_chunk)`` events are loaded and split into
@@ -171,7 +172,14 @@ def stacked_histograms(batch: dict, *, chunks: int, events_per_chunk: int, heigh
     ``[j * k, (j + 1) * k)``. When the sample is shorter than ``chunks * events_per_chunk`` this is ECDDP's
     rule (``nr_events_loaded // nr_events_data``): the ``n % chunks`` newest events fall in no chunk, and a
     sample with fewer than ``chunks`` events is all zeros. Each chunk is a 2-channel count histogram, ON then
-    OFF; ``neg_first=True`` gives ECDDP's ``generate_event_histogram`` order (OFF, ON).
+    OFF; ``neg_first=True`` gives ECDDP's ``generate_event_histogram`` order (OFF, ON). Events outside the
+    sensor are dropped after the chunks are formed (they count towards ``n``, as in the public loader when
+    the coordinates come from an in-loader rectification, :mod:`evforge.finetune.rectify`).
+
+    ``wrap_negative_rows=True`` reproduces a quirk of the public ``generate_event_histogram``
+    (data/seg_utils.py:324): its bounds check reads ``height >= 0`` where ``y >= 0`` was meant, so an event
+    with ``-H <= y < 0`` (and x on the sensor) reaches ``np.add.at`` with the negative flat index
+    ``x + W * y``, which numpy wraps to row ``H + y``. Rows below ``-H`` (an IndexError there) are dropped.
     """
     if chunks < 1 or events_per_chunk < 1:
         raise ValueError(f"chunks and events_per_chunk must be >= 1, got {chunks}, {events_per_chunk}")
@@ -182,6 +190,8 @@ def stacked_histograms(batch: dict, *, chunks: int, events_per_chunk: int, heigh
     start = offsets[1:] - n_used  # index of the first loaded event of each sample
     j = torch.arange(t.shape[0], device=t.device) - start[bi]  # position within the loaded window
     k_e = k[bi]
+    if wrap_negative_rows:
+        y = torch.where((y < 0) & (y >= -height), y + height, y)
     keep = (j >= 0) & (j < chunks * k_e) & _in_sensor(x, y, height, width)
     chunk = torch.div(j.clamp(min=0), k_e.clamp(min=1), rounding_mode="floor")
     c = 2 * chunk + ((p > 0) if neg_first else (p < 0)).long()
@@ -189,22 +199,29 @@ def stacked_histograms(batch: dict, *, chunks: int, events_per_chunk: int, heigh
 
 
 # -------------------------------------------------------------------------------------------------- MEM
+def mem_counts(batch: dict, *, height: int, width: int, wrap_uint8: bool = False) -> Tensor:
+    """MEM's 3-channel count image ``(B, 3, H, W)``: (ON count, zeros, OFF count), as ``EventArrToImg``
+    (``mem/datasets.py:566-595``) builds it: events with ``p > 0`` count as ON, ``p < 0`` as OFF and ``p == 0``
+    in neither (MEM counts ``p == 1`` and ``p == -1`` only; its N-Cars files store OFF as 0, see
+    :mod:`evforge.pretrain.mem.inputs`). MEM counts into ``uint8``, so a pixel with 256 events reads 0:
+    ``wrap_uint8=True`` reproduces that (counts mod 256); the default keeps exact counts."""
+    x, y, t, p, bi, _ = _columns(batch)
+    B = _num_samples(batch)
+    keep = _in_sensor(x, y, height, width) & (p != 0)
+    c = torch.where(p < 0, 2, 0)  # channel 1 is MEM's (unused) time-surface slot
+    counts = _scatter((B, 3, height, width), bi, c, y, x, None, keep)
+    return torch.remainder(counts, 256) if wrap_uint8 else counts
+
+
 def mem_image(batch: dict, *, height: int, width: int, hot_pixel_std: float | None = 10.0,
               normalize: bool = True, wrap_uint8: bool = False) -> Tensor:
-    """MEM's 3-channel event image ``(B, 3, H, W)``: (ON count, zeros, OFF count).
-
-    Follows ``tum-vision/mem`` (``mem/datasets.py: EventArrToImg``, ``mem/transforms.py: RemoveHotPixels,
-    NormalizeEvent``): counts -> :func:`remove_hot_pixels` (``hot_pixel_std`` std, None to skip) ->
-    :func:`normalize_max` (``normalize``). MEM counts into a ``uint8`` array, so a pixel with 256 events reads
-    0: ``wrap_uint8=True`` reproduces that (counts mod 256); the default keeps exact counts. MEM also divides
-    by 255 (``ToTensor``) and resizes before the hot-pixel filter; the /255 cancels in the max normalisation,
-    and for MEM's exact order build with ``hot_pixel_std=None, normalize=False``, resize, then apply the two
-    filters to the resized tensor.
-    """
-    counts = histogram(batch, height=height, width=width)
-    if wrap_uint8:
-        counts = torch.remainder(counts, 256)  # np.add.at into uint8 wraps around
-    img = torch.cat([counts[:, :1], torch.zeros_like(counts[:, :1]), counts[:, 1:]], 1)
+    """MEM's event image at the sensor size, ``(B, 3, H, W)``: :func:`mem_counts`, then
+    :func:`remove_hot_pixels` (``hot_pixel_std`` std, None to skip) and :func:`normalize_max` (``normalize``),
+    as ``mem/datasets.py:635-653`` without the resize (and without MEM's ``ToTensor`` division by 255, which
+    the max normalisation cancels). MEM resizes before the two filters:
+    :func:`evforge.pretrain.mem.inputs.mem_inputs` is the whole pipeline (canvas, resize, augmentations) that
+    MEM's pretraining and finetuning share."""
+    img = mem_counts(batch, height=height, width=width, wrap_uint8=wrap_uint8)
     if hot_pixel_std is not None:
         img = remove_hot_pixels(img, hot_pixel_std)
     if normalize:
@@ -215,9 +232,9 @@ def mem_image(batch: dict, *, height: int, width: int, hot_pixel_std: float | No
 def remove_hot_pixels(img: Tensor, num_stds: float = 10.0) -> Tensor:
     """MEM's hot-pixel filter on ``(B, 3, H, W)`` images (polarity channels 0 and 2), per sample.
 
-    As MEM's ``RemoveHotPixels``: the threshold is ``mean + num_stds * std`` over all ``2 * H * W`` values of
-    the two polarity channels (zeros included, unbiased std as ``torch.std``); a pixel is hot when either
-    polarity count exceeds it, and then both polarity channels are zeroed there.
+    As MEM's ``RemoveHotPixels`` (``mem/transforms.py:249-275``): the threshold is ``mean + num_stds * std``
+    over all ``2 * H * W`` values of the two polarity channels (zeros included, unbiased std as ``torch.std``);
+    a pixel is hot when either polarity value exceeds it, and then both polarity channels are zeroed there.
     """
     pol = img[:, 0::2]
     flat = pol.reshape(pol.shape[0], -1)
@@ -228,9 +245,10 @@ def remove_hot_pixels(img: Tensor, num_stds: float = 10.0) -> Tensor:
 
 
 def normalize_max(img: Tensor) -> Tensor:
-    """MEM's ``NormalizeEvent``: per sample, divide the polarity channels (0 and 2) by their joint maximum
-    (one factor for both channels); an all-zero sample is unchanged."""
+    """MEM's ``NormalizeEvent`` (``mem/transforms.py:225-237``): per sample, the polarity channels (0 and 2)
+    times ``1 / max`` of both (one factor; multiplying by the float32 reciprocal, as MEM does, not dividing,
+    so results match to the bit); an all-zero sample is unchanged."""
     m = img[:, 0::2].amax(dim=(1, 2, 3), keepdim=True)
     out = img.clone()
-    out[:, 0::2] = img[:, 0::2] / torch.where(m > 0, m, torch.ones_like(m))
+    out[:, 0::2] = img[:, 0::2] * torch.where(m > 0, 1.0 / m, torch.ones_like(m))
     return out
