@@ -7,13 +7,18 @@ A spec is one of::
     {linear:  {start: 0.04, end: 0.07, epochs: 30}}            # then constant at end
     {cosine:  {start: 0.992, end: 1.0}}                        # over the whole run by default
     {warmup_cosine: {start: 0, peak: 5e-4, end: 1e-6, warmup_epochs: 10, batch_ref: 256}}
+    {exponential: {start: 2e-4, factor: 0.99, every_epochs: 1}}  # x factor once per period (ExponentialLR)
 
 Durations are ``total_steps`` or ``epochs`` (default: the whole run) and, for ``warmup_cosine``, ``warmup_steps``
 or ``warmup_epochs`` (part of the total; a warmup longer than the run just never peaks); epochs become
 optimizer steps with ``steps_per_epoch`` (rounded).
 ``linear`` and ``cosine`` go from ``start`` at step 0 to ``end`` at step = their duration, and stay there.
 ``warmup_cosine`` rises linearly from ``start`` (step 0) to ``peak`` (step ``warmup``), then follows a half cosine
-to ``end`` at the total. ``batch_ref: B`` applies the linear scaling rule: the peak (``warmup_cosine``), ``start``
+to ``end`` at the total; with ``warmup_linspace: true`` the rise is ``np.linspace(start, peak, warmup)``, at
+``peak`` one step earlier (BEiT/MEM's ``utils.cosine_scheduler``). ``exponential`` multiplies ``start`` by ``factor``
+at steps ``offset, offset + every, ...`` (``every_steps`` or ``every_epochs``; ``offset_steps`` defaults to one
+period: the decay at each period's end, as an ``ExponentialLR`` stepped per epoch; MEM's tokenizer steps it
+after the first step of each epoch, ``offset_steps: 1``), never below ``end`` (default 0). ``batch_ref: B`` applies the linear scaling rule: the peak (``warmup_cosine``), ``start``
 (``linear``/``cosine``) or ``value`` (``constant``) is multiplied by ``global_batch / B``; ends are not scaled
 (as in DINO/ECDDP: ``lr = 5e-4 * B / 256``, ``min_lr = 1e-6``).
 """
@@ -32,10 +37,11 @@ _KEYS = {
     "linear": {"start", "end", "total_steps", "epochs", "batch_ref"},
     "cosine": {"start", "end", "total_steps", "epochs", "batch_ref"},
     "warmup_cosine": {"start", "peak", "end", "warmup_steps", "warmup_epochs", "total_steps", "epochs",
-                      "batch_ref"},
+                      "batch_ref", "warmup_linspace"},
+    "exponential": {"start", "factor", "every_steps", "every_epochs", "offset_steps", "end", "batch_ref"},
 }
 _REQUIRED = {"constant": {"value"}, "linear": {"start", "end"}, "cosine": {"start", "end"},
-             "warmup_cosine": {"peak", "end"}}
+             "warmup_cosine": {"peak", "end"}, "exponential": {"start", "factor"}}
 
 
 @dataclass(frozen=True)
@@ -48,14 +54,22 @@ class Schedule:
     peak: float = 0.0
     warmup: int = 0
     total: int = 0
+    factor: float = 1.0    # exponential
+    every: int = 1         # exponential: steps per decay
+    offset: int = 1        # exponential: step of the first decay
+    linspace: bool = False  # warmup_cosine: np.linspace warmup (peak at step warmup - 1)
 
     def value(self, step: int) -> float:
         """The value for optimizer step ``step`` (0-based; steps past the duration keep the end value)."""
         if self.kind == "constant":
             return self.start
+        if self.kind == "exponential":
+            k = 0 if step < self.offset else (step - self.offset) // self.every + 1
+            return max(self.start * self.factor ** k, self.end)
         if self.kind == "warmup_cosine":
             if step < self.warmup:
-                return self.start + (self.peak - self.start) * step / self.warmup
+                den = self.warmup - 1 if self.linspace else self.warmup
+                return self.start + (self.peak - self.start) * step / den if den > 0 else self.peak
             span = self.total - self.warmup
             t = 1.0 if span <= 0 else min(max(step - self.warmup, 0) / span, 1.0)
             return self.end + (self.peak - self.end) * 0.5 * (1.0 + math.cos(math.pi * t))
@@ -123,12 +137,22 @@ def make_schedule(spec, *, name: str = "schedule", steps_per_epoch: int | None =
     if kind == "constant":
         v = _number(name, "value", args["value"]) * scale
         return Schedule("constant", v, v)
+    if kind == "exponential":
+        every = _steps(name, args, "every_steps", "every_epochs", steps_per_epoch, None)
+        if every < 1:
+            raise ConfigError(f"{name}: the decay period must be at least one step, got {every}")
+        offset = args.get("offset_steps", every)
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ConfigError(f"{name}.offset_steps: expected a non-negative integer, got {offset!r}")
+        return Schedule(kind, _number(name, "start", args["start"]) * scale, _number(name, "end", args.get("end", 0.0)),
+                        factor=_number(name, "factor", args["factor"]), every=every, offset=offset)
     total = _steps(name, args, "total_steps", "epochs", steps_per_epoch, total_steps)
     end = _number(name, "end", args["end"])
     if kind == "warmup_cosine":
         warmup = _steps(name, args, "warmup_steps", "warmup_epochs", steps_per_epoch, 0)
         return Schedule(kind, _number(name, "start", args.get("start", 0.0)), end,
-                        peak=_number(name, "peak", args["peak"]) * scale, warmup=warmup, total=total)
+                        peak=_number(name, "peak", args["peak"]) * scale, warmup=warmup, total=total,
+                        linspace=bool(args.get("warmup_linspace", False)))
     return Schedule(kind, _number(name, "start", args["start"]) * scale, end, total=total)
 
 
