@@ -138,7 +138,8 @@ def make_schedule(spec, *, name: str = "schedule", steps_per_epoch: int | None =
         v = _number(name, "value", args["value"]) * scale
         return Schedule("constant", v, v)
     if kind == "exponential":
-        every = _steps(name, args, "every_steps", "every_epochs", steps_per_epoch, None)
+        period = {k: v for k, v in args.items() if k in ("every_steps", "every_epochs") and v is not None}
+        every = _steps(name, period, "every_steps", "every_epochs", steps_per_epoch, None)
         if every < 1:
             raise ConfigError(f"{name}: the decay period must be at least one step, got {every}")
         offset = args.get("offset_steps", every)
