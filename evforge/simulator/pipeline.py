@@ -50,6 +50,7 @@ class SimulateConfig:
     compression: str = "zstd"
     save_frames: bool = True
     overwrite: bool = False
+    recipe: str | None = None  # the data recipe these settings come from (evforge.simulator.recipes), if any
 
     def params(self) -> DVSParams:
         return get_preset(self.preset, **self.overrides)
@@ -95,6 +96,8 @@ def _stream_attrs(cfg: SimulateConfig, seq: FrameSequence, params: DVSParams, se
         "device": str(device), "torch_version": torch.__version__, "python": platform.python_version(),
         "num_frames": len(seq), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if cfg.recipe:
+        attrs["recipe"] = cfg.recipe
     attrs.update(params.to_dict())  # every pixel-model parameter under its v2e name
     return attrs
 
