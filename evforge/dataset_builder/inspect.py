@@ -17,6 +17,7 @@ import numpy as np
 from ..errors import InputError
 from ..streamfile import StreamFile, _decode_attr
 from .manifest import MANIFEST_NAME, Manifest, compute_stats, verify
+from .recipe_report import format_recipe_summary, recipe_summary
 from .shards import RAW_EVENT_BYTES, ShardReader
 
 __all__ = ["inspect_path", "format_report", "verify_dataset", "file_format", "compression_of"]
@@ -155,6 +156,7 @@ def _inspect_dataset(manifest_path: Path) -> dict:
                    "ratio": _ratio(m.num_events, total_bytes)},
         "provenance": {k: m.provenance.get(k) for k in ("converter", "source_root", "created", "evforge_version")},
         "problems": problems,
+        "recipe": recipe_summary(m, root),  # None unless made with a data recipe
     }
 
 
@@ -192,6 +194,9 @@ def _inspect_stream(path: Path) -> dict:
         duration = (max(ends) + 1 - sf.t_offset) if ends else 0
         dt = np.diff(ft)
         size = path.stat().st_size
+        # events per source-frame interval, from frames/event_idx (no event reads)
+        per_interval = np.diff(sf.frame_event_idx) if len(ft) >= 2 else np.zeros(0, np.int64)
+        rates = per_interval[dt > 0] / (dt[dt > 0] * 1e-6)
         return {
             "type": "stream", "path": str(path), "sensor_size": [sf.width, sf.height],
             "num_events": sf.num_events, "t_offset": sf.t_offset, "duration_us": int(duration),
@@ -199,8 +204,21 @@ def _inspect_stream(path: Path) -> dict:
             "num_frames": len(ft), "frame_rate_hz": 1e6 / float(np.median(dt)) if len(dt) and np.median(dt) > 0
             else None, "gray_frames": sf.has_frames, "bytes": size,
             "compression": compression_of(sf._cols["x"]), "ratio": _ratio(sf.num_events, size),
-            "attrs": dict(sf.attrs),
+            "intervals": {"count": int(len(dt)), "length_us": _minmax(dt), "events": _minmax(per_interval, True),
+                          "event_rate_hz": _minmax(rates, True)},
+            "recipe": sf.attrs.get("recipe"), "attrs": dict(sf.attrs),
         }
+
+
+def _minmax(values, median: bool = False) -> dict | None:
+    """min / max (and median) of an array, None when empty."""
+    v = np.asarray(values)
+    if not len(v):
+        return None
+    out = {"min": v.min().item(), "max": v.max().item()}
+    if median:
+        out["median"] = float(np.median(v))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -295,6 +313,8 @@ def format_report(d: dict) -> str:
                              for n, s in d["subsets"].items()])
         if d.get("problems"):
             lines += ["", "problems (stats from the manifest for those splits):", *d["problems"]]
+        if d.get("recipe"):
+            lines += ["", *format_recipe_summary(d["recipe"], _table)]
     elif d["type"] == "shard":
         lines += [f"shard     {d['path']}  ({d['kind']}, {w}x{h})",
                   f"size      {_bytes(d['bytes'])}, {d['compression']} (ratio {d['ratio'] or '-'}x)", ""]
@@ -314,6 +334,14 @@ def format_report(d: dict) -> str:
                   f"({_si(d['event_rate_hz'])} events/s)",
                   f"frames    {d['num_frames']} at {_si(d['frame_rate_hz'])} Hz, gray images "
                   f"{'stored' if d['gray_frames'] else 'not stored'}"]
+        iv = d.get("intervals") or {}
+        if iv.get("count"):
+            length, ev, rate = iv["length_us"], iv["events"], iv["event_rate_hz"]
+            span = (f"{length['min'] / 1e6:.6f} s" if length["min"] == length["max"]
+                    else f"{length['min'] / 1e6:.6f}-{length['max'] / 1e6:.6f} s")
+            lines.append(f"intervals {iv['count']} of {span}, events median {_num(ev['median'])} "
+                         f"[{_num(ev['min'])}-{_num(ev['max'])}], rate median {_si(rate['median']) if rate else '-'}"
+                         f"/s{'' if not d.get('recipe') else ', recipe ' + str(d['recipe'])}")
         if d["attrs"]:
             lines.append("attrs     " + _short(d["attrs"]))
     return "\n".join(lines)

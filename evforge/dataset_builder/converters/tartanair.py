@@ -15,6 +15,16 @@ Split by environment, as ECDDP holds out whole scenes: ``test`` for environments
 hospital, gascola, neighborhood; case-insensitive), ``train`` for the rest. The environment is the folder above
 ``Easy``/``Hard`` (else the first folder below the source, else the source folder's own name).
 
+With ``recipe`` (``"ecddp"``, see :mod:`evforge.simulator.recipes`) the samples are the recipe's instead: one
+per source-frame interval (``frame_times`` = the interval's two frame times, the events in ``[t_i, t_{i+1})``),
+key ``<trajectory>/<i:06d>_<i+1:06d>`` as the public code's file names, kept or dropped by the recipe's rule
+(:mod:`.etartanair_intervals`: interval 0, the last interval, and intervals whose own or previous
+reference-layout file is under 100 KiB), attrs = env, trajectory, interval, the trajectory's interval count,
+the reference file sizes, seed and shot-noise rate. The stream files must have the recipe's time base (frames
+exactly ``interval_s`` apart), else the scan fails naming the file; ``simulate=True`` simulates with it. The
+selection options (``drop_first_interval``, ``drop_last_interval``, ``min_interval_bytes``,
+``min_interval_events``, ``float32_time``) replace the recipe's.
+
 Memory: a sequence is read whole (one Sample holds one array); TartanAir trajectories are tens of millions of
 events at most (a few hundred MB as EVENT_DTYPE), which a conversion worker can hold.
 """
@@ -31,6 +41,7 @@ from evforge.errors import InputError
 from evforge.streamfile import StreamFile
 
 from .base import DatasetPlan, Sample, SourceItem
+from .etartanair_intervals import interval_bounds, reference_file_bytes, reference_times, select_intervals
 
 __all__ = ["TartanAirConverter", "DEFAULT_TEST_ENVS"]
 
@@ -65,20 +76,40 @@ class TartanAirConverter:
     name = "tartanair"
     kind = "streams"
 
-    def scan(self, src, *, test_envs=DEFAULT_TEST_ENVS, simulate: bool = False, out=None, streams_dir=None,
-             preset: str = "default", overrides: dict | None = None, resolution=None, device: str = "auto",
-             batch: int = 4, seed: int = 0, progress: bool = False) -> DatasetPlan:
+    def scan(self, src, *, test_envs=None, simulate: bool = False, out=None, streams_dir=None,
+             preset: str | None = None, overrides: dict | None = None, resolution=None, device: str = "auto",
+             batch: int = 4, seed: int = 0, progress: bool = False, recipe: str | None = None,
+             drop_first_interval: bool | None = None, drop_last_interval: bool | None = None,
+             min_interval_bytes: int | None = None, min_interval_events: int | None = None,
+             float32_time: bool | None = None) -> DatasetPlan:
         """List the stream files (simulating them first with ``simulate=True``), check that their sensor sizes
-        agree, and split them by environment."""
+        (and, with a recipe, their time base) agree, and split them by environment."""
+        rec = None
+        if recipe is not None:
+            from evforge.simulator.recipes import get_recipe
+
+            rec = get_recipe(recipe, drop_first_interval=drop_first_interval, drop_last_interval=drop_last_interval,
+                             min_interval_bytes=min_interval_bytes, min_interval_events=min_interval_events,
+                             float32_time=float32_time)
+        elif any(v is not None for v in (drop_first_interval, drop_last_interval, min_interval_bytes,
+                                         min_interval_events, float32_time)):
+            raise ValueError("tartanair: the interval options (drop_*_interval, min_interval_*, float32_time) "
+                             "belong to a recipe: pass recipe='ecddp'")
+        if test_envs is None:
+            test_envs = rec.test_envs if rec is not None else DEFAULT_TEST_ENVS
         if isinstance(test_envs, str):
             test_envs = [e for e in test_envs.split(",") if e.strip()]
         test_set = {str(e).strip().lower() for e in test_envs}
         src = Path(src)
         params = {"test_envs": sorted(test_set), "simulate": bool(simulate),
                   "sample_definition": "ECDDP: events between consecutive source frames (frame_window)"}
+        if rec is not None:
+            params.update(recipe=rec.to_dict(), allow_empty=True,
+                          sample_definition=f"recipe {rec.name}: one sample per source-frame interval "
+                                            f"({rec.interval_s:g} s), selected by the recipe's rule")
         if simulate:
             root, files, sim = self._simulate(src, out, streams_dir, preset, overrides, resolution, device, batch,
-                                              seed, progress)
+                                              seed, progress, rec)
             params.update(streams_dir=str(root), simulate_config=sim)
         else:
             if not src.is_dir():
@@ -95,6 +126,8 @@ class TartanAirConverter:
                 elif (sf.width, sf.height) != size:
                     raise InputError(path, f"sensor size {sf.width}x{sf.height} differs from {size[0]}x{size[1]} "
                                            f"of {first}")
+                if rec is not None:
+                    _check_time_base(path, sf.frame_times, rec)
             rel = path.relative_to(root)
             env = environment(rel, root)
             split = "test" if env.lower() in test_set else "train"
@@ -103,17 +136,25 @@ class TartanAirConverter:
         return DatasetPlan(name=self.name, kind=self.kind, sensor_size=size, classes=[], items=items, params=params)
 
     @staticmethod
-    def _simulate(src, out, streams_dir, preset, overrides, resolution, device, batch, seed, progress):
-        """Run the simulator into the streams folder; returns (folder, stream files, config as a dict)."""
+    def _simulate(src, out, streams_dir, preset, overrides, resolution, device, batch, seed, progress, recipe):
+        """Run the simulator into the streams folder; returns (folder, stream files, config as a dict).
+
+        With a recipe its settings (time base, preset, resolution, upsampling) are used; ``preset``,
+        ``overrides`` and ``resolution`` given explicitly still replace them (e.g. a small resolution to try).
+        """
         from evforge.simulator.pipeline import SimulateConfig, simulate_sequences
         from evforge.simulator.sources import discover_sequences
 
         if streams_dir is None and out is None:
             raise ValueError("tartanair: simulate=True needs out= (streams go to <out>/_streams) or streams_dir=")
         root = Path(streams_dir) if streams_dir is not None else Path(out) / "_streams"
-        cfg = SimulateConfig(preset=preset, overrides=dict(overrides or {}), resolution=resolution, device=device,
-                             batch=batch, seed=seed, save_frames=False)
-        sequences = discover_sequences(src)
+        run = dict(overrides=dict(overrides or {}), device=device, batch=batch, seed=seed, save_frames=False)
+        if recipe is not None:
+            cfg = recipe.simulate_config(preset=preset, resolution=resolution, **run)
+            sequences = discover_sequences(src, fps=recipe.fps)
+        else:
+            cfg = SimulateConfig(preset=preset or "default", resolution=resolution, **run)
+            sequences = discover_sequences(src)
         results = simulate_sequences(sequences, root, cfg, progress=progress, log=lambda message: None)
         for seq, r in zip(sequences, results):
             if r.status == "failed":
@@ -122,18 +163,69 @@ class TartanAirConverter:
         return root, [r.path for r in results], _jsonable(config)
 
     def read(self, item: SourceItem, plan: DatasetPlan) -> list[Sample]:
-        """All events and frame times of one stream file (the file is checked against the plan's sensor)."""
+        """All events and frame times of one stream file (the file is checked against the plan's sensor), or,
+        with a recipe, its kept intervals."""
         env, rel = item.extra
         with StreamFile(item.path) as sf:
             if (sf.width, sf.height) != tuple(plan.sensor_size):
                 raise InputError(item.path, f"sensor size {sf.width}x{sf.height} differs from the dataset's "
                                             f"{plan.sensor_size[0]}x{plan.sensor_size[1]}")
-            if sf.num_events == 0:
+            if sf.num_events == 0 and "recipe" not in plan.params:
                 return []
             try:
                 events = sf.events()
             except OSError as err:
                 raise InputError(item.path, f"cannot read events ({err})") from None
             attrs = _jsonable(dict(sf.attrs))
-            attrs.update(env=env, stream_file=rel)
-            return [Sample(key=item.key, events=events, label=-1, frame_times=sf.frame_times.copy(), attrs=attrs)]
+            frame_times = sf.frame_times.copy()
+        if "recipe" in plan.params:
+            return _interval_samples(item, env, rel, events, frame_times, attrs, plan.params["recipe"])
+        attrs.update(env=env, stream_file=rel)
+        return [Sample(key=item.key, events=events, label=-1, frame_times=frame_times, attrs=attrs)]
+
+
+def _check_time_base(path, frame_times: np.ndarray, recipe) -> None:
+    """A recipe's stream files have a frame every ``interval_s`` exactly (else they were simulated otherwise)."""
+    gaps = np.diff(frame_times)
+    if len(frame_times) < 2:
+        raise InputError(path, f"{len(frame_times)} frame(s): recipe {recipe.name!r} needs at least one interval")
+    bad = np.flatnonzero(gaps != recipe.interval_us)
+    if bad.size:
+        i = int(bad[0])
+        raise InputError(path, f"frames {i} and {i + 1} are {int(gaps[i])} us apart; recipe {recipe.name!r} has "
+                               f"{recipe.interval_us} us per interval (simulate with --recipe {recipe.name})")
+
+
+def _interval_samples(item: SourceItem, env: str, rel: str, events: np.ndarray, frame_times: np.ndarray,
+                      attrs: dict, recipe: dict) -> list[Sample]:
+    """The kept intervals of one trajectory as samples (see the module docstring)."""
+    t0 = int(frame_times[0])
+    t_rel = reference_times(events["t"], t0, recipe["float32_time"])
+    if recipe["float32_time"]:  # the samples carry the public code's rounded times
+        events = events.copy()
+        events["t"] = t_rel + t0
+    bounds = interval_bounds(t_rel, frame_times - t0)
+    counts = np.diff(bounds)
+    n = len(counts)
+    sizes = None
+    if recipe["min_interval_events"] is None and recipe["min_interval_bytes"] > 0:
+        # the last interval's size matters to no sample when it is dropped (it is nobody's previous interval)
+        sized = n - 1 if recipe["drop_last_interval"] else n
+        sizes = np.zeros(n, dtype=np.int64)
+        for i in range(sized):
+            a, b = bounds[i], bounds[i + 1]
+            sizes[i] = reference_file_bytes(events["x"][a:b], events["y"][a:b], events["p"][a:b], t_rel[a:b])
+    sel = select_intervals(counts, sizes, drop_first=recipe["drop_first_interval"],
+                           drop_last=recipe["drop_last_interval"], min_bytes=recipe["min_interval_bytes"],
+                           min_events=recipe["min_interval_events"])
+    common = {"env": env, "trajectory": item.key, "stream_file": rel, "intervals": n, "seed": attrs.get("seed"),
+              "shot_noise_rate_hz": attrs.get("shot_noise_rate_hz")}
+    samples = []
+    for i in sel.kept:
+        a, b = bounds[i], bounds[i + 1]
+        sample_attrs = dict(common, interval=int(i))
+        if sizes is not None:
+            sample_attrs.update(bytes=int(sizes[i]), previous_bytes=int(sizes[i - 1]) if i > 0 else None)
+        samples.append(Sample(key=f"{item.key}/{i:06d}_{i + 1:06d}", events=events[a:b], label=-1,
+                              frame_times=frame_times[i : i + 2].copy(), attrs=sample_attrs))
+    return samples
