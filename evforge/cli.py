@@ -12,14 +12,19 @@ from .errors import InputError
 
 def _add_simulate(sub) -> None:
     from .simulator.params import PRESETS, RESOLUTIONS
+    from .simulator.recipes import RECIPES
 
     p = sub.add_parser("simulate", help="turn RGB video / image folders / TartanAir into DVS event streams",
                        description="Simulate a DVS on every sequence found under INPUT and write one HDF5 "
                                    "stream file per sequence to OUT (reruns skip finished sequences).")
     p.add_argument("input", help="TartanAir v1/v2 root, environment or trajectory; image folder; video file")
     p.add_argument("--out", required=True, help="output folder (one <sequence>.h5 per sequence)")
-    p.add_argument("--preset", default="default", choices=sorted(PRESETS),
-                   help="pixel-model preset (v2e's defaults, ideal, clean, noisy, ecddp)")
+    p.add_argument("--recipe", default=None, choices=sorted(RECIPES),
+                   help="a data recipe: its time base (--fps), preset, resolution and upsampling, which the flags "
+                        "given here replace; ecddp = E-TartanAir (1 s per TartanAir interval)")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="pixel-model preset (v2e's defaults, ideal, clean, noisy, ecddp; default: default, or the "
+                        "recipe's)")
     g = p.add_argument_group("pixel model (v2e names; override the preset)")
     for name, help_ in [("pos_thres", "ON threshold, log units"), ("neg_thres", "OFF threshold, log units"),
                         ("sigma_thres", "threshold mismatch std"), ("cutoff_hz", "photoreceptor cutoff, 0 = off"),
@@ -29,12 +34,14 @@ def _add_simulate(sub) -> None:
                         ("leak_jitter_fraction", "leak rate jitter"),
                         ("noise_rate_cov_decades", "leak rate spread across pixels, decades")]:
         g.add_argument("--" + name.replace("_", "-"), dest=name, type=float, default=None, help=help_)
-    p.add_argument("--resolution", default="native",
-                   help=f"native, {', '.join(sorted(RESOLUTIONS))}, or WxH (area resampling)")
-    p.add_argument("--upsample", default="linear", choices=["none", "linear", "flow"],
+    p.add_argument("--resolution", default=None,
+                   help=f"native (default), {', '.join(sorted(RESOLUTIONS))}, or WxH (area resampling)")
+    p.add_argument("--upsample", default=None, choices=["none", "linear", "flow"],
                    help="frames between source frames: none, log-linear (default), flow-guided")
-    p.add_argument("--max-steps", type=int, default=16, help="most simulation steps per source frame pair")
-    p.add_argument("--fps", type=float, default=None, help="source frame rate (TartanAir: 10 unless given)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="most simulation steps per source frame pair (default 16)")
+    p.add_argument("--fps", type=float, default=None,
+                   help="source frame rate (TartanAir: 10 unless given, or 1 / the recipe's interval)")
     p.add_argument("--timestamps", default=None, help="timestamps file for an image folder")
     p.add_argument("--timestamps-unit", default="s", choices=["s", "ms", "us", "ns"])
     p.add_argument("--camera", default="lcam_front", help="TartanAir v2 camera")
@@ -50,25 +57,38 @@ def _add_simulate(sub) -> None:
 
 
 def simulate_config_from_args(args):
+    """The SimulateConfig of ``evforge simulate``: the recipe's settings (if any) under the flags given."""
+    import dataclasses
+
     from .simulator.pipeline import SimulateConfig
+    from .simulator.recipes import get_recipe
     from .simulator.upsample import UpsampleConfig
 
     names = ("pos_thres", "neg_thres", "sigma_thres", "cutoff_hz", "leak_rate_hz", "shot_noise_rate_hz",
              "refractory_period_s", "leak_jitter_fraction", "noise_rate_cov_decades")
     overrides = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
-    return SimulateConfig(preset=args.preset, overrides=overrides, resolution=args.resolution,
-                          upsample=UpsampleConfig(mode=args.upsample, max_steps=args.max_steps), seed=args.seed,
-                          device=args.device, batch=args.batch, workers=args.workers,
-                          compression=args.compression, save_frames=not args.no_frames, overwrite=args.overwrite)
+    run = dict(overrides=overrides, seed=args.seed, device=args.device, batch=args.batch, workers=args.workers,
+               compression=args.compression, save_frames=not args.no_frames, overwrite=args.overwrite)
+    upsample = {k: v for k, v in (("mode", args.upsample), ("max_steps", args.max_steps)) if v is not None}
+    if args.recipe:
+        recipe = get_recipe(args.recipe)
+        return recipe.simulate_config(preset=args.preset, resolution=args.resolution,
+                                      upsample=dataclasses.replace(recipe.upsample, **upsample), **run)
+    return SimulateConfig(preset=args.preset or "default", resolution=args.resolution or "native",
+                          upsample=UpsampleConfig(**upsample), **run)
 
 
 def _cmd_simulate(args) -> int:
     from .simulator.pipeline import simulate_sequences
+    from .simulator.recipes import get_recipe
     from .simulator.sources import discover_sequences
 
     cfg = simulate_config_from_args(args)
     cfg.params()  # bad parameter values fail before any work
-    seqs = discover_sequences(args.input, fps=args.fps, timestamps=args.timestamps,
+    fps = args.fps
+    if args.recipe and fps is None and args.timestamps is None:
+        fps = get_recipe(args.recipe).fps  # the recipe's time base: one source frame per interval_s
+    seqs = discover_sequences(args.input, fps=fps, timestamps=args.timestamps,
                               timestamps_unit=args.timestamps_unit, camera=args.camera)
     results = simulate_sequences(seqs, args.out, cfg, progress=not args.quiet, log=_err)
     done = [r for r in results if r.status == "done"]
@@ -217,8 +237,10 @@ def _add_convert(sub) -> None:
     g.add_argument("--rectify", action="store_const", const=True, help="dsec: rectify event coordinates")
     g.add_argument("--label-set", help="dsec: 11classes or 19classes")
     g.add_argument("--test-envs", help="tartanair: held-out environments (hospital,gascola,neighborhood)")
+    g.add_argument("--recipe", help="tartanair: a data recipe (ecddp: E-TartanAir, one sample per 1 s interval "
+                                     "kept by the public code's rule); with --simulate it also sets the simulation")
     g.add_argument("--simulate", action="store_const", const=True,
-                   help="tartanair: SRC is TartanAir frames; simulate first (see --preset/--resolution)")
+                   help="tartanair: SRC is TartanAir frames; simulate first (see --recipe/--preset/--resolution)")
     g.add_argument("--preset", help="tartanair --simulate: pixel-model preset")
     g.add_argument("--resolution", help="tartanair --simulate: output resolution")
     g.add_argument("--device", help="tartanair --simulate: device")
@@ -229,8 +251,8 @@ def _add_convert(sub) -> None:
 
 
 _CONVERTER_FLAGS = ("val_fraction", "unsorted", "class_list", "mini", "mini_list", "train_list", "val_list",
-                    "events_per_label", "rectify", "label_set", "test_envs", "simulate", "preset", "resolution",
-                    "device")
+                    "events_per_label", "rectify", "label_set", "test_envs", "recipe", "simulate", "preset",
+                    "resolution", "device")
 
 
 def _cmd_convert(args) -> int:

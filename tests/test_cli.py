@@ -63,6 +63,42 @@ def test_bad_parameter_value(scenes, tmp_path, capsys):
     assert rc == 2 and "pos_thres" in capsys.readouterr().err
 
 
+def test_ecddp_recipe_simulate_convert_inspect(scenes, tmp_path, capsys, monkeypatch):
+    """The recipe from the command line: 1 s per TartanAir interval, one sample per interval (first and last
+    dropped; no size rule at this tiny resolution), the same samples whether simulated first or by convert."""
+    monkeypatch.chdir(tmp_path)  # convert writes a split copy into ./manifests when that folder exists
+    streams = tmp_path / "streams"
+    assert main(["simulate", str(scenes), "--out", str(streams), "--recipe", "ecddp", "--resolution", "32x24",
+                 "--device", "cpu", "--quiet"]) == 0
+    with StreamFile(streams / "env" / "Easy" / "P000.h5") as s:
+        assert s.frame_times.tolist() == [i * 1_000_000 for i in range(5)] and s.attrs["recipe"] == "ecddp"
+        assert s.attrs["preset"] == "ecddp" and (s.width, s.height) == (32, 24)
+    ds = tmp_path / "ds"
+    assert main(["convert", "tartanair", str(streams), "--out", str(ds), "--recipe", "ecddp",
+                 "--opt", "min_interval_bytes=0", "--quiet"]) == 0
+    assert "4 samples (train 4)" in capsys.readouterr().out
+    ds2 = tmp_path / "ds2"
+    assert main(["convert", "tartanair", str(scenes), "--out", str(ds2), "--simulate", "--recipe", "ecddp",
+                 "--resolution", "32x24", "--device", "cpu", "--opt", "min_interval_bytes=0", "--quiet"]) == 0
+    assert "4 samples (train 4)" in capsys.readouterr().out
+    shards = [[e["sha256"] for e in json.loads((d / "manifest.json").read_text())["shards"]] for d in (ds, ds2)]
+    assert shards[0] == shards[1]  # byte-identical shards either way
+    assert main(["inspect", str(ds2)]) == 0
+    out = capsys.readouterr().out
+    assert "recipe    ecddp" in out and "time base 1 s per source-frame interval" in out
+    assert "resolution 32x24 (recipe: dvs640)" in out and "1.000000" in out
+
+
+def test_recipe_on_streams_of_another_time_base_is_a_one_line_error(scenes, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    streams = tmp_path / "streams"
+    assert main(["simulate", str(scenes), "--out", str(streams), "--preset", "ideal", "--quiet"]) == 0
+    capsys.readouterr()
+    rc = main(["convert", "tartanair", str(streams), "--out", str(tmp_path / "ds"), "--recipe", "ecddp", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "P000.h5: frames 0 and 1 are 100000 us apart" in err
+
+
 def test_demo_runs_the_chain(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--quiet"]) == 0
     out = capsys.readouterr().out
