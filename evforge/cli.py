@@ -377,10 +377,13 @@ def _cmd_eval(args) -> int:
 
 
 def _add_export(sub) -> None:
-    p = sub.add_parser("export-backbone", help="pretrained backbone -> timm-compatible .safetensors")
+    p = sub.add_parser("export-backbone", help="pretrained backbone -> timm-compatible .safetensors",
+                       description="Write the backbone of an evforge pretraining checkpoint (timm keys, ECDDP's "
+                                   "per-stage output norms, the Swin window options as metadata).")
     p.add_argument("ckpt", help="a pretraining checkpoint (runs/<name>/checkpoints/last.ckpt)")
     p.add_argument("--out", required=True, help="output .safetensors")
-    p.add_argument("--which", default="teacher", choices=["teacher", "student"])
+    p.add_argument("--which", default="teacher", choices=["teacher", "student"],
+                   help="ECDDP network (default teacher; the public finetuning code loads the student)")
     p.add_argument("--with-neck", action="store_true", help="also store ECDDP's fusion neck (ecddp_neck.*)")
     p.set_defaults(func=_cmd_export)
 
@@ -389,6 +392,28 @@ def _cmd_export(args) -> int:
     from .export import export_backbone
 
     print(export_backbone(args.ckpt, args.out, which=args.which, with_neck=args.with_neck))
+    return 0
+
+
+def _add_import(sub) -> None:
+    p = sub.add_parser("import-checkpoint", help="a method's released checkpoint -> an evforge backbone file",
+                       description="Turn a checkpoint in a method's public layout (ecddp: the authors' "
+                                   "{'model': {'student.backbone.*', 'teacher.backbone.*', heads...}, 'optimizer', "
+                                   "'current_epoch'}) into the backbone file 'finetune --init' reads; the "
+                                   "architecture is inferred from the weights.")
+    p.add_argument("method", choices=["ecddp"], help="the layout of the checkpoint")
+    p.add_argument("ckpt", help="the released checkpoint (.pt), loaded with weights_only=True")
+    p.add_argument("--out", required=True, help="output .safetensors")
+    p.add_argument("--which", default="student", choices=["student", "teacher"],
+                   help="network to import (default student, what the public finetuning code loads)")
+    p.add_argument("--with-neck", action="store_true", help="also store ECDDP's fusion neck (ecddp_neck.*)")
+    p.set_defaults(func=_cmd_import)
+
+
+def _cmd_import(args) -> int:
+    from .export import import_checkpoint
+
+    print(import_checkpoint(args.method, args.ckpt, args.out, which=args.which, with_neck=args.with_neck))
     return 0
 
 
@@ -401,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"evforge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in (_add_demo, _add_scenes, _add_simulate, _add_convert, _add_inspect, _add_verify, _add_preview,
-                _add_pretrain, _add_export, _add_finetune, _add_eval):
+                _add_pretrain, _add_export, _add_import, _add_finetune, _add_eval):
         add(sub)
     return parser
 

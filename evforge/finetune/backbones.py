@@ -8,9 +8,16 @@ state), so evaluation rebuilds the same network without the backbone file.
 
 Input channels (:func:`adapt_patch_embed`): the representation fixes ``in_chans`` (MEM image 3, histogram 2,
 voxel grid ``bins``); a backbone pretrained on another count gets its patch-embedding weight adapted with
-timm's ``adapt_input_conv`` rule, documented there. ViT position embeddings are resampled (bicubic, timm's
+timm's ``adapt_input_conv`` rule, documented there (``patch_embed="adapt"``, evforge's default), or the patch
+embedding and its norm start fresh (``patch_embed="fresh"``: the public ECDDP finetuning code,
+model/swin_model.py ``keep_patch_keys: false``). ViT position embeddings are resampled (bicubic, timm's
 ``resample_abs_pos_embed``) when the input size differs from pretraining; Swin keeps its pretraining
 ``img_size`` (it fixes the window sizes and relative-position tables) and runs on any input size.
+
+Swin window semantics (:mod:`evforge.models.swin`): ``always_partition`` travels in ``timm_kwargs`` and the
+block options (pad first, ``mask_padded_keys``) in ``ModelSpec.swin_blocks``, both from the backbone file's
+metadata unless the config sets ``always_partition`` / ``mask_padded_keys``; the finetuning network then
+computes what the pretrained one did.
 """
 
 from __future__ import annotations
@@ -22,12 +29,14 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..export import read_backbone
+from ..export import NON_TIMM_PREFIXES, read_backbone
+from ..models.swin import use_pad_first_blocks
 
 __all__ = ["ModelSpec", "family", "adapt_patch_embed", "resolve_spec", "create_model", "load_init",
-           "build_classifier"]
+           "build_classifier", "PATCH_EMBED_MODES"]
 
 PATCH_EMBED = "patch_embed.proj.weight"
+PATCH_EMBED_MODES = ("adapt", "fresh")
 # task.model keys that are not architecture: they apply also when an exported backbone defines the rest
 REGULARISATION_KEYS = ("drop_path_rate", "drop_rate", "global_pool")
 
@@ -79,6 +88,7 @@ class ModelSpec:
     norm_eps: float | None = None  # LayerNorm eps of the backbone (ECDDP exports use 1e-6); None = timm's
     init: str | None = None  # the backbone file the weights came from (a record; not read again)
     init_in_chans: int | None = None
+    swin_blocks: dict | None = None  # {"pad_first", "mask_padded_keys"} (evforge.models.swin); None = timm's
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -107,14 +117,20 @@ def resolve_spec(model_cfg: dict, *, in_chans: int, num_classes: int, input_size
         if model_cfg.get(k) is not None:
             kwargs[k] = model_cfg[k]
     size = _input_size(input_size)
+    blocks = dict((init_meta or {}).get("swin_blocks") or {}) or None
     if fam == "vit":
         kwargs["img_size"] = size  # position embeddings at the finetuning size (resampled from the backbone's)
     else:
         kwargs.setdefault("img_size", 224)
         kwargs["strict_img_size"] = False  # Swin: windows fixed by img_size, any input size (padded)
+        if model_cfg.get("always_partition") is not None:  # else the backbone file's (or timm's False)
+            kwargs["always_partition"] = bool(model_cfg["always_partition"])
+        if model_cfg.get("mask_padded_keys") is not None:  # else the backbone file's (or none: timm's blocks)
+            blocks = {"pad_first": True, "mask_padded_keys": bool(model_cfg["mask_padded_keys"])}
     return ModelSpec(arch=arch, in_chans=int(in_chans), num_classes=int(num_classes), timm_kwargs=kwargs,
                      norm_eps=None if eps is None else float(eps), init=init,
-                     init_in_chans=None if init_meta is None else int(init_meta["in_chans"]))
+                     init_in_chans=None if init_meta is None else int(init_meta["in_chans"]),
+                     swin_blocks=blocks if fam == "swin" else None)
 
 
 def create_model(spec: ModelSpec) -> nn.Module:
@@ -127,20 +143,29 @@ def create_model(spec: ModelSpec) -> nn.Module:
             kwargs[k] = tuple(kwargs[k])
     if spec.norm_eps is not None:
         kwargs["norm_layer"] = partial(nn.LayerNorm, eps=spec.norm_eps)
-    return timm.create_model(spec.arch, pretrained=False, num_classes=spec.num_classes, in_chans=spec.in_chans,
-                             **kwargs)
+    net = timm.create_model(spec.arch, pretrained=False, num_classes=spec.num_classes, in_chans=spec.in_chans,
+                            **kwargs)
+    if spec.swin_blocks and spec.swin_blocks.get("pad_first"):
+        use_pad_first_blocks(net, mask_padded_keys=bool(spec.swin_blocks.get("mask_padded_keys", True)))
+    return net
 
 
-def load_init(model: nn.Module, tensors: dict, *, source="backbone") -> dict:
-    """Load exported backbone ``tensors`` into ``model``: the patch embedding adapted to the input channels, ViT
-    position embeddings resampled to the input size, and a ViT's final norm moved between ``norm`` (token
-    pooling) and ``fc_norm`` (mean pooling, where timm normalises the pooled features instead) when the two
-    poolings differ. The classifier (``head*``) stays fresh. Returns what was done."""
+def load_init(model: nn.Module, tensors: dict, *, source="backbone", patch_embed: str = "adapt") -> dict:
+    """Load exported backbone ``tensors`` into ``model``: the patch embedding adapted to the input channels
+    (``patch_embed="adapt"``) or left as initialised with its norm (``"fresh"``), ViT position embeddings
+    resampled to the input size, and a ViT's final norm moved between ``norm`` (token pooling) and ``fc_norm``
+    (mean pooling, where timm normalises the pooled features instead) when the two poolings differ. The
+    classifier (``head*``) stays fresh. Returns what was done."""
     from timm.layers import resample_abs_pos_embed
 
+    if patch_embed not in PATCH_EMBED_MODES:
+        raise ValueError(f"patch_embed must be one of {PATCH_EMBED_MODES}, not {patch_embed!r}")
     own = model.state_dict()
-    weights = {k: v for k, v in tensors.items() if not k.startswith(("ecddp_neck.", "head"))}
-    done = {"adapted_patch_embed": False, "resampled_pos_embed": False}
+    weights = {k: v for k, v in tensors.items() if not k.startswith((*NON_TIMM_PREFIXES, "head"))}
+    done = {"adapted_patch_embed": False, "resampled_pos_embed": False, "fresh_patch_embed": patch_embed == "fresh"}
+    fresh = [k for k in weights if k.startswith("patch_embed.")] if patch_embed == "fresh" else []
+    for k in fresh:  # the public ECDDP finetuning drops patch_embed.proj *and* patch_embed.norm
+        del weights[k]
     if PATCH_EMBED in weights and PATCH_EMBED in own and weights[PATCH_EMBED].shape != own[PATCH_EMBED].shape:
         weights[PATCH_EMBED] = adapt_patch_embed(weights[PATCH_EMBED], own[PATCH_EMBED].shape[1])
         done["adapted_patch_embed"] = True
@@ -156,7 +181,7 @@ def load_init(model: nn.Module, tensors: dict, *, source="backbone") -> dict:
                 weights[b + k[len(a):]] = weights.pop(k)
             done["moved_final_norm"] = f"{a} -> {b}"
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if not k.startswith(("head", "fc_norm"))]
+    missing = [k for k in missing if not k.startswith(("head", "fc_norm")) and k not in fresh]
     if missing or unexpected:
         raise InputError(source, f"weights do not fit {type(model).__name__}: missing {missing[:3]}, "
                                  f"unexpected {unexpected[:3]}")
