@@ -15,11 +15,22 @@ Training: one random affine per sample applied jointly to input and label (flip,
 ``(seed, step, micro-step, rank)`` so resumed runs repeat it exactly. Build the data with ``--rectify``: the
 labels live in the rectified frame.
 
+The public code's input, exactly (configs/finetune/dsec_swin_t_reference.yaml): shards built *without*
+``--rectify`` and ``task.rectify`` = ``{maps: DSEC source, rounding: trunc, wrap_negative_rows: true}`` (the
+loader's rectification and histogram, :mod:`evforge.finetune.rectify`), and ``task.data_resize: [448, 640]``
+(inputs bilinear ``align_corners=True`` and labels nearest to 448x640 when read, so training, the loss and the
+metrics are at 448x640, where evforge by default zero-pads 440 -> 448 inside the model and scores the 440 label
+rows). ``augment.pad_to``, ``border``, ``shift``, ``scale_jitter`` bring the affine close to its albumentations
+pipeline.
+
 Model (:class:`SegmentationModel`): a timm Swin (4 LayerNorm'ed stages, strides 4-32) or ViT (4 blocks rescaled
 to strides 4-32) -> :class:`~evforge.finetune.uper.UPerHead` (+ :class:`~evforge.finetune.uper.FCNHead` on
 stage 3 for the auxiliary loss); inputs are zero-padded to the backbone's multiple (32: 440 -> 448, ECDDP's
-448x640) and the logits cropped back. Loss: CE (ignore 255) + Dice on the main logits, plus ``aux_weight`` (0.4)
-times the same on the auxiliary logits (ECDDP's ``TaskLoss`` on both heads).
+448x640) and the logits cropped back. From a backbone file the Swin has the file's window semantics and stage
+norms, and its patch embedding is adapted to the 20 channels (``init_patch_embed: adapt``) or fresh with its
+norm (``fresh``, the public code). Loss: CE (ignore 255) + Dice on the main logits, plus ``aux_weight`` (0.4)
+times the same on the auxiliary logits (ECDDP's ``TaskLoss`` on both heads). ``optim.decay_all: true`` puts
+weight decay on every parameter (the public AdamW) instead of sparing norms, biases and position tables.
 
 Validation metrics and the trainer's reduction. ``Trainer.validate`` averages each returned scalar over all
 batches of all ranks (``sum / T``, ``T`` batches in all). mIoU is not a mean of per-batch values, so
@@ -60,27 +71,29 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..dataset_builder.converters.dsec import LABEL_CLASSES
 from ..dataset_builder.dataset import collate_events, resolve_manifest
 from ..dataset_builder.manifest import Manifest
 from ..dataset_builder.shards import ShardReader
 from ..export import read_backbone
-from ..models.swin import TINY_SWIN_KWARGS, use_pad_first_blocks
+from ..models.swin import TINY_SWIN_KWARGS, PadFirstSwinBlock, use_pad_first_blocks
 from ..representations import stacked_histograms
 from ..trainer.config import check_option_keys, merge
 from ..trainer.optim import default_param_groups
 from ..trainer.sampler import mix_seed
 from .backbones import ModelSpec, create_model, family, load_init, resolve_spec
+from .rectify import Rectifier
 from .metrics import (accuracy_from_confusion, class_accuracy_from_confusion, confusion_matrix, iou_from_confusion,
                       mean_class_accuracy_from_confusion, mean_iou_from_confusion, nanmean)
 from .uper import FCNHead, UPerHead
 
 __all__ = ["DSEC_CLASSES", "IGNORE_INDEX", "TASK_DEFAULTS", "LabelWindowDataset", "SegCollate", "SwinFeatures",
            "ViTFeatures", "SegmentationModel", "build_backbone", "dice_loss", "segmentation_loss", "random_affine",
-           "warp_pair", "predict_logits", "segmentation_metrics", "metrics_from_counts", "task_options",
-           "SegmentationTask"]
+           "warp_pair", "resize_sample", "predict_logits", "segmentation_metrics", "metrics_from_counts",
+           "task_options", "SegmentationTask"]
 
-DSEC_CLASSES = list(LABEL_CLASSES["11classes"])
+# DSEC-Semantic's 11 classes (the converter writes them into the manifest; this is the fallback without one)
+DSEC_CLASSES = ["background", "building", "fence", "person", "pole", "road", "sidewalk", "vegetation", "car", "wall",
+                "traffic sign"]
 IGNORE_INDEX = 255
 SENSOR_SIZE = (640, 480)  # DSEC's event camera (width, height), used when no dataset was built
 TINY_VIT_KWARGS = dict(embed_dim=48, depth=4, num_heads=2)
@@ -95,17 +108,30 @@ TASK_DEFAULTS: dict = {
     "events_per_chunk": 50_000,    # ... as `chunks` 2-channel histograms -> 2 * chunks input channels
     "neg_first": True,             # OFF then ON per chunk (ECDDP's generate_event_histogram)
     "crop_bottom": 40,             # 480 sensor rows -> 440 label rows
+    "data_resize": None,           # [H, W]: inputs (bilinear, align_corners) and labels (nearest) resized when
+                                   # read, for training and metrics (ECDDP's resize: true, 448x640); null = as is
+    "rectify": {"maps": None,      # DSEC source folder: rectify raw shards when read (null: the shards are as
+                                   # the converter wrote them, rectified there or not)
+                "rounding": "rint",             # rint (the converter's) | trunc (ECDDP's float -> int cast)
+                "wrap_negative_rows": False},   # ECDDP's histogram wraps rows -H..-1 to H-1..0 (a typo)
     "resize": None,                # [H, W]: evaluate at this size (bilinear; logits resized back); null = as is
     "train_size": None,            # [H, W] of the training crops; null = the label size
+    "init_patch_embed": "adapt",   # adapt (timm's adapt_input_conv) | fresh (ECDDP: patch_embed + norm dropped)
     "augment": {"hflip": 0.5, "scale": [0.08, 1.0], "ratio": [0.525, 0.933], "rotate_deg": 15.0,
-                "rotate_prob": 0.5, "mode": "nearest"},
+                "rotate_prob": 0.5, "mode": "nearest",
+                "pad_to": None,     # [H, W]: crops drawn on a canvas this large around the input (PadIfNeeded)
+                "border": "zeros",  # outside the input: zeros + ignore | reflect (inputs and labels mirrored)
+                "shift": 0.0,       # ShiftScaleRotate's shift and scale limits, applied with the rotation
+                "scale_jitter": 0.0},
     "loss": {"dice_weight": 1.0, "aux_weight": 0.4},
     "val_tta": None,               # TTA during training-time validation ({flip, scales}); null = none
     "tta": {"flip": True, "scales": [1.0, 1.5, 2.0]},  # TTA of evaluate() unless given there
     "sync_bn": True,               # BatchNorm -> SyncBatchNorm when training on several ranks
     "model": {"arch": "swin_tiny_patch4_window7_224", "tiny": False, "kwargs": {}, "norm_eps": None,
               "drop_path_rate": 0.0, "channels": 512, "pool_scales": [1, 2, 3, 6], "aux_channels": 256,
-              "aux_index": 2, "aux_num_convs": 1, "dropout": 0.1, "out_indices": None},
+              "aux_index": 2, "aux_num_convs": 1, "dropout": 0.1, "out_indices": None,
+              "always_partition": None,   # Swin window options (evforge.models.swin); null = the backbone
+              "mask_padded_keys": None},  # file's (pretraining's), else timm's / evforge's defaults
 }
 OPEN_KEYS = ("task.model.kwargs",)  # free-form (timm keyword arguments)
 
@@ -118,13 +144,14 @@ def task_options(cfg: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------ data
-def _sequence_and_index(reader: ShardReader, i: int, key: str) -> tuple[str, int]:
-    """(sequence, label index) of a DSEC sample: its attrs, else its key ``<sequence>/<index:06d>``."""
+def _sequence_and_index(reader: ShardReader, i: int, key: str) -> tuple[str, int, bool]:
+    """(sequence, label index, rectified by the converter) of a DSEC sample: its attrs, else its key
+    ``<sequence>/<index:06d>``."""
     attrs = reader.sample_attrs(i)
     seq, _, tail = key.rpartition("/")
     seq = str(attrs.get("sequence", seq or key))
     index = attrs.get("label_index", int(tail) if tail.isdigit() else 0)
-    return seq, int(index)
+    return seq, int(index), bool(attrs.get("rectified", False))
 
 
 class LabelWindowDataset(Dataset):
@@ -134,12 +161,14 @@ class LabelWindowDataset(Dataset):
     (H, W) uint8 (frame image 0). ``sequences`` keeps only those sequences, ``exclude_sequences`` drops some
     (both are checked to exist); ``label_stride`` / ``first_label`` keep label indices
     ``first_label, first_label + stride, ...`` of every sequence (ECDDP/ESS: 6 and 2); ``min_events`` drops
-    samples with fewer events (index only).
+    samples with fewer events (index only). ``rectifier`` (:class:`~evforge.finetune.rectify.Rectifier`)
+    rectifies the events of raw (unrectified) shards when an item is read; their x, y are then int32 and may lie
+    outside the sensor (the representation drops them after chunking, as the public loader).
     """
 
     def __init__(self, manifest_path, split: str, *, sequences: Sequence[str] | None = None,
                  exclude_sequences: Sequence[str] = (), label_stride: int = 1, first_label: int = 0,
-                 min_events: int = 1, max_events: int | None = None):
+                 min_events: int = 1, max_events: int | None = None, rectifier: Rectifier | None = None):
         path = resolve_manifest(manifest_path)
         m = Manifest.load(path)
         if split not in m.splits:
@@ -148,6 +177,7 @@ class LabelWindowDataset(Dataset):
             raise ValueError(f"label_stride must be >= 1 and first_label >= 0, got {label_stride}, {first_label}")
         self.manifest_path, self.split, self.name, self.classes = path, split, m.name, list(m.classes)
         self.max_events = None if max_events is None else int(max_events)
+        self.rectifier = rectifier
         self.readers = [ShardReader(p) for p in m.shard_paths(path.absolute().parent, split)]
         for r in self.readers:
             if r.kind != "streams" or not r.has_frame_images:
@@ -166,7 +196,10 @@ class LabelWindowDataset(Dataset):
         for si, r in enumerate(self.readers):
             counts = r.index["count"]
             for i, key in enumerate(r.keys):
-                seq, index = _sequence_and_index(r, i, key)
+                seq, index, rectified = _sequence_and_index(r, i, key)
+                if rectifier is not None and rectified:
+                    raise ValueError(f"{r.path}: sample {key!r} was rectified by the converter (--rectify); "
+                                     f"rectifying when read needs shards built without --rectify")
                 seen.add(seq)
                 if (wanted is not None and seq not in wanted) or seq in excluded:
                     continue
@@ -179,6 +212,9 @@ class LabelWindowDataset(Dataset):
         if missing:
             raise ValueError(f"{path}: split {split!r} has no sequence {', '.join(map(repr, missing))} "
                              f"(has: {', '.join(sorted(seen))})")
+        if rectifier is not None:
+            for seq in sorted(set(self.sequences)):
+                rectifier.path(seq)  # a missing map fails here, not in a loader worker
 
     def __len__(self) -> int:
         return len(self._items)
@@ -191,7 +227,10 @@ class LabelWindowDataset(Dataset):
         mask = r.frame_image(s, 0)
         if mask is None:
             raise ValueError(f"{r.path}: sample {self.keys[i]!r} has no label image")
-        return {"events": r.events(s, start), "label": -1, "key": self.keys[i], "mask": np.asarray(mask)}
+        events = r.events(s, start)
+        if self.rectifier is not None:
+            events = self.rectifier(events, self.sequences[i])
+        return {"events": events, "label": -1, "key": self.keys[i], "mask": np.asarray(mask)}
 
     def close(self) -> None:
         """Close this process's shard handles (they reopen on the next read)."""
@@ -215,21 +254,25 @@ class SegCollate:
 class SwinFeatures(nn.Module):
     """timm Swin -> 4 NCHW maps (strides 4, 8, 16, 32), each through its own LayerNorm (mmseg's ``norm{i}``).
 
-    Blocks pad to the window multiple before the cyclic shift and mask padded keys (ECDDP's backbone,
-    :class:`~evforge.pretrain.ecddp.backbone.FusedSwin`), as in pretraining. The stage norms start from an
-    exported ECDDP neck (``ecddp_neck.stage_norms.*``) when present, the last one else from timm's ``norm``.
+    The blocks are as the spec built them (:func:`~evforge.finetune.backbones.create_model`: the backbone file's
+    window semantics); a Swin built without block options gets evforge's pad-first blocks with padded-key
+    masking. The stage norms start from the backbone file's ``stage_norms.{i}`` (older files:
+    ``ecddp_neck.stage_norms.{i}``) as the public code loads its ``norm0..norm3`` (model/swin_model.py), the
+    last one else from timm's ``norm``.
     """
 
     def __init__(self, net: nn.Module, tensors: dict | None = None):
         super().__init__()
-        use_pad_first_blocks(net)
+        if not all(isinstance(b, PadFirstSwinBlock) for stage in net.layers for b in stage.blocks):
+            use_pad_first_blocks(net)
         dims = [int(info["num_chs"]) for info in net.feature_info]
         eps = float(getattr(net.norm, "eps", 1e-5))
         self.patch_embed, self.layers = net.patch_embed, net.layers
         self.stage_norms = nn.ModuleList([nn.LayerNorm(d, eps=eps) for d in dims])
         tensors = tensors or {}
         for i, norm in enumerate(self.stage_norms):
-            w, b = tensors.get(f"ecddp_neck.stage_norms.{i}.weight"), tensors.get(f"ecddp_neck.stage_norms.{i}.bias")
+            w, b = (next((tensors[k] for k in (f"stage_norms.{i}.{n}", f"ecddp_neck.stage_norms.{i}.{n}")
+                          if k in tensors), None) for n in ("weight", "bias"))
             if w is not None and b is not None:
                 norm.load_state_dict({"weight": w, "bias": b})
             elif i == len(dims) - 1 and tensors and isinstance(net.norm, nn.LayerNorm):
@@ -273,11 +316,14 @@ class ViTFeatures(nn.Module):
 
 def build_backbone(arch: str, in_chans: int, *, init=None, tiny: bool = False, kwargs: dict | None = None,
                    norm_eps: float | None = None, drop_path_rate: float | None = None, input_size=(448, 640),
-                   out_indices=None, spec: ModelSpec | dict | None = None) -> tuple[nn.Module, ModelSpec]:
+                   out_indices=None, spec: ModelSpec | dict | None = None, init_patch_embed: str = "adapt",
+                   always_partition: bool | None = None, mask_padded_keys: bool | None = None
+                   ) -> tuple[nn.Module, ModelSpec]:
     """(feature extractor, its :class:`~evforge.finetune.backbones.ModelSpec`). With ``init`` (an exported
     backbone) the architecture comes from the file and its weights are loaded (patch embedding adapted to
-    ``in_chans``: :func:`~evforge.finetune.backbones.adapt_patch_embed`); with ``spec`` (from a checkpoint)
-    nothing is read."""
+    ``in_chans`` or fresh: ``init_patch_embed``, :func:`~evforge.finetune.backbones.load_init`); with ``spec``
+    (from a checkpoint) nothing is read. ``always_partition`` / ``mask_padded_keys`` (Swin) override the
+    file's window semantics when not None."""
     tensors = None
     if spec is None:
         meta = None
@@ -286,7 +332,8 @@ def build_backbone(arch: str, in_chans: int, *, init=None, tiny: bool = False, k
         fam = family(meta["arch"] if meta else arch)
         base = (dict(TINY_SWIN_KWARGS) if fam == "swin" else dict(TINY_VIT_KWARGS)) if tiny else {}
         model_cfg = {"arch": arch, "kwargs": {**base, **(kwargs or {})}, "norm_eps": norm_eps,
-                     "drop_path_rate": drop_path_rate}
+                     "drop_path_rate": drop_path_rate, "always_partition": always_partition,
+                     "mask_padded_keys": mask_padded_keys}
         spec = resolve_spec(model_cfg, in_chans=in_chans, num_classes=0, input_size=list(input_size),
                             init_meta=meta, init=None if init is None else str(init))
         if fam == "vit":
@@ -295,7 +342,7 @@ def build_backbone(arch: str, in_chans: int, *, init=None, tiny: bool = False, k
         spec = ModelSpec.from_dict(spec)
     net = create_model(spec)
     if tensors is not None:
-        load_init(net, tensors, source=init)
+        load_init(net, tensors, source=init, patch_embed=init_patch_embed)
     if family(spec.arch) == "swin":
         return SwinFeatures(net, tensors), spec
     return ViTFeatures(net, out_indices), spec
@@ -312,18 +359,23 @@ class SegmentationModel(nn.Module):
     """Backbone + UPerNet (+ FCN auxiliary head): ``(B, in_chans, H, W)`` -> logits ``(B, K, H, W)``, and
     ``(logits, aux_logits)`` in training mode. Any ``H, W``: zero-padded to the backbone's multiple (32) and the
     (bilinearly upsampled) logits cropped back. ``tiny`` builds a CPU-sized backbone (tests); ``aux_channels=0``
-    drops the auxiliary head. The backbone's spec is ``self.spec`` (rebuild without the ``init`` file)."""
+    drops the auxiliary head. The backbone's spec is ``self.spec`` (rebuild without the ``init`` file);
+    ``init_patch_embed``, ``always_partition``, ``mask_padded_keys``: see :func:`build_backbone`."""
 
     def __init__(self, backbone: str = "swin_tiny_patch4_window7_224", in_chans: int = 20, num_classes: int = 11,
                  init=None, tiny: bool = False, *, channels: int = 512, pool_scales: Sequence[int] = (1, 2, 3, 6),
                  aux_channels: int = 256, aux_index: int = 2, aux_num_convs: int = 1, dropout: float = 0.1,
                  drop_path_rate: float | None = None, backbone_kwargs: dict | None = None,
                  norm_eps: float | None = None, input_size=(448, 640), out_indices=None,
-                 spec: ModelSpec | dict | None = None):
+                 spec: ModelSpec | dict | None = None, init_patch_embed: str = "adapt",
+                 always_partition: bool | None = None, mask_padded_keys: bool | None = None):
         super().__init__()
         self.backbone, self.spec = build_backbone(backbone, in_chans, init=init, tiny=tiny, kwargs=backbone_kwargs,
                                                   norm_eps=norm_eps, drop_path_rate=drop_path_rate,
-                                                  input_size=input_size, out_indices=out_indices, spec=spec)
+                                                  input_size=input_size, out_indices=out_indices, spec=spec,
+                                                  init_patch_embed=init_patch_embed,
+                                                  always_partition=always_partition,
+                                                  mask_padded_keys=mask_padded_keys)
         dims = self.backbone.out_channels
         self.num_classes, self.aux_index = int(num_classes), int(aux_index)
         self.decode_head = UPerHead(dims, channels, pool_scales, num_classes, dropout)
@@ -371,43 +423,78 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, num_classes: i
 
 # ---------------------------------------------------------------------------------------------- augmentation
 def random_affine(n: int, in_hw, out_hw, *, generator: torch.Generator, scale=(1.0, 1.0), ratio=(1.0, 1.0),
-                  hflip: float = 0.0, rotate_deg: float = 0.0, rotate_prob: float = 0.0) -> torch.Tensor:
+                  hflip: float = 0.0, rotate_deg: float = 0.0, rotate_prob: float = 0.0, pad_to=None,
+                  shift: float = 0.0, scale_jitter: float = 0.0) -> torch.Tensor:
     """``(n, 2, 3)`` ``affine_grid`` matrices mapping an ``out_hw`` output onto random crops of an ``in_hw`` input.
 
-    Per sample: crop area ``scale`` x the input area, crop aspect ``ratio`` x the output aspect (log-uniform;
-    clamped to the input), uniform position, horizontal flip with probability ``hflip``, rotation about the crop
-    centre by U(-rotate_deg, rotate_deg) with probability ``rotate_prob``. The same 7 uniform draws per sample
-    are taken whatever the options, so streams do not shift when options change. ``scale=ratio=(1, 1)`` with
-    ``out_hw == in_hw`` and no flip / rotation is the identity.
+    Per sample: crop area ``scale`` x the canvas area, crop aspect ``ratio`` x the output aspect (log-uniform;
+    clamped to the canvas), uniform position on the canvas, horizontal flip with probability ``hflip``; then,
+    with probability ``rotate_prob``, a rotation about the crop centre by U(-rotate_deg, rotate_deg) together
+    with a zoom by U(1 - scale_jitter, 1 + scale_jitter) and a shift of the output by U(-shift, shift) of its
+    size (albumentations' ``ShiftScaleRotate``). The canvas is the input, or with ``pad_to`` [H, W] an area of
+    ``max(input, pad_to)`` centred on it (albumentations' ``PadIfNeeded``; what falls outside the input is
+    :func:`warp_pair`'s ``border``). The same 7 + 3 uniform draws per sample are taken whatever the options, so
+    streams do not shift when options change. ``scale=ratio=(1, 1)`` with ``out_hw == in_hw`` and no flip /
+    rotation is the identity.
     """
     (H, W), (Ho, Wo) = in_hw, out_hw
+    Hc, Wc = (max(H, int(pad_to[0])), max(W, int(pad_to[1]))) if pad_to else (H, W)
+    top, left = (Hc - H) // 2, (Wc - W) // 2  # PadIfNeeded centres the input: int((min_height - rows) / 2)
     dev = generator.device
     u = torch.rand(7, n, generator=generator, device=dev, dtype=torch.float64)
+    v = torch.rand(3, n, generator=generator, device=dev, dtype=torch.float64)  # drawn after u: u is unchanged
     s = scale[0] + (scale[1] - scale[0]) * u[0]
     lo, hi = math.log(ratio[0]), math.log(ratio[1])
     aspect = torch.exp(lo + (hi - lo) * u[1]) * (Wo / Ho)
-    cw = torch.sqrt(s * H * W * aspect).clamp(max=W)
-    ch = torch.sqrt(s * H * W / aspect).clamp(max=H)
-    cx = cw / 2 + (W - cw) * u[2]
-    cy = ch / 2 + (H - ch) * u[3]
+    cw = torch.sqrt(s * Hc * Wc * aspect).clamp(max=Wc)
+    ch = torch.sqrt(s * Hc * Wc / aspect).clamp(max=Hc)
+    cx = cw / 2 + (Wc - cw) * u[2] - left
+    cy = ch / 2 + (Hc - ch) * u[3] - top
     f = torch.where(u[4] < hflip, -1.0, 1.0).to(u)
-    ang = torch.where(u[5] < rotate_prob, (2 * u[6] - 1) * math.radians(rotate_deg), 0.0).to(u)
+    ssr = u[5] < rotate_prob
+    ang = torch.where(ssr, (2 * u[6] - 1) * math.radians(rotate_deg), 0.0).to(u)
+    zoom = torch.where(ssr, 1.0 + scale_jitter * (2 * v[2] - 1), 1.0).to(u)
+    tu = torch.where(ssr, 2 * shift * (2 * v[0] - 1), 0.0).to(u)  # in normalised output units (2 = full size)
+    tv = torch.where(ssr, 2 * shift * (2 * v[1] - 1), 0.0).to(u)
     cos, sin = torch.cos(ang), torch.sin(ang)
-    a, b = cw / 2 * f, ch / 2
-    theta = torch.stack([torch.stack([2 / W * cos * a, -2 / W * sin * b, 2 * cx / W - 1], -1),
-                         torch.stack([2 / H * sin * a, 2 / H * cos * b, 2 * cy / H - 1], -1)], 1)
+    a, b = cw / 2 * f / zoom, ch / 2 / zoom
+    m00, m01, m10, m11 = 2 / W * cos * a, -2 / W * sin * b, 2 / H * sin * a, 2 / H * cos * b
+    theta = torch.stack([torch.stack([m00, m01, 2 * cx / W - 1 - (m00 * tu + m01 * tv)], -1),
+                         torch.stack([m10, m11, 2 * cy / H - 1 - (m10 * tu + m11 * tv)], -1)], 1)
     return theta.float()
 
 
+BORDERS = {"zeros": "zeros", "reflect": "reflection"}
+
+
 def warp_pair(x: torch.Tensor, target: torch.Tensor, theta: torch.Tensor, out_hw, *, mode: str = "nearest",
-              ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
-    """Resample input (``mode``, zeros outside) and label (nearest, ``ignore_index`` outside) with ``theta``."""
+              ignore_index: int = IGNORE_INDEX, border: str = "zeros") -> tuple[torch.Tensor, torch.Tensor]:
+    """Resample input (``mode``) and label (nearest) with ``theta``. Outside the input: ``border="zeros"``
+    gives zeros and ``ignore_index``; ``"reflect"`` mirrors both about the input's edges (grid_sample's
+    reflection, i.e. OpenCV's BORDER_REFLECT; ECDDP's albumentations pads with BORDER_REFLECT_101, which does
+    not repeat the edge pixel)."""
+    if border not in BORDERS:
+        raise ValueError(f"border must be one of {sorted(BORDERS)}, not {border!r}")
+    pad = BORDERS[border]
     grid = F.affine_grid(theta.to(x.device), [x.shape[0], x.shape[1], *out_hw], align_corners=False)
-    xo = F.grid_sample(x, grid.to(x.dtype), mode=mode, padding_mode="zeros", align_corners=False)
-    t = F.grid_sample((target.float() + 1).unsqueeze(1), grid.float(), mode="nearest", padding_mode="zeros",
+    xo = F.grid_sample(x, grid.to(x.dtype), mode=mode, padding_mode=pad, align_corners=False)
+    t = F.grid_sample((target.float() + 1).unsqueeze(1), grid.float(), mode="nearest", padding_mode=pad,
                       align_corners=False)[:, 0]
     t = t.round().long() - 1
     return xo, torch.where(t < 0, torch.full_like(t, ignore_index), t)
+
+
+def resize_sample(x: torch.Tensor, target: torch.Tensor, size) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs ``(B, C, H, W)`` and labels ``(B, H, W)`` resized to ``size`` as ECDDP's loader does with
+    ``resize: true`` (data/DESC_dataset.py:237-241, 308-311): inputs bilinear with ``align_corners=True``,
+    labels nearest as ``cv2.INTER_NEAREST`` (output row ``i`` takes input row ``floor(i * H / H')``)."""
+    size = (int(size[0]), int(size[1]))
+    if tuple(x.shape[-2:]) != size:
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+    h, w = target.shape[-2:]
+    rows = torch.arange(size[0], device=target.device) * h // size[0]
+    cols = torch.arange(size[1], device=target.device) * w // size[1]
+    return x, target[:, rows[:, None], cols[None, :]]
 
 
 # ------------------------------------------------------------------------------------------------- inference
@@ -504,14 +591,16 @@ class SegmentationTask:
     def build_model(self, cfg: dict) -> nn.Module:
         self.cfg = cfg
         o, m = self.opts(cfg), self.opts(cfg)["model"]
-        size = o["train_size"] or [SENSOR_SIZE[1] - int(o["crop_bottom"]), SENSOR_SIZE[0]]
+        size = o["train_size"] or o["data_resize"] or [SENSOR_SIZE[1] - int(o["crop_bottom"]), SENSOR_SIZE[0]]
         model = SegmentationModel(m["arch"], in_chans=2 * int(o["chunks"]), num_classes=int(o["num_classes"]),
                                   init=o["init"], tiny=bool(m["tiny"]), channels=int(m["channels"]),
                                   pool_scales=tuple(m["pool_scales"]), aux_channels=int(m["aux_channels"] or 0),
                                   aux_index=int(m["aux_index"]), aux_num_convs=int(m["aux_num_convs"]),
                                   dropout=float(m["dropout"]), drop_path_rate=m["drop_path_rate"],
                                   backbone_kwargs=m["kwargs"], norm_eps=m["norm_eps"], input_size=size,
-                                  out_indices=m["out_indices"], spec=self._spec)
+                                  out_indices=m["out_indices"], spec=self._spec,
+                                  init_patch_embed=str(o["init_patch_embed"]),
+                                  always_partition=m["always_partition"], mask_padded_keys=m["mask_padded_keys"])
         self._spec = model.spec
         dist = torch.distributed
         if o["sync_bn"] and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -535,9 +624,11 @@ class SegmentationTask:
         path = d["path"]
         train_split = d.get("train_split", "train")
         held_out = list(d.get("val_sequences") or [])
+        rect = o["rectify"]
         common = dict(label_stride=int(d.get("label_stride", 1)), first_label=int(d.get("first_label", 0)),
                       min_events=int(d.get("min_events", 1)),
-                      max_events=int(o["chunks"]) * int(o["events_per_chunk"]))
+                      max_events=int(o["chunks"]) * int(o["events_per_chunk"]),
+                      rectifier=Rectifier(rect["maps"], str(rect["rounding"])) if rect["maps"] else None)
         if split == "train":
             ds = LabelWindowDataset(path, train_split, sequences=d.get("train_sequences"),
                                     exclude_sequences=held_out, **common)
@@ -568,21 +659,33 @@ class SegmentationTask:
         return SegCollate()(items)
 
     def param_groups(self, model: nn.Module, cfg: dict) -> list[dict]:
+        """evforge's groups (no weight decay on norms, biases, position tables), or with ``optim.decay_all``
+        one group that decays every parameter, as the public code's ``AdamW(self.model.parameters(),
+        weight_decay=...)`` (trainer/seg_trainer.py:136-140)."""
         o = cfg.get("optim", {})
-        return default_param_groups(model, o.get("weight_decay", 0.05), o.get("lr_scales"), o.get("no_decay", ()))
+        wd = o.get("weight_decay", 0.05)
+        if o.get("decay_all"):
+            named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            return [{"params": [p for _, p in named], "weight_decay": float(wd), "lr_scale": 1.0,
+                     "name": "decay_all", "param_names": [n for n, _ in named]}]
+        return default_param_groups(model, wd, o.get("lr_scales"), o.get("no_decay", ()))
 
     # ---- tensors
     def inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(stacked histograms ``(B, 2 * chunks, H - crop_bottom, W)``, labels ``(B, H', W')`` int64)."""
+        """(stacked histograms ``(B, 2 * chunks, H - crop_bottom, W)``, labels ``(B, H', W')`` int64), both
+        resized to ``data_resize`` when set (:func:`resize_sample`)."""
         o = self.opts()
         W, H = self.sensor_size or SENSOR_SIZE
         x = stacked_histograms(batch, chunks=int(o["chunks"]), events_per_chunk=int(o["events_per_chunk"]),
-                               height=H, width=W, neg_first=bool(o["neg_first"]))
+                               height=H, width=W, neg_first=bool(o["neg_first"]),
+                               wrap_negative_rows=bool(o["rectify"]["wrap_negative_rows"]))
         x = x[:, :, : H - int(o["crop_bottom"])]
         target = batch["mask"].to(x.device).long()
         if target.shape[-2:] != x.shape[-2:]:
             raise ValueError(f"labels are {tuple(target.shape[-2:])}, inputs {tuple(x.shape[-2:])} after "
                              f"task.crop_bottom={o['crop_bottom']}")
+        if o["data_resize"]:
+            x, target = resize_sample(x, target, o["data_resize"])
         return x, target
 
     def augment(self, x: torch.Tensor, target: torch.Tensor, generator: torch.Generator):
@@ -592,8 +695,10 @@ class SegmentationTask:
         out_hw = tuple(o["train_size"] or x.shape[-2:])
         theta = random_affine(x.shape[0], x.shape[-2:], out_hw, generator=generator, scale=a["scale"],
                               ratio=a["ratio"], hflip=float(a["hflip"]), rotate_deg=float(a["rotate_deg"]),
-                              rotate_prob=float(a["rotate_prob"]))
-        return warp_pair(x, target, theta, out_hw, mode=a["mode"], ignore_index=int(o["ignore_index"]))
+                              rotate_prob=float(a["rotate_prob"]), pad_to=a["pad_to"], shift=float(a["shift"]),
+                              scale_jitter=float(a["scale_jitter"]))
+        return warp_pair(x, target, theta, out_hw, mode=a["mode"], ignore_index=int(o["ignore_index"]),
+                         border=a["border"])
 
     def _generator(self, state: dict, salt: int) -> torch.Generator:
         device = torch.device(state["device"])
