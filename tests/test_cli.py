@@ -162,3 +162,27 @@ def test_convert_reports_bad_samples_and_exit_code(atis_dataset, tmp_path, capsy
     lines = (tmp_path / "a" / "errors.jsonl").read_text().splitlines()
     assert len(lines) == 1 and str(bad) in lines[0]
     assert main(args + ["--out", str(tmp_path / "b"), "--allow-errors"]) == 0
+
+
+def test_import_checkpoint_of_the_authors_layout(tmp_path, capsys):
+    """evforge import-checkpoint ecddp: the released-layout fixture imports (student by default, teacher on
+    request); a file that is not one is a one-line error naming it, with exit code 2."""
+    import lzma
+
+    from evforge.export import read_backbone
+
+    released = tmp_path / "released.pt"
+    fixture = Path(__file__).resolve().parent / "fixtures" / "ecddp" / "released_ecddp_tiny.pt.xz"
+    released.write_bytes(lzma.decompress(fixture.read_bytes()))
+    out = tmp_path / "b.safetensors"
+    assert main(["import-checkpoint", "ecddp", str(released), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == str(out) and read_backbone(out)[1]["which"] == "student"
+    assert main(["import-checkpoint", "ecddp", str(released), "--out", str(out), "--which", "teacher"]) == 0
+    assert read_backbone(out)[1]["which"] == "teacher"
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x00" * 10)
+    assert main(["import-checkpoint", "ecddp", str(bad), "--out", str(tmp_path / "c.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and err.count("\n") == 1 and not (tmp_path / "c.safetensors").exists()
+    assert main(["export-backbone", str(released), "--out", str(tmp_path / "d.safetensors")]) == 2
+    assert "use 'evforge import-checkpoint ecddp'" in capsys.readouterr().err
