@@ -60,9 +60,8 @@ def simulate_config_from_args(args):
     """The SimulateConfig of ``evforge simulate``: the recipe's settings (if any) under the flags given."""
     import dataclasses
 
-    from .simulator.pipeline import SimulateConfig
     from .simulator.recipes import get_recipe
-    from .simulator.upsample import UpsampleConfig
+    from .simulator.settings import SimulateConfig, UpsampleConfig
 
     names = ("pos_thres", "neg_thres", "sigma_thres", "cutoff_hz", "leak_rate_hz", "shot_noise_rate_hz",
              "refractory_period_s", "leak_jitter_fraction", "noise_rate_cov_decades")

@@ -186,3 +186,15 @@ def test_import_checkpoint_of_the_authors_layout(tmp_path, capsys):
     assert str(bad) in err and err.count("\n") == 1 and not (tmp_path / "c.safetensors").exists()
     assert main(["export-backbone", str(released), "--out", str(tmp_path / "d.safetensors")]) == 2
     assert "use 'evforge import-checkpoint ecddp'" in capsys.readouterr().err
+
+
+def test_parser_is_built_without_importing_torch():
+    """``evforge --help`` stays fast: the parser (every command's arguments) needs no torch; commands import
+    what they use when they run."""
+    import subprocess
+    import sys
+
+    code = ("import sys, evforge.cli as c; p = c.build_parser(); p.parse_args(['simulate', 'x', '--out', 'y']); "
+            "print(sorted(m for m in ('torch', 'numpy', 'h5py', 'numba') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .rng import uniform_scalar
+from .hashing import uniform_scalar
 
 
 @dataclass(frozen=True)

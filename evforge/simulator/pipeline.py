@@ -28,32 +28,12 @@ from ..errors import InputError
 from ..events import make_events
 from ..streamfile import StreamWriter, is_complete_stream
 from .engine import BatchEngine, resolve_device
-from .params import DVSParams, get_preset, parse_resolution
+from .hashing import mix32
+from .params import DVSParams, parse_resolution
 from .resample import prepare_frames, resize_flow, rgb_to_gray
-from .rng import _mix_int
+from .settings import SimulateConfig, UpsampleConfig  # noqa: F401  (re-exported: defined without torch)
 from .sources import FrameSequence
-from .upsample import FrameInterpolator, UpsampleConfig
-
-
-@dataclass
-class SimulateConfig:
-    """Everything that decides the output of ``evforge simulate`` (all of it is stored in each file)."""
-
-    preset: str = "default"
-    overrides: dict = field(default_factory=dict)  # DVSParams fields that replace the preset's
-    resolution: str | tuple[int, int] | None = None  # None/"native", "dvs346", "dvs640", "WxH"
-    upsample: UpsampleConfig = field(default_factory=UpsampleConfig)
-    seed: int = 0
-    device: str = "auto"
-    batch: int = 4
-    workers: int = 2  # frame-decoding threads
-    compression: str = "zstd"
-    save_frames: bool = True
-    overwrite: bool = False
-    recipe: str | None = None  # the data recipe these settings come from (evforge.simulator.recipes), if any
-
-    def params(self) -> DVSParams:
-        return get_preset(self.preset, **self.overrides)
+from .upsample import FrameInterpolator
 
 
 @dataclass
@@ -69,7 +49,7 @@ class SequenceResult:
 
 def sequence_seed(seed: int, name: str) -> int:
     """Per-sequence seed from the run seed and the sequence name (independent of order and batching)."""
-    return _mix_int(_mix_int(seed & 0xFFFFFFFF) ^ zlib.crc32(name.encode())) & 0x7FFFFFFF
+    return mix32(mix32(seed & 0xFFFFFFFF) ^ zlib.crc32(name.encode())) & 0x7FFFFFFF
 
 
 def output_path(out_dir, name: str) -> Path:

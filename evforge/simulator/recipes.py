@@ -46,8 +46,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from .params import get_preset, parse_resolution
-from .pipeline import SimulateConfig
-from .upsample import UpsampleConfig
+from .settings import SimulateConfig, UpsampleConfig
 
 __all__ = ["Recipe", "RECIPES", "get_recipe"]
 

@@ -10,11 +10,10 @@ The mixing function is Chris Wellons' ``lowbias32`` (bias ~1.7e-4 on the avalanc
 
 from __future__ import annotations
 
-import zlib
-
 import torch
 
-_M32 = 0xFFFFFFFF
+from .hashing import M32 as _M32
+from .hashing import mix32, purpose_id, stream_key, uniform_scalar  # noqa: F401  (host-side part, no torch)
 
 
 def _signed32(c: int) -> int:
@@ -40,29 +39,7 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ _lsr(x, 16)
 
 
-def _mix_int(x: int) -> int:
-    """The same lowbias32 on a Python int (for keys computed on the host)."""
-    x &= _M32
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & _M32
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & _M32
-    return x ^ (x >> 16)
-
-
-def purpose_id(name: str) -> int:
-    """A stable 32-bit id for a named random stream (e.g. ``"shot"``, ``"thres_pos"``)."""
-    return zlib.crc32(name.encode())
-
-
-def stream_key(seed: int, purpose: str, step: int = 0) -> tuple[int, int]:
-    """Two 32-bit words identifying the stream ``(seed, purpose, step)``."""
-    k = _mix_int(seed & _M32)
-    k = _mix_int(k ^ (seed >> 32) & _M32)
-    k = _mix_int(k ^ purpose_id(purpose))
-    k1 = _mix_int(k ^ (step & _M32))
-    k2 = _mix_int(k1 ^ (step >> 32) & _M32 ^ 0x9E3779B9)
-    return k1, k2
+_mix_int = mix32  # the same lowbias32 on a Python int (for keys computed on the host)
 
 
 def _keys_tensor(keys: list[tuple[int, int]], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,9 +92,3 @@ def event_uniform(key1: torch.Tensor, key2: torch.Tensor, index: torch.Tensor, t
 def keys_per_slot(keys: list[tuple[int, int]], device) -> tuple[torch.Tensor, torch.Tensor]:
     """The two key words of each stream as int32 tensors (gather them per event for event_uniform)."""
     return _keys_tensor(keys, device)
-
-
-def uniform_scalar(seed: int, purpose: str) -> float:
-    """One U(0, 1) number for per-sequence choices (e.g. a shot-noise rate drawn from a range)."""
-    k1, k2 = stream_key(seed, purpose)
-    return ((_mix_int(_mix_int(k1) ^ k2) >> 9) + 0.5) / 8388608.0
