@@ -12,7 +12,7 @@ Rerun (about a minute on 2 CPU cores)::
     python tools/reference_fixtures/ecddp.py --ref ecddp --extra-path /tmp/refdeps
 
 It writes ``tests/fixtures/ecddp/pretrain.safetensors`` (tensors) and ``pretrain.json`` (scalars, the
-architecture and the provenance); ``tests/pretrain/test_ecddp_reference.py`` checks evforge against them.
+architecture and the provenance); ``tests/pretrain/test_ecddp_pretrain_reference.py`` checks evforge against them.
 
 What is recorded, all on a narrow Swin (embed 8, depths 2-2-2-2, heads 1-2-2-4, window 7, 6 bins, fused 64)
 with small heads (MLP 64-32-32-16, 64 prototypes) so the file stays small, at the public crop sizes:

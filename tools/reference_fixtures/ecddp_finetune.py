@@ -16,7 +16,7 @@ Rerun (about 20 s on 2 CPU cores)::
     pip install --target /tmp/refdeps kornia==0.7.1 omegaconf opencv-python-headless albumentations
     python tools/reference_fixtures/ecddp_finetune.py --ref ecddp --extra-path /tmp/refdeps
 
-It writes into ``tests/fixtures/ecddp/`` (``tests/finetune/test_ecddp_reference.py`` checks evforge against
+It writes into ``tests/fixtures/ecddp/`` (``tests/finetune/test_ecddp_finetune_reference.py`` checks evforge against
 them without the reference):
 
 * ``released_ecddp_tiny.pt.xz``: an xz-compressed ``torch.save`` of the public ``PretrainModel`` (a narrow Swin:
