@@ -11,8 +11,11 @@ Follows ``tum-vision/mem`` ``eventvae/vae/vae_model.py: DiscreteVAE`` with the s
   temperature ``tau`` (MEM anneals ``tau`` from 1 towards 0.5; here a trainer schedule, ``gumbel_tau``);
 * decoder, the mirror: 1x1 conv ``code_dim -> hidden``, the residual blocks, ``num_layers`` x (transposed
   conv 4x4 stride 2 + ReLU), a 1x1 conv to the image channels (no output activation, as MEM);
-* loss: ``MSE(image, reconstruction) + kl_weight * KL(q || uniform)``, the KL summed over grid cells and
-  codes and averaged over the batch (MEM's ``F.kl_div(..., 'batchmean', log_target=True)`` on (B, h*w, N)).
+* loss: ``MSE(image, reconstruction) + kl_weight * KL(q || uniform)``, the KL summed over grid cells and codes
+  and averaged over the batch (``kl_reduction: batchmean``). MEM calls ``F.kl_div(log_uniform, log_qy, ...,
+  'batchmean', log_target=True)`` with a one-element ``log_uniform`` as the input, so 'batchmean' divides by
+  that input's first dimension, 1: its KL is summed over the batch too (``vae_model.py:203-206``);
+  ``kl_reduction: sum`` reproduces that.
 
 At evaluation (``model.eval()``) the codes are hard: the argmax of the logits, no noise, as MEM's
 ``evaluate`` (``decode(argmax)``) and :meth:`DiscreteVAE.get_codebook_indices` (the MIM targets) use them.
@@ -42,6 +45,7 @@ class DVAEConfig:
     num_tokens: int = 8192      # codebook size (the MIM vocabulary)
     code_dim: int = 32          # codebook vector size (MEM's emb_dim)
     kl_weight: float = 1e-10
+    kl_reduction: str = "batchmean"  # batchmean | sum (MEM's effective reduction, see the module doc)
     straight_through: bool = False  # hard one-hot forward, soft gradient (MEM: vae_straight_through = 0)
 
     @classmethod
@@ -53,6 +57,8 @@ class DVAEConfig:
         if cfg.num_layers < 1 or cfg.image_size % (2 ** cfg.num_layers):
             raise ValueError(f"task.model: image_size {cfg.image_size} is not divisible by "
                              f"2**num_layers = {2 ** cfg.num_layers}")
+        if cfg.kl_reduction not in ("batchmean", "sum"):
+            raise ValueError(f"task.model.kl_reduction: expected 'batchmean' or 'sum', got {cfg.kl_reduction!r}")
         return cfg
 
     def to_dict(self) -> dict:
@@ -139,10 +145,19 @@ class DiscreteVAE(nn.Module):
             raise ValueError(f"the tokenizer takes (B, {c.channels}, {c.image_size}, {c.image_size}) images, "
                              f"got {tuple(img.shape)}")
 
+    @property
+    def logit_conv(self) -> nn.Conv2d:
+        """The encoder's last layer: the 1x1 conv from the hidden features to the code logits."""
+        return self.encoder[-1]
+
+    def features(self, img: torch.Tensor) -> torch.Tensor:
+        """The encoder's hidden features (B, hidden_dim, h, w), before the logit conv."""
+        self._check(img)
+        return self.encoder[:-1](img)
+
     def logits(self, img: torch.Tensor) -> torch.Tensor:
         """Code logits (B, num_tokens, h, w) of images (B, channels, image_size, image_size)."""
-        self._check(img)
-        return self.encoder(img)
+        return self.logit_conv(self.features(img))
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Images from code indices (B, h*w) (or (B, h, w))."""
@@ -151,15 +166,24 @@ class DiscreteVAE(nn.Module):
         return self.decoder(emb.permute(0, 3, 1, 2))
 
     def kl_to_uniform(self, logits: torch.Tensor) -> torch.Tensor:
-        """KL(q || uniform) summed over cells and codes, averaged over the batch (MEM's 'batchmean')."""
+        """KL(q || uniform) summed over cells and codes, then averaged over the batch (``batchmean``) or summed
+        over it (``sum``, MEM's effective reduction)."""
         log_q = logits.float().log_softmax(1)
-        return (log_q.exp() * (log_q + math.log(self.cfg.num_tokens))).sum() / logits.shape[0]
+        kl = (log_q.exp() * (log_q + math.log(self.cfg.num_tokens))).sum()
+        return kl if self.cfg.kl_reduction == "sum" else kl / logits.shape[0]
 
     def forward(self, img: torch.Tensor, tau: float = 1.0, generator: torch.Generator | None = None,
-                return_recon: bool = False):
+                return_recon: bool = False, return_stats: bool = False):
         """Loss and parts (``recon_mse``, ``kl``) for images ``img``; training samples relaxed codes
-        (Gumbel softmax at ``tau``, noise from ``generator``), eval decodes the argmax codes."""
-        logits = self.logits(img)
+        (Gumbel softmax at ``tau``, noise from ``generator``), eval decodes the argmax codes.
+
+        ``return_stats`` appends a dict of detached per-cell statistics for dead-code restarts
+        (:mod:`.restart`): ``codes`` (B, h, w) argmax codes, ``features`` (B, hidden, h, w), ``cell_error``
+        (B, h, w) the squared reconstruction error summed over each cell's pixels and ``sampled`` (B, code_dim, h, w)
+        the decoder's input (the relaxed code mixture in training)."""
+        feats = self.features(img)
+        logits = self.logit_conv(feats)
+        sampled = None
         if self.training:
             soft = gumbel_softmax(logits, tau, dim=1, hard=self.cfg.straight_through, generator=generator)
             sampled = torch.einsum("bnhw,nd->bdhw", soft, self.codebook.weight)
@@ -170,7 +194,17 @@ class DiscreteVAE(nn.Module):
         kl = self.kl_to_uniform(logits)
         loss = recon_mse + self.cfg.kl_weight * kl
         parts = {"recon_mse": recon_mse.detach(), "kl": kl.detach()}
-        return (loss, parts, recon) if return_recon else (loss, parts)
+        out = [loss, parts]
+        if return_recon:
+            out.append(recon)
+        if return_stats:
+            err = (recon.detach().float() - img.float()).pow(2).sum(1, keepdim=True)
+            cell = F.avg_pool2d(err, self.cfg.downsample)[:, 0] * self.cfg.downsample ** 2
+            codes = logits.detach().argmax(1)
+            if sampled is None:  # eval: the decoder's input is the codes' embeddings
+                sampled = self.codebook(codes).permute(0, 3, 1, 2)
+            out.append({"codes": codes, "features": feats.detach(), "cell_error": cell, "sampled": sampled.detach()})
+        return tuple(out)
 
     @torch.no_grad()
     def get_codebook_indices(self, img: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,12 @@ That algorithm is :class:`~evforge.pretrain.ecddp.masking.BlockMaskGenerator`'s 
 which took it from BEiT); :class:`BEiTMaskGenerator` reuses it with a fixed count for every sample.
 
 ``masking = random`` (``MaskingGeneratorRandomLocation``) draws ``num_mask_patches`` patches uniformly; MEM's
-draws them from ``arange(h*w - 1)``, so it never masks the last patch: :class:`RandomMaskGenerator` draws
-from all of them.
+draws them from ``arange(h*w - 1)`` (``mem/masking_generator.py:109-111``), so it never masks the last patch:
+:class:`RandomMaskGenerator` draws from all of them, ``legacy_skip_last=True`` reproduces MEM's.
+
+Both draw with Python's ``random`` from a seed taken off the torch generator, as MEM's generators draw with the
+global ``random``: after ``random.seed(s)`` MEM's ``MaskingGenerator()`` returns exactly
+``BEiTMaskGenerator.sample(n, random.Random(s))`` (checked against the reference's masks in the tests).
 """
 
 from __future__ import annotations
@@ -53,26 +57,37 @@ class BEiTMaskGenerator(BlockMaskGenerator):
 
 
 class RandomMaskGenerator:
-    """Exactly ``num_masking_patches`` uniformly random patches of a ``grid`` per sample."""
+    """Exactly ``num_masking_patches`` uniformly random patches of a ``grid`` per sample (never the last one
+    with ``legacy_skip_last``, as MEM's)."""
 
-    def __init__(self, grid: tuple[int, int] | int, num_masking_patches: int):
+    def __init__(self, grid: tuple[int, int] | int, num_masking_patches: int, *, legacy_skip_last: bool = False):
         self.height, self.width = (grid, grid) if isinstance(grid, int) else tuple(grid)
         self.num_patches = self.height * self.width
-        if not 0 < num_masking_patches < self.num_patches:
+        self.legacy_skip_last = bool(legacy_skip_last)
+        top = self.num_patches - (1 if self.legacy_skip_last else 0)
+        if not 0 < num_masking_patches <= top or num_masking_patches >= self.num_patches:
             raise ValueError(f"num_masking_patches must be in [1, {self.num_patches - 1}], got {num_masking_patches}")
         self.num_masking_patches = int(num_masking_patches)
 
+    def sample(self, rng: random.Random) -> np.ndarray:
+        """One flat bool mask: MEM's ``random.sample`` of the patch indices (all of them, or all but the last)."""
+        top = self.num_patches - (1 if self.legacy_skip_last else 0)
+        mask = np.zeros(self.num_patches, dtype=bool)
+        mask[rng.sample(range(top), self.num_masking_patches)] = True
+        return mask
+
     def __call__(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(_seed(generator))
-        order = torch.rand(batch_size, self.num_patches, generator=gen).argsort(1)
-        mask = torch.zeros(batch_size, self.num_patches, dtype=torch.bool)
-        return mask.scatter_(1, order[:, : self.num_masking_patches], True)
+        rng = random.Random(_seed(generator))
+        if batch_size == 0:
+            return torch.zeros(0, self.num_patches, dtype=torch.bool)
+        return torch.from_numpy(np.stack([self.sample(rng) for _ in range(batch_size)]))
 
 
 def make_mask_generator(kind: str, grid: int, *, ratio: float | None = None, num_patches: int | None = None,
-                        min_num_patches: int = 16, max_num_patches: int | None = None):
+                        min_num_patches: int = 16, max_num_patches: int | None = None,
+                        legacy_skip_last: bool = False):
     """``kind`` "block" (BEiT) or "random" on a ``grid x grid`` patch grid; the count is ``num_patches`` or
-    ``round(ratio * grid**2)`` (MEM: 98 = 0.5 * 196)."""
+    ``round(ratio * grid**2)`` (MEM: 98 = 0.5 * 196); ``legacy_skip_last``: random masks as MEM's."""
     total = grid * grid
     if num_patches is None:
         if ratio is None:
@@ -81,5 +96,5 @@ def make_mask_generator(kind: str, grid: int, *, ratio: float | None = None, num
     if kind == "block":
         return BEiTMaskGenerator(grid, num_patches, min_num_patches=min_num_patches, max_num_patches=max_num_patches)
     if kind == "random":
-        return RandomMaskGenerator(grid, num_patches)
+        return RandomMaskGenerator(grid, num_patches, legacy_skip_last=legacy_skip_last)
     raise ValueError(f"task.mask.kind: expected 'block' or 'random', got {kind!r}")

@@ -1,16 +1,22 @@
-"""MEMModel: a timm ViT with a learnable mask token and a masked-image-modelling head.
+"""MEMModel: a timm ViT or BEiT with a learnable mask token and a masked-image-modelling head.
 
 MEM (``mem/modeling_pretrain.py: VisionTransformerForMaskedImageModeling``, BEiT's): patch embeddings of the
 masked patches are replaced by one learnable ``mask_token`` (``x * (1 - w) + mask_token * w``) before the
-class token and position embeddings are added; after the blocks and the final norm, a linear ``lm_head``
-(embed_dim -> 8192) scores the tokenizer's codes at the masked patches only, trained with cross-entropy
-against the tokenizer's argmax ids (``engine_for_pretraining.py``; ``mlm_acc`` = top-1 accuracy there).
+class token (and position embeddings, if any) are added; after the blocks and the final norm, a linear
+``lm_head`` (embed_dim -> 8192) scores the tokenizer's codes at the masked patches only, trained with
+cross-entropy against the tokenizer's argmax ids (``engine_for_pretraining.py``; ``mlm_acc`` = top-1 accuracy).
 
-Here the ViT is timm's own ``VisionTransformer`` (``vit_base_patch16_224`` by default, ``num_classes=0``), so
-its weights export under timm's keys and load into the finetuning model unchanged. Differences from MEM's
-BEiT model: absolute (learned) position embeddings instead of BEiT's shared relative position bias
-(``--rel_pos_bias``), and timm's weight init; layer scale (``init_values = 0.1``, MEM's
-``layer_scale_init_value``) and drop path (0.1, ``pt_dropout``) are kept.
+The network is a timm model, so its weights export under timm's keys and load into the finetuning model:
+
+* ``variant: beit_*`` is MEM's: timm's ``Beit`` with one relative position bias shared by all blocks and no
+  absolute embedding (``run_mem_pretraining.py:63-67,181-182``: ``rel_pos_bias`` on, ``abs_pos_emb`` off), q/v
+  biases, layer scale ``init_values`` 0.1; ``init: beit`` is MEM's init (``modeling_pretrain.py:61-88``: every
+  weight truncated normal, std 0.02 cut at +-1 std, biases 0, then each block's ``attn.proj`` and ``mlp.fc2``
+  divided by ``sqrt(2 * layer)``). Finetuning expands the shared bias into every block
+  (:mod:`evforge.finetune.beit`), as MEM's ``utils.finetune`` does.
+* ``variant: vit_*`` (evforge's default) is timm's ``VisionTransformer`` with learned absolute position
+  embeddings and timm's init: the standard timm ViT that every timm consumer loads and that resizes its
+  position table to other input sizes; layer scale and drop path as MEM.
 
 ``objective: mae`` replaces the code head by a linear pixel head (embed_dim -> patch_size**2 * C) trained with
 MSE on the masked patches, per-patch-normalised targets when ``norm_pix_loss`` (MAE's option). This is a
@@ -20,6 +26,7 @@ SimMIM-style variant on the same masked ViT; MEM's ``--mae 1`` instead trains a 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -36,7 +43,7 @@ NO_DECAY = ("pos_embed", "cls_token")
 class MEMConfig:
     """MEM model options; defaults are the paper's ViT-B/16 (``configs/ncaltech.conf``)."""
 
-    variant: str = "vit_base_patch16_224"   # timm architecture
+    variant: str = "vit_base_patch16_224"   # timm architecture: vit_* (evforge) or beit_* (MEM's BEiT)
     img_size: int = 224
     patch_size: int = 16                    # must equal the tokenizer's 2**num_layers
     in_chans: int = 3                       # MEM's event image: (pos, 0, neg)
@@ -46,6 +53,7 @@ class MEMConfig:
     objective: str = "beit"                 # beit: CE on tokenizer codes | mae: pixel regression
     num_tokens: int | None = None           # code vocabulary; None = the tokenizer's
     norm_pix_loss: bool = False             # mae: normalise each target patch (mean 0, var 1)
+    init: str = "timm"                      # timm | beit (MEM's pretraining init, see the module doc)
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "MEMConfig":
@@ -56,6 +64,10 @@ class MEMConfig:
             raise ValueError(f"task.model.objective: expected 'beit' or 'mae', got {cfg.objective!r}")
         if cfg.img_size % cfg.patch_size:
             raise ValueError(f"task.model: img_size {cfg.img_size} is not a multiple of patch_size {cfg.patch_size}")
+        if cfg.init not in ("timm", "beit"):
+            raise ValueError(f"task.model.init: expected 'timm' or 'beit', got {cfg.init!r}")
+        if not cfg.variant.startswith(("vit_", "beit_")):
+            raise ValueError(f"task.model.variant: a timm vit_* or beit_* model, got {cfg.variant!r}")
         return cfg
 
     def to_dict(self) -> dict:
@@ -65,9 +77,17 @@ class MEMConfig:
     def grid(self) -> int:
         return self.img_size // self.patch_size
 
+    @property
+    def is_beit(self) -> bool:
+        return self.variant.startswith("beit_")
+
     def timm_kwargs(self) -> dict:
-        """What ``timm.create_model(variant, **kwargs)`` needs to rebuild this ViT (no training-only options)."""
-        kw = {"img_size": self.img_size, "patch_size": self.patch_size, **self.vit_kwargs}
+        """What ``timm.create_model(variant, **kwargs)`` needs to rebuild this network (no training-only options).
+        BEiT: MEM's shared relative position bias, no absolute embedding, the final norm on the tokens."""
+        kw = {"img_size": self.img_size, "patch_size": self.patch_size}
+        if self.is_beit:
+            kw.update(use_abs_pos_emb=False, use_rel_pos_bias=False, use_shared_rel_pos_bias=True, global_pool="")
+        kw.update(self.vit_kwargs)
         if self.init_values is not None:
             kw["init_values"] = float(self.init_values)
         return kw
@@ -78,6 +98,34 @@ def build_vit(cfg: MEMConfig) -> nn.Module:
 
     return timm.create_model(cfg.variant, pretrained=False, num_classes=0, in_chans=cfg.in_chans,
                              drop_path_rate=cfg.drop_path_rate, **cfg.timm_kwargs())
+
+
+def _trunc_std(t: torch.Tensor, std: float = 0.02) -> None:
+    """MEM/BEiT pretraining's ``trunc_normal_(t, std)``: a normal cut at +-1 std (``modeling_pretrain.py:19-20``,
+    ``a=-std, b=std``; timm's default cuts at +-2, in absolute units)."""
+    nn.init.trunc_normal_(t, mean=0.0, std=std, a=-std, b=std)
+
+
+@torch.no_grad()
+def beit_init(model: "MEMModel", std: float = 0.02) -> None:
+    """MEM's pretraining init (``modeling_pretrain.py:61-88``): positions (if any), class and mask token and the
+    MIM head truncated normal; every Linear and Conv2d weight too (biases 0), LayerNorms 1 / 0; then each block's
+    attention projection and MLP output divided by ``sqrt(2 * (i + 1))``."""
+    vit = model.vit
+    for t in (getattr(vit, "pos_embed", None), vit.cls_token, model.mask_token, model.head.weight):
+        if t is not None:
+            _trunc_std(t, std)
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            _trunc_std(m.weight, std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    for i, blk in enumerate(vit.blocks):
+        blk.attn.proj.weight.div_(math.sqrt(2.0 * (i + 1)))
+        blk.mlp.fc2.weight.div_(math.sqrt(2.0 * (i + 1)))
 
 
 def patchify(img: torch.Tensor, p: int) -> torch.Tensor:
@@ -107,6 +155,8 @@ class MEMModel(nn.Module):
         nn.init.trunc_normal_(self.mask_token, std=0.02)  # BEiT: trunc_normal_(std=init_std=0.02)
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
+        if cfg.init == "beit":
+            beit_init(self)
 
     @property
     def num_patches(self) -> int:
@@ -134,6 +184,15 @@ class MEMModel(nn.Module):
         x = vit.patch_embed(images)  # (B, N, D)
         w = mask.unsqueeze(-1).to(x.dtype)
         x = x * (1 - w) + self.mask_token.to(x.dtype) * w
+        if self.cfg.is_beit:  # timm's Beit.forward_features with the replacement after the patch embedding
+            x = torch.cat((vit.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+            if vit.pos_embed is not None:
+                x = x + vit.pos_embed
+            x = vit.pos_drop(x)
+            rel = vit.rel_pos_bias() if vit.rel_pos_bias is not None else None
+            for blk in vit.blocks:
+                x = blk(x, shared_rel_pos_bias=rel)
+            return vit.norm(x)[:, 1:]
         x = vit._pos_embed(x)
         x = vit.patch_drop(x)
         x = vit.norm_pre(x)

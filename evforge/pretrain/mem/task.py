@@ -2,33 +2,32 @@
 
 Data (both): an evforge *samples* dataset (N-Caltech101, N-Cars, N-ImageNet shards; ``data.path``), the
 ``train`` split for training and ``data.val_split`` (default ``val``; N-Cars has ``test``) for validation.
-Each packed batch goes through MEM's event pipeline (``mem/datasets.py: build_transformNPY``), on the device:
+Each packed batch becomes MEM's input with :func:`~evforge.pretrain.mem.inputs.mem_inputs`, the one function
+finetuning uses too, configured by the same keys: ``task.input_size`` (square here: the tokenizer's and the
+model's image size), ``task.augment``, ``task.val_window`` and ``task.representation`` (canvas, uint8 wrap,
+OFF events, hot pixels, ``rand_augment``, ``color_jitter``; see :mod:`.inputs`).
 
-1. ``SliceRandomMaxEvs``: a random window of at most ``max_events`` (30k) consecutive events, at validation too;
-2. training only: ``RandomTimeFlip`` (p 0.5), ``Aug_FlipEvsAlongX`` (p 0.5), ``Aug_RandomShiftEvs`` (+-``max_shift``
-   px, 8 in MEM's configs; events leaving the sensor dropped);
-3. ``EventArrToImg``: the 3-channel image (ON count, 0, OFF count) at the sensor size
-   (:func:`~evforge.representations.mem_image`), resized to ``image_size`` (bilinear, antialiased, as MEM's
-   ``transforms.Resize``); with ``train_resize: [H, W]`` training resizes to that and takes a random
-   ``image_size`` crop instead (MEM's N-ImageNet: short side 256, ``RandomCrop(224)``; validation 224 x 224);
-4. ``RemoveHotPixels`` (> mean + 10 std) and ``NormalizeEvent`` (divide by the max), after the resize as MEM.
-
-MEM counts into ``uint8`` (a pixel with 256 events reads 0); ``legacy_uint8_wrap: true`` reproduces that.
-Not reproduced: MEM's image-space RandAugment(2, 20) and ColorJitter (0.2) after these steps.
-
-Random draws (windows, flips, shifts, masks) come from CPU generators seeded by ``(seed, step, micro-step,
-rank)`` in training and by the batch's sample keys in validation, so a resumed run repeats them exactly and
-validation sees the same windows every time. The tokenizer's Gumbel noise has its own seeded generator.
+Random draws (windows, flips, shifts, crops, RandAugment, jitter, masks) come from CPU generators seeded by
+``(seed, step, micro-step, rank)`` in training and by the batch's sample keys in validation, so a resumed run
+repeats them exactly and validation sees the same inputs every time. The tokenizer's Gumbel noise has its own
+seeded generator.
 
 ``mem`` loads a trained tokenizer (``task.tokenizer``: a ``mem_dvae`` trainer checkpoint, read with
 ``weights_only=True``), frozen in eval mode and kept outside the optimised model (not in MEM checkpoints);
 its argmax codes of the same image are the targets (MEM's ``CreateTwoPic``: one image for both). Channel
 count, patch size = tokenizer stride, image size and vocabulary are checked against the tokenizer.
+
+Validation reports whole-split statistics besides the per-batch means: the tokenizer's ``codebook_used``
+(distinct codes over the whole split, MEM's ``evaluate``), ``codebook_usage`` (that / codebook size) and
+``codebook_perplexity``; MEM's ``majority_share`` (share of the most frequent target code among the masked
+patches) next to ``mlm_acc``. With several processes these are the mean over the ranks of each rank's share
+of the split (the exact union would need a gather the trainer does not make).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import zlib
 from pathlib import Path
 
@@ -36,29 +35,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...augment import flip_x, random_window, shift, time_flip
 from ...dataset_builder.dataset import EventDataset, collate_events
 from ...errors import InputError
-from ...representations import mem_image, normalize_max, remove_hot_pixels
 from ...trainer.checkpoint import load_checkpoint
+from ...trainer.config import ConfigError, check_option_keys, merge
 from ...trainer.sampler import mix_seed
-from .dvae import DiscreteVAE, DVAEConfig, code_usage
+from .dvae import DiscreteVAE, DVAEConfig
+from .inputs import INPUT_KEYS, REPRESENTATION_KEYS, MEMInputConfig, mem_inputs
 from .masking import make_mask_generator
 from .model import MEMConfig, MEMModel
+from .restart import CodeRestartConfig, CodeRestarter
 
 IMAGE_CHANNELS = 3  # mem_image: (ON count, zeros, OFF count), MEM's EventArrToImg with timesurface = 0
 
-_DATA_DEFAULTS = {
-    "image_size": 224,
-    "max_events": 30000,       # MEM slice_max_evs
-    "time_flip_p": 0.5,
-    "flip_x_p": 0.5,
-    "max_shift": 8,            # MEM max_random_shift_evs (configs); 0 = off
-    "hot_pixel_std": 10.0,     # MEM hotpix_num_stds; null = off
-    "normalize": True,         # MEM normalize_events
-    "legacy_uint8_wrap": False,
-    "train_resize": None,      # [H, W]: resize then random image_size crop (MEM's N-ImageNet training)
+# Task options shared by both tasks, with their defaults (MEM's values); unknown keys are refused.
+_DATA_DEFAULTS: dict = {
+    "name": None,
+    "input_size": 224,
+    "augment": dict(INPUT_KEYS["augment"]),
+    "val_window": dict(INPUT_KEYS["val_window"]),
+    "representation": {"name": "mem_image", **REPRESENTATION_KEYS},
+    "model": {},
 }
+_OPEN = ("task.model", "task.representation.rand_augment", "task.representation.color_jitter", "task.code_restart")
 
 
 def _key_seed(batch: dict) -> int:
@@ -66,8 +65,45 @@ def _key_seed(batch: dict) -> int:
     return zlib.crc32("\x00".join(batch["key"]).encode())
 
 
+class _WholeSplit:
+    """Whole-split statistics through the trainer's mean of per-batch values: a histogram is summed over one
+    validation pass and reported at the pass's last batch, scaled by (batches in the split) / (ranks), every
+    other batch reporting 0. The pass length per rank follows the trainer's validation sampler (rank ``r``
+    takes items ``r, r + w, ...`` in batches, unpadded, at most ``limit_val_batches``)."""
+
+    def __init__(self):
+        self.items = 0
+        self.calls = 0
+        self.hist: torch.Tensor | None = None
+
+    def batches(self, cfg: dict, world: int, rank: int) -> tuple[int, int]:
+        d, t = cfg["data"], cfg.get("trainer", {})
+        bs = int(d.get("val_batch_size") or d["batch_size"])
+        limit = t.get("limit_val_batches")
+        per = [-(-len(range(r, self.items, world)) // bs) for r in range(world)]
+        if limit is not None:
+            per = [min(p, int(limit)) for p in per]
+        return per[rank], sum(per)
+
+    def add(self, hist: torch.Tensor, cfg: dict, state: dict) -> float | None:
+        """Add a batch's histogram; at the pass's last batch return the scale for the whole-split values."""
+        world, rank = int(state.get("world_size", 1)), int(state.get("rank", 0))
+        mine, total = self.batches(cfg, world, rank)
+        if self.calls >= mine:  # a new pass
+            self.calls, self.hist = 0, None
+        self.hist = hist.double().cpu() if self.hist is None else self.hist + hist.double().cpu()
+        self.calls += 1
+        return total / world if self.calls == mine else None
+
+
+def _perplexity(hist: torch.Tensor) -> float:
+    p = hist / hist.sum().clamp(min=1)
+    p = p[p > 0]
+    return float((-(p * p.log()).sum()).exp())
+
+
 class _MEMData:
-    """The data side shared by both tasks: dataset, collate, MEM's event pipeline, seeded generators."""
+    """The data side shared by both tasks: options, dataset, collate, MEM's input pipeline, seeded generators."""
 
     name = ""
     _opt_defaults: dict = {}
@@ -75,12 +111,26 @@ class _MEMData:
     def __init__(self):
         self.sensor_size: tuple[int, int] | None = None  # (W, H)
         self.cfg: dict = {}
+        self._val_items = 0
 
     def _opts(self, cfg: dict) -> dict:
-        t = dict(cfg.get("task", {}))
-        for k, v in {**_DATA_DEFAULTS, **self._opt_defaults}.items():
-            t.setdefault(k, v)
-        return t
+        defaults = merge(_DATA_DEFAULTS, self._opt_defaults)
+        given = cfg.get("task", {})
+        check_option_keys(given, defaults, "task", _OPEN)
+        return merge(defaults, given)
+
+    def input_config(self, cfg: dict | None = None) -> MEMInputConfig:
+        o = self._opts(self.cfg if cfg is None else cfg)
+        rep = o["representation"]
+        if rep.get("name", "mem_image") != "mem_image":
+            raise ConfigError(f"task.representation.name: MEM takes mem_image, got {rep['name']!r}")
+        icfg = MEMInputConfig.from_task(o)
+        if icfg.size[0] != icfg.size[1]:
+            raise ConfigError(f"task.input_size: MEM's tokenizer and model take square images, got {list(icfg.size)}")
+        return icfg
+
+    def image_size(self, cfg: dict) -> int:
+        return self.input_config(cfg).size[0]
 
     # ---- data
     def build_dataset(self, cfg: dict, split: str):
@@ -96,60 +146,18 @@ class _MEMData:
             raise ValueError(f"{data['path']}: split {name!r} has sensor size {size}, "
                              f"the train split {self.sensor_size}")
         self.sensor_size = size
+        if split != "train":
+            self._val_items = len(ds)
         return ds
 
     def collate(self, items: list):
         return collate_events(items)
 
-    # ---- MEM's event pipeline
     def images(self, batch: dict, *, train: bool, generator: torch.Generator) -> torch.Tensor:
-        """MEM event images (B, 3, image_size, image_size) of a packed batch (see the module doc)."""
-        o = self._opts(self.cfg)
+        """MEM's input images (B, 3, S, S) of a packed batch (:func:`~.inputs.mem_inputs`)."""
         if self.sensor_size is None:
             raise RuntimeError("build_dataset must run before images (the sensor size comes from the data)")
-        W, H = self.sensor_size
-        S = int(o["image_size"])
-        b = random_window(batch, int(o["max_events"]), generator=generator)
-        if train:
-            b = time_flip(b, float(o["time_flip_p"]), generator=generator)
-            b = flip_x(b, W, float(o["flip_x_p"]), generator=generator)
-            if o["max_shift"]:
-                b = shift(b, int(o["max_shift"]), H, W, generator=generator)
-        # counts at the sensor size; MEM's ToTensor /255 is left out (it cancels in the max normalisation)
-        img = mem_image(b, height=H, width=W, hot_pixel_std=None, normalize=False,
-                        wrap_uint8=bool(o["legacy_uint8_wrap"]))
-        if train and o["train_resize"]:
-            rh, rw = (int(v) for v in o["train_resize"])
-            if rh < S or rw < S:
-                raise ValueError(f"task.train_resize {[rh, rw]} is smaller than image_size {S}")
-            img = self._resize(img, (rh, rw))
-            img = self._random_crop(img, S, generator)
-        else:
-            img = self._resize(img, (S, S))
-        if o["hot_pixel_std"] is not None:
-            img = remove_hot_pixels(img, float(o["hot_pixel_std"]))
-        if o["normalize"]:
-            img = normalize_max(img)
-        return img
-
-    @staticmethod
-    def _resize(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        if tuple(img.shape[-2:]) == tuple(size):
-            return img
-        return F.interpolate(img, size=size, mode="bilinear", antialias=True, align_corners=False)
-
-    @staticmethod
-    def _random_crop(img: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
-        """A random ``size`` x ``size`` window per sample (integer offsets, gathered exactly)."""
-        B, C, H, W = img.shape
-        y0 = torch.randint(0, H - size + 1, (B,), generator=generator).to(img.device)
-        x0 = torch.randint(0, W - size + 1, (B,), generator=generator).to(img.device)
-        r = torch.arange(size, device=img.device)
-        rows = (y0[:, None] + r)[:, None, :, None]
-        cols = (x0[:, None] + r)[:, None, None, :]
-        b = torch.arange(B, device=img.device)[:, None, None, None]
-        c = torch.arange(C, device=img.device)[None, :, None, None]
-        return img[b, c, rows, cols]
+        return mem_inputs(batch, self.input_config(), self.sensor_size, train=train, generator=generator)
 
     # ---- seeding
     def _generator(self, state: dict, salt: int, batch: dict | None = None,
@@ -176,46 +184,110 @@ def _check_channels(n: int, what: str) -> None:
 def _dvae_config(task_opts: dict) -> DVAEConfig:
     model = dict(task_opts.get("model", {}))
     if "image_size" in model:
-        raise ValueError("task.model.image_size: set task.image_size (shared by the data and the model)")
-    return DVAEConfig.from_dict({**model, "image_size": int(task_opts.get("image_size", _DATA_DEFAULTS["image_size"]))})
+        raise ValueError("task.model.image_size: set task.input_size (shared by the data and the model)")
+    size = task_opts.get("input_size", _DATA_DEFAULTS["input_size"])
+    size = int(size if isinstance(size, (int, float)) else size[0])
+    return DVAEConfig.from_dict({**model, "image_size": size})
+
+
+def mem_gumbel_tau(step: int, steps_per_epoch: int, start: float = 1.0, rate: float = 1e-6,
+                   minimum: float = 0.5) -> float:
+    """MEM's Gumbel temperature at optimizer step ``step`` (``eventvae/train_vae.py:293,342-347``): at the first
+    step of every epoch ``e``, after that step, ``tau <- max(tau * exp(-rate * e * S), minimum)`` (``S`` steps per
+    epoch). Before step ``s`` ``c = ceil(s / S)`` updates happened: ``tau = max(start * exp(-rate * S * c (c - 1)
+    / 2), minimum)``."""
+    c = -(-int(step) // int(steps_per_epoch))
+    return max(start * math.exp(-rate * steps_per_epoch * c * (c - 1) / 2), minimum)
 
 
 class MEMDVAETask(_MEMData):
     """MEM's tokenizer training (``task.name: mem_dvae``): the discrete VAE on MEM's event images.
 
-    Logs ``recon_mse`` and ``kl`` (train, relaxed codes at ``schedules.gumbel_tau``) and, on validation, the
-    hard-code reconstruction ``recon_mse`` / ``loss`` (as MEM's ``evaluate``), ``codebook_usage`` (fraction of
-    the codes used) and ``codebook_perplexity`` (exp entropy of the code histogram), both per validation batch
-    averaged over batches (MEM counts distinct codes over the whole val set: a superset of any batch's).
+    Logs ``recon_mse`` and ``kl`` (train, relaxed codes at the Gumbel temperature) and, on validation, the
+    hard-code reconstruction ``recon_mse`` / ``loss`` (as MEM's ``evaluate``) and the whole-split codebook
+    statistics of the module docstring. The temperature is ``schedules.gumbel_tau`` (evforge) or, with
+    ``task.legacy_tau_anneal: {start, rate, min}``, MEM's per-epoch rule (:func:`mem_gumbel_tau`).
+    ``task.code_restart`` restarts dead codes (:mod:`.restart`; evforge's counter-measure to the collapse).
     """
 
     name = "mem_dvae"
+    _opt_defaults = {"legacy_tau_anneal": None, "code_restart": {}}
+
+    def __init__(self):
+        super().__init__()
+        self.restarter: CodeRestarter | None = None
+        self._val = _WholeSplit()
 
     def build_model(self, cfg: dict) -> nn.Module:
         self.cfg = cfg
-        mcfg = _dvae_config(self._opts(cfg))
+        o = self._opts(cfg)
+        mcfg = _dvae_config(o)
         _check_channels(mcfg.channels, "task.model.channels")
+        rc = CodeRestartConfig.from_dict(o["code_restart"])
+        self.restarter = CodeRestarter(rc, mcfg.num_tokens, seed=int(cfg.get("seed", 0))) if rc.enabled else None
         return DiscreteVAE(mcfg)
 
     def param_groups(self, model: nn.Module, cfg: dict) -> list[dict]:
-        return []  # the trainer's defaults (MEM: Adam without weight decay, optim.weight_decay 0)
+        """The trainer's default groups (MEM: Adam without weight decay, optim.weight_decay 0), except that
+        ``task.code_restart.logit_lr_scale`` scales the code-logit layer's lr (see :mod:`.restart`)."""
+        scale = CodeRestartConfig.from_dict(self._opts(cfg)["code_restart"]).logit_lr_scale
+        if scale == 1.0:
+            return []
+        conv = {id(p) for p in model.logit_conv.parameters()}
+        rest = [p for p in model.parameters() if id(p) not in conv]
+        return [{"name": "default", "params": rest, "lr_scale": 1.0},
+                {"name": "code_logits", "params": list(model.logit_conv.parameters()), "lr_scale": float(scale)}]
 
-    def training_step(self, model: nn.Module, batch, state: dict):
+    def _tau(self, state: dict) -> float:
+        legacy = self._opts(self.cfg)["legacy_tau_anneal"]
+        if legacy:
+            unknown = set(legacy) - {"start", "rate", "min"}
+            if unknown:
+                raise ConfigError(f"task.legacy_tau_anneal: unknown options {sorted(unknown)} (start, rate, min)")
+            return mem_gumbel_tau(int(state["step"]), int(state["steps_per_epoch"]), float(legacy.get("start", 1.0)),
+                                  float(legacy.get("rate", 1e-6)), float(legacy.get("min", 0.5)))
         if "gumbel_tau" not in state:
             raise KeyError("schedules.gumbel_tau: the tokenizer needs a Gumbel temperature schedule "
-                           "(MEM: from 1.0 annealed to 0.5)")
+                           "(MEM: from 1.0 annealed to 0.5), or task.legacy_tau_anneal for MEM's own rule")
+        return float(state["gumbel_tau"])
+
+    def training_step(self, model: nn.Module, batch, state: dict):
+        tau = self._tau(state)
         img = self.images(batch, train=True, generator=self._generator(state, salt=1))
         noise = self._generator(state, salt=3, device=img.device)
-        loss, parts = model(img, tau=float(state["gumbel_tau"]), generator=noise)
-        return loss, parts
+        if self.restarter is None:
+            loss, parts = model(img, tau=tau, generator=noise)
+        else:
+            loss, parts, stats = model(img, tau=tau, generator=noise, return_stats=True)
+            self.restarter.observe(stats, keep=self.restarter.wants_stats(int(state["step"])))
+            parts["codes_restarted"] = float(self.restarter.restarted)  # after the previous step
+        return loss, {**parts, "gumbel_tau_used": tau}
+
+    def after_optimizer_step(self, model: nn.Module, state: dict) -> None:
+        if self.restarter is not None:
+            self.restarter.after_step(model, int(state["step"]))
+
+    def state_dict(self) -> dict:
+        return {"restart": self.restarter.state_dict()} if self.restarter is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.restarter is not None and "restart" in state:
+            self.restarter.load_state_dict(state["restart"])
 
     @torch.no_grad()
     def validation_step(self, model: nn.Module, batch, state: dict) -> dict:
         img = self.images(batch, train=False, generator=self._generator(state, salt=2, batch=batch))
         loss, parts = model(img)  # eval mode: the argmax codes
-        usage, perplexity = code_usage(model.get_codebook_indices(img), model.num_tokens)
-        return {"loss": float(loss), "recon_mse": float(parts["recon_mse"]), "kl": float(parts["kl"]),
-                "codebook_usage": usage, "codebook_perplexity": perplexity}
+        codes = model.get_codebook_indices(img)
+        self._val.items = self._val_items
+        scale = self._val.add(torch.bincount(codes.reshape(-1).cpu(), minlength=model.num_tokens), self.cfg, state)
+        out = {"loss": float(loss), "recon_mse": float(parts["recon_mse"]), "kl": float(parts["kl"])}
+        used = perplexity = 0.0
+        if scale is not None:
+            hist = self._val.hist
+            used, perplexity = float((hist > 0).sum()) * scale, _perplexity(hist) * scale
+        out.update(codebook_used=used, codebook_usage=used / model.num_tokens, codebook_perplexity=perplexity)
+        return out
 
 
 def load_tokenizer(path) -> tuple[DiscreteVAE, dict]:
@@ -242,12 +314,13 @@ def load_tokenizer(path) -> tuple[DiscreteVAE, dict]:
 
 # ------------------------------------------------------------------------------------------------------ MEM
 def mem_model_config(cfg: dict) -> MEMConfig:
-    """The :class:`MEMConfig` of a ``mem`` run's config (``task.model`` with ``img_size = task.image_size``)."""
+    """The :class:`MEMConfig` of a ``mem`` run's config (``task.model`` with ``img_size = task.input_size``)."""
     task = cfg.get("task", {})
     model = dict(task.get("model", {}))
     if "img_size" in model:
-        raise ValueError("task.model.img_size: set task.image_size (shared by the data and the model)")
-    return MEMConfig.from_dict({**model, "img_size": int(task.get("image_size", _DATA_DEFAULTS["image_size"]))})
+        raise ValueError("task.model.img_size: set task.input_size (shared by the data and the model)")
+    size = task.get("input_size", _DATA_DEFAULTS["input_size"])
+    return MEMConfig.from_dict({**model, "img_size": int(size if isinstance(size, (int, float)) else size[0])})
 
 
 class MEMTask(_MEMData):
@@ -255,17 +328,22 @@ class MEMTask(_MEMData):
 
     ``task.tokenizer``: the ``mem_dvae`` checkpoint (not needed with ``task.model.objective: mae``).
     ``task.mask``: ``kind`` (block | random), ``ratio`` (0.5) or ``num_patches`` (MEM: 98 of 196),
-    ``min_num_patches`` (16), ``max_num_patches`` (null = all). Logs ``loss``, ``mlm_acc`` (beit: top-1 code
-    accuracy on the masked patches) and ``n_masked`` (masked patches per sample).
+    ``min_num_patches`` (16), ``max_num_patches`` (null = all), ``legacy_skip_last`` (random masks: MEM's
+    ``MaskingGeneratorRandomLocation`` never masks the last patch). Logs ``loss``, ``mlm_acc`` (beit: top-1
+    code accuracy on the masked patches), ``n_masked`` (masked patches per sample) and, on validation, the
+    whole-split ``majority_share`` of the targets (the accuracy of always answering the commonest code).
     """
 
     name = "mem"
-    _opt_defaults = {"tokenizer": None, "mask": {}}
+    _opt_defaults = {"tokenizer": None, "mask": {"kind": "block", "ratio": None, "num_patches": None,
+                                                 "min_num_patches": 16, "max_num_patches": None,
+                                                 "legacy_skip_last": False}}
 
     def __init__(self):
         super().__init__()
         self.tokenizer: DiscreteVAE | None = None
         self.mask_generator = None
+        self._val = _WholeSplit()
 
     def build_model(self, cfg: dict) -> nn.Module:
         self.cfg = cfg
@@ -280,14 +358,12 @@ class MEMTask(_MEMData):
             if mcfg.num_tokens is None:
                 mcfg.num_tokens = self.tokenizer.cfg.num_tokens
         _check_channels(mcfg.in_chans, "task.model.in_chans")
-        m = dict(o["mask"])
-        unknown = set(m) - {"kind", "ratio", "num_patches", "min_num_patches", "max_num_patches"}
-        if unknown:
-            raise ValueError(f"task.mask: unknown options {sorted(unknown)}")
+        m = o["mask"]
+        ratio = m["ratio"] if m["ratio"] is not None else (0.5 if m["num_patches"] is None else None)
         self.mask_generator = make_mask_generator(
-            m.get("kind", "block"), mcfg.grid, ratio=m.get("ratio", 0.5 if m.get("num_patches") is None else None),
-            num_patches=m.get("num_patches"), min_num_patches=int(m.get("min_num_patches", 16)),
-            max_num_patches=m.get("max_num_patches"))
+            m["kind"], mcfg.grid, ratio=ratio, num_patches=m["num_patches"],
+            min_num_patches=int(m["min_num_patches"]), max_num_patches=m["max_num_patches"],
+            legacy_skip_last=bool(m["legacy_skip_last"]))
         return MEMModel(mcfg)
 
     @staticmethod
@@ -302,7 +378,7 @@ class MEMTask(_MEMData):
             raise ValueError(f"task.model.patch_size = {mcfg.patch_size}, but {where} has one code per "
                              f"{tcfg.downsample}x{tcfg.downsample} pixels (2**num_layers): they must match")
         if tcfg.image_size != mcfg.img_size:
-            raise ValueError(f"task.image_size = {mcfg.img_size}, but {where} was trained at {tcfg.image_size}")
+            raise ValueError(f"task.input_size = {mcfg.img_size}, but {where} was trained at {tcfg.image_size}")
         if mcfg.num_tokens is not None and mcfg.num_tokens != tcfg.num_tokens:
             raise ValueError(f"task.model.num_tokens = {mcfg.num_tokens}, but {where} has {tcfg.num_tokens} codes")
 
@@ -321,12 +397,26 @@ class MEMTask(_MEMData):
     def _step(self, model: nn.Module, batch, *, train: bool, generator: torch.Generator):
         img = self.images(batch, train=train, generator=generator)
         mask = self.mask_generator(img.shape[0], generator=generator).to(img.device)
-        return model(img, mask, self.targets(img))
+        targets = self.targets(img)
+        loss, logs = model(img, mask, targets)
+        return loss, logs, targets, mask
 
     def training_step(self, model: nn.Module, batch, state: dict):
-        return self._step(model, batch, train=True, generator=self._generator(state, salt=1))
+        loss, logs, _, _ = self._step(model, batch, train=True, generator=self._generator(state, salt=1))
+        return loss, logs
 
     @torch.no_grad()
     def validation_step(self, model: nn.Module, batch, state: dict) -> dict:
-        loss, logs = self._step(model, batch, train=False, generator=self._generator(state, salt=2, batch=batch))
-        return {"loss": float(loss), **{k: float(v) for k, v in logs.items()}}
+        loss, logs, targets, mask = self._step(model, batch, train=False,
+                                               generator=self._generator(state, salt=2, batch=batch))
+        out = {"loss": float(loss), **{k: float(v) for k, v in logs.items()}}
+        if targets is not None:
+            self._val.items = self._val_items
+            hist = torch.bincount(targets[mask.to(targets.device)].cpu(), minlength=self.tokenizer.num_tokens)
+            scale = self._val.add(hist, self.cfg, state)
+            share = 0.0
+            if scale is not None:
+                h = self._val.hist
+                share = float(h.max() / h.sum().clamp(min=1)) * scale
+            out["majority_share"] = share
+        return out
