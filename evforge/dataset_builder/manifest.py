@@ -45,6 +45,7 @@ from .shards import KINDS, ShardReader, sha256_file
 __all__ = [
     "SCHEMA_VERSION", "MANIFEST_NAME", "Manifest", "build_manifest", "make_provenance", "compute_stats",
     "verify", "stratified_split", "label_subsets", "make_subsets", "write_split_file", "read_split_file",
+    "read_subset_file",
     "split_assignment", "locate_keys", "path_problem",
 ]
 
@@ -642,3 +643,26 @@ def read_split_file(path) -> dict[str, list[str]]:
             raise InputError(path, f"line {n}: expected 'split/key', got {line!r}")
         out.setdefault(split, []).append(key)
     return out
+
+
+SUBSET_FILE_SUFFIXES = (".npy", ".npz", ".bin", ".dat")
+
+
+def read_subset_file(path, split: str = "train") -> list[str]:
+    """The sample keys a MEM label-efficiency subset file lists for ``split``, in file order.
+
+    MEM's ``configs/splits/fig1-subsets/ncaltech101-<p>percent.txt`` are split files (``train|val/<class>/<name>.npy``
+    lines): the ``train`` lines are the subset, a random nested draw from the training split (not stratified: the
+    2 % one covers 46 of the 101 classes), and every file repeats the whole ``val`` split. Accepted as they are:
+    the lines of other splits are skipped, file suffixes dropped (evforge keys are ``<class>/<name>``).
+    """
+    keys = []
+    for key in read_split_file(path).get(split, []):
+        for suffix in SUBSET_FILE_SUFFIXES:
+            key = key.removesuffix(suffix)
+        keys.append(key)
+    if not keys:
+        raise InputError(Path(path), f"lists no {split!r} samples")
+    if len(set(keys)) != len(keys):
+        raise InputError(Path(path), f"lists a {split!r} sample twice")
+    return keys

@@ -3,11 +3,19 @@
 Data: a ``samples`` dataset (``evforge convert ncaltech101|ncars|nimagenet``), the training split or one of
 its label-efficiency subsets (``data.subset``, e.g. ``train_10pct``). On the device each batch becomes a
 representation at the sensor size (``task.representation``: MEM's 3-channel image, a 2-channel histogram or
-a voxel grid), resized (bilinear, antialiased) to ``task.input_size`` and fed to a timm ViT or Swin
+a voxel grid), resized (bilinear, antialiased) to ``task.input_size`` and fed to a timm ViT, BEiT or Swin
 (:mod:`.backbones`). Training draws MEM's event augmentations per sample from a generator seeded by
 ``(seed, step, micro-batch, rank)`` (exact resume): a random window of ``max_events`` events, a random
-shift, flips in x and in time. Validation and evaluation are deterministic: the central (or first / last)
+shift, flips in x and in time. Validation and evaluation are deterministic: the central (or first / last, or
+``random``: drawn from a generator seeded by the batch's keys, as MEM draws a window at validation)
 ``val_window.max_events`` events, no augmentation.
+
+MEM's image (``representation.name: mem_image``) is made by :func:`evforge.pretrain.mem.inputs.mem_inputs`, the
+function MEM's tokenizer and pretraining use, from the same keys (``input_size``, ``augment``, ``val_window``
+and the representation's ``canvas``, ``train_resize``, ``scaled_short_side``, ``off_events``, ``uint8_wrap``,
+``hot_pixel_std``, ``rand_augment``, ``color_jitter``): finetuning sees exactly the pretraining inputs, the
+hot-pixel filter and max-normalisation after the resize. Finetuning a MEM BEiT as the public code does
+(``task.model``: ``rel_pos_bias``, ``fc_norm``, ``block_dropout``) is :mod:`.beit`.
 
 Splits (``data.*``; :func:`resolve_splits`): the trainer validates, and checkpoints are selected, on
 ``val_split``; :func:`evforge.finetune.evaluate.evaluate` reports on ``test_split``. ``auto`` picks
@@ -27,6 +35,7 @@ weighted by (batches in the split) / (items), see :meth:`ClassificationTask._val
 from __future__ import annotations
 
 import math
+import zlib
 
 import numpy as np
 import torch
@@ -36,11 +45,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from .. import augment
 from ..dataset_builder.dataset import EventDataset, collate_events, resolve_manifest
-from ..dataset_builder.manifest import Manifest, stratified_split
-from ..representations import histogram, mem_image, voxel_grid
+from ..dataset_builder.manifest import Manifest, read_subset_file, stratified_split
+from ..pretrain.mem.inputs import MEMInputConfig, mem_inputs
+from ..representations import histogram, voxel_grid
 from ..trainer.config import ConfigError, check_option_keys, merge
 from ..trainer.sampler import mix_seed
 from .backbones import ModelSpec, build_classifier
+from .beit import block_dropout, per_layer_rel_pos_bias, reset_fc_norm
 from .ema import ModelEMA
 from .layer_decay import layer_decay_groups
 from .metrics import confusion_matrix, topk_correct
@@ -50,7 +61,7 @@ __all__ = ["ClassificationTask", "ClassifierModel", "TASK_DEFAULTS", "HOLDOUT", 
 HOLDOUT = "train_holdout"
 REPRESENTATIONS = ("mem_image", "histogram", "voxel_grid")
 MODES = ("finetune", "linear_probe")
-WINDOW_POSITIONS = ("center", "first", "last")
+WINDOW_POSITIONS = ("center", "first", "last", "random")
 
 OPEN_KEYS = ("task.model.kwargs",)  # free-form (timm keyword arguments)
 
@@ -67,6 +78,9 @@ TASK_DEFAULTS: dict = {
         "global_pool": "avg",         # MEM: mean pool over the patch tokens
         "drop_path_rate": 0.1,
         "drop_rate": None,
+        "rel_pos_bias": "shared",     # BEiT backbones: shared (as pretrained) | per_layer (MEM: copied per block)
+        "fc_norm": "from_norm",       # mean pooling: from_norm (the pretrained final norm) | fresh (MEM)
+        "block_dropout": None,        # MEM's class_dropout placement (see beit.py); null = timm's
     },
     "representation": {
         "name": "mem_image",          # mem_image (3 ch) | histogram (2 ch) | voxel_grid (bins ch)
@@ -74,6 +88,14 @@ TASK_DEFAULTS: dict = {
         "polarity_split": False,      # voxel_grid: ON and OFF bins separately (2 * bins channels)
         "normalize": "nonzero_std",   # voxel_grid: null | nonzero_std; histogram: null | max
         "hot_pixel_std": 10.0,        # mem_image: MEM's hot-pixel filter (null = off)
+        # mem_image only (evforge/pretrain/mem/inputs.py, shared with MEM's pretraining):
+        "canvas": "sensor",           # sensor | extent (MEM N-Caltech101 / N-Cars) | scaled (MEM N-ImageNet)
+        "train_resize": None,         # sensor canvas: [H, W] resize then a random input_size crop in training
+        "scaled_short_side": 256,     # scaled canvas: the training canvas's short side
+        "off_events": "count",        # count | ignore (MEM's N-Cars: OFF stored as p = 0, never counted)
+        "uint8_wrap": False,          # MEM's uint8 counts (256 events read 0)
+        "rand_augment": {"num_ops": 0, "magnitude": 20, "num_bins": 31, "ops": "all"},  # MEM: 2 ops
+        "color_jitter": {"brightness": 0.0, "saturation": 0.0, "at_val": False},
     },
     "input_size": [224, 224],         # [H, W] (or one int) the representation is resized to; null = sensor size
     "augment": {                      # training only, MEM's event augmentations
@@ -85,11 +107,12 @@ TASK_DEFAULTS: dict = {
     "val_window": {"max_events": 30000, "position": "center"},  # deterministic window at val/test
     "label_smoothing": 0.1,
     "layer_decay": 0.9,               # lr scale layer_decay ** (depth - layer) (see layer_decay.py)
+    "no_decay_names": None,           # names never decayed; null = evforge's list, MEM: [pos_embed, cls_token]
     "ema": {"enabled": True, "decay": 0.9999, "warmup": True},
     "eval_ema": True,                 # validate / evaluate the EMA weights when the EMA is enabled
 }
-DATA_DEFAULTS: dict = {"train_split": "train", "subset": None, "val_split": "auto", "test_split": "auto",
-                       "holdout_fraction": 0.1, "holdout_seed": 0}
+DATA_DEFAULTS: dict = {"train_split": "train", "subset": None, "subset_file": None, "val_split": "auto",
+                       "test_split": "auto", "holdout_fraction": 0.1, "holdout_seed": 0}
 
 
 def resolve_splits(splits, data: dict) -> tuple[str, str]:
@@ -135,6 +158,11 @@ def holdout_indices(full: EventDataset, manifest: Manifest, split: str, fraction
     return pool[parts["holdout"]]
 
 
+def _key_seed(batch: dict) -> int:
+    """A seed from a batch's sample keys (stable across processes and passes)."""
+    return zlib.crc32("\x00".join(batch["key"]).encode())
+
+
 class _Items(Dataset):
     """Some items of an :class:`EventDataset`, by index (keeps ``close``, ``labels`` and the sensor size)."""
 
@@ -151,6 +179,11 @@ class _Items(Dataset):
     @property
     def labels(self) -> np.ndarray:
         return self.base.labels[self.index]
+
+    @property
+    def keys(self) -> list[str]:
+        keys = self.base.keys
+        return [keys[int(i)] for i in self.index]
 
     def close(self) -> None:
         self.base.close()
@@ -212,6 +245,10 @@ class ClassificationTask:
                               f"got {o['representation']['name']!r}")
         if o["val_window"]["position"] not in WINDOW_POSITIONS:
             raise ConfigError(f"task.val_window.position: expected one of {WINDOW_POSITIONS}")
+        if o["model"]["rel_pos_bias"] not in ("shared", "per_layer"):
+            raise ConfigError(f"task.model.rel_pos_bias: expected shared or per_layer, got {o['model']['rel_pos_bias']!r}")
+        if o["model"]["fc_norm"] not in ("from_norm", "fresh"):
+            raise ConfigError(f"task.model.fc_norm: expected from_norm or fresh, got {o['model']['fc_norm']!r}")
         if not 0 <= float(o["label_smoothing"]) < 1:
             raise ConfigError(f"task.label_smoothing: expected a number in [0, 1), got {o['label_smoothing']!r}")
         return o
@@ -264,8 +301,16 @@ class ClassificationTask:
         num_classes = int(o["num_classes"] or len(self.classes))
         if num_classes < 1:
             raise ConfigError("task.num_classes: the dataset lists no classes; set task.num_classes")
+        fresh = self.spec is None  # a spec from a checkpoint rebuilds the trained network, its weights follow
         net, self.spec = build_classifier(o["model"], in_chans=self.in_chans(o), num_classes=num_classes,
                                           input_size=self.input_size(o), init=o["init"], spec=self.spec)
+        mo = o["model"]
+        if mo["rel_pos_bias"] == "per_layer":
+            net, self.spec = per_layer_rel_pos_bias(net, self.spec)
+        if mo["fc_norm"] == "fresh" and fresh and o["init"]:
+            reset_fc_norm(net)
+        if mo["block_dropout"] is not None:
+            block_dropout(net, float(mo["block_dropout"]))
         ema = o["ema"] if o["ema"].get("enabled") else None
         return ClassifierModel(net, linear_probe=o["mode"] == "linear_probe", ema=ema)
 
@@ -273,7 +318,8 @@ class ClassificationTask:
         o = self.options(cfg)
         decay = 1.0 if o["mode"] == "linear_probe" else float(o["layer_decay"])
         return layer_decay_groups(model.net, weight_decay=float(cfg["optim"]["weight_decay"]), layer_decay=decay,
-                                  no_decay=cfg["optim"].get("no_decay", ()), prefix="net.")
+                                  no_decay=cfg["optim"].get("no_decay", ()), prefix="net.",
+                                  skip_names=o["no_decay_names"])
 
     def state_dict(self) -> dict:
         """What evaluation needs to rebuild the network without the backbone file (checkpointed)."""
@@ -295,13 +341,30 @@ class ClassificationTask:
                                    int(d["holdout_seed"]))
             if split == HOLDOUT:
                 return _Items(full, held)
-            base = full if d["subset"] is None else EventDataset(d["path"], d["train_split"], subset=d["subset"])
+            base = self._train_items(d)
             held_keys = {full.key(int(i)) for i in held}
             keep = [i for i, k in enumerate(base.keys) if k not in held_keys]
             return _Items(base, np.asarray(keep, dtype=np.int64))
         if split == "train":
-            return EventDataset(d["path"], d["train_split"], subset=d["subset"])
+            return self._train_items(d)
         return EventDataset(d["path"], split)
+
+    @staticmethod
+    def _train_items(d: dict):
+        """The training split, or its manifest ``subset``, or the samples of a MEM subset file
+        (``subset_file``, e.g. ``fig1-subsets/ncaltech101-2percent.txt``, read as it is)."""
+        if d["subset_file"] is None:
+            return EventDataset(d["path"], d["train_split"], subset=d["subset"])
+        if d["subset"] is not None:
+            raise ConfigError("data.subset and data.subset_file: give one of them")
+        full = EventDataset(d["path"], d["train_split"])
+        index = {k: i for i, k in enumerate(full.keys)}
+        want = read_subset_file(d["subset_file"], d["train_split"])
+        missing = [k for k in want if k not in index]
+        if missing:
+            raise ConfigError(f"data.subset_file: {len(missing)} sample(s) not in the {d['train_split']!r} split of "
+                              f"{d['path']}, e.g. {missing[0]!r}")
+        return _Items(full, np.sort(np.asarray([index[k] for k in want], dtype=np.int64)))
 
     def build_dataset(self, cfg: dict, split: str) -> Dataset:
         ds = self.dataset(cfg, self.splits(cfg)[0] if split == "val" else split)
@@ -314,10 +377,20 @@ class ClassificationTask:
         return collate_events(items)
 
     # --------------------------------------------------------------------------------------------- inputs
+    def mem_input_config(self, o: dict) -> MEMInputConfig:
+        """The MEM pipeline's options from this task's (``input_size`` null = the sensor size)."""
+        return MEMInputConfig.from_task({**o, "input_size": list(self.input_size(o))})
+
     def inputs(self, batch: dict, cfg: dict, *, train: bool, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The network input ``(B, C, H, W)``: augmented (train) or fixed-window events -> representation -> resize."""
+        """The network input ``(B, C, H, W)``: augmented (train) or fixed-window events -> representation -> resize;
+        MEM's image through :func:`~evforge.pretrain.mem.inputs.mem_inputs` (as in MEM's pretraining)."""
         o = self.options(cfg)
         W, H = self.sensor_size
+        if not train and o["val_window"]["position"] == "random":
+            # a window drawn as MEM draws it, from the batch's keys: the same for every validation pass
+            generator = torch.Generator().manual_seed(mix_seed(int(cfg.get("seed", 0)), 0x5A1, _key_seed(batch)))
+        if o["representation"]["name"] == "mem_image":
+            return mem_inputs(batch, self.mem_input_config(o), (W, H), train=train, generator=generator)
         if train:
             a = o["augment"]
             if a["max_events"]:
@@ -329,7 +402,7 @@ class ClassificationTask:
             if a["time_flip"]:
                 batch = augment.time_flip(batch, float(a["time_flip"]), generator=generator)
         else:
-            batch = self.fixed_window(batch, o["val_window"])
+            batch = self.fixed_window(batch, o["val_window"], generator)
         x = self.represent(batch, o["representation"], H, W)
         size = self.input_size(o)
         if tuple(x.shape[-2:]) != size:
@@ -338,22 +411,23 @@ class ClassificationTask:
         return x
 
     @staticmethod
-    def fixed_window(batch: dict, window: dict) -> dict:
-        """The deterministic evaluation window: ``max_events`` consecutive events at ``position`` of each sample."""
+    def fixed_window(batch: dict, window: dict, generator: torch.Generator | None = None) -> dict:
+        """The deterministic evaluation window: ``max_events`` consecutive events at ``position`` of each sample
+        (``random``: drawn from ``generator``, seeded by the batch's keys)."""
         if not window.get("max_events"):
             return batch
         k = int(window["max_events"])
+        pos = window.get("position", "center")
+        if pos == "random":
+            return augment.random_window(batch, k, generator=generator)
         offsets = batch["offsets"].to(batch["t"].device, torch.int64)
         room = (offsets[1:] - offsets[:-1] - k).clamp(min=0)
-        pos = window.get("position", "center")
         starts = room // 2 if pos == "center" else room if pos == "last" else torch.zeros_like(room)
         return augment.random_window(batch, k, starts=starts)
 
     @staticmethod
     def represent(batch: dict, rep: dict, height: int, width: int) -> torch.Tensor:
         name = rep["name"]
-        if name == "mem_image":
-            return mem_image(batch, height=height, width=width, hot_pixel_std=rep.get("hot_pixel_std"))
         if name == "histogram":
             x = histogram(batch, height=height, width=width)
             if rep.get("normalize") == "max":

@@ -7,6 +7,11 @@ a stage's ``downsample`` sharing the id of that stage's first block, as timm's S
 ``lr_scale = layer_decay ** (L - 1 - i)``: the head trains at the full lr, the patch embedding at
 ``layer_decay ** (L - 1)``. Weight decay is 0 for biases, 1-d parameters (norms) and position tables / tokens
 (:data:`evforge.trainer.optim.NO_DECAY_NAMES` plus ``no_decay`` regexes).
+
+BEiT (timm ``Beit``) numbers as ViT; a shared ``rel_pos_bias`` table gets the last id, as in BEiT/MEM's
+``get_num_layer_for_vit`` (``mem/optim_factory.py:31-42``). MEM's own groups decay every 2-d parameter but
+``pos_embed`` and ``cls_token`` (its ``no_weight_decay``: relative position tables and the mask token decay):
+``skip_names=("pos_embed", "cls_token")`` reproduces them (checked against the reference's groups).
 """
 
 from __future__ import annotations
@@ -65,14 +70,17 @@ def _no_decay(name: str, p, patterns: Iterable[str]) -> bool:
 
 
 def layer_decay_groups(model: nn.Module, *, weight_decay: float, layer_decay: float = 1.0,
-                       no_decay: Iterable[str] = (), prefix: str = "") -> list[dict]:
+                       no_decay: Iterable[str] = (), prefix: str = "",
+                       skip_names: Iterable[str] | None = None) -> list[dict]:
     """Optimizer groups of ``model``'s trainable parameters by (layer, decay), each with ``lr_scale``,
     ``weight_decay`` and ``param_names`` (``prefix`` + name, for people). ``layer_decay=1`` gives plain
-    decay / no-decay groups; frozen parameters are left out. Group order: by layer, decay first."""
+    decay / no-decay groups; frozen parameters are left out. Group order: by layer, decay first.
+    ``skip_names``: the names never decayed besides biases and 1-d parameters (regexes, searched; None =
+    :data:`~evforge.trainer.optim.NO_DECAY_NAMES`), plus ``no_decay``."""
     if not 0 < float(layer_decay) <= 1:
         raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
     L = num_layers(model)
-    patterns = [*NO_DECAY_NAMES, *no_decay]
+    patterns = [*(NO_DECAY_NAMES if skip_names is None else skip_names), *no_decay]
     groups: dict[tuple[int, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
