@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 import evforge
 from evforge.dataset_builder.build import build_dataset
+from evforge.dataset_builder.dataset import EventDataset
 from evforge.dataset_builder.synthetic import make_synthetic_classification
 from evforge.export import backbone_weights, export_backbone, load_backbone, read_backbone
 from evforge.finetune import get_task
@@ -340,3 +341,99 @@ def test_paper_configs_load_and_resolve():
         assert o["model"]["arch"] == "vit_small_patch16_224" and o["model"]["global_pool"] == "avg"
         assert "warmup_cosine" in cfg["schedules"]["lr"]
         assert cfg["trainer"]["val_every_n_steps"] == cfg["checkpoint"]["keep_every_n_steps"]
+
+
+# ------------------------------------------------------------------------------------- MEM's reference recipe
+def test_mem_reference_finetune_configs_hold_the_public_recipe():
+    refs = {n: load_config(CONFIGS / "finetune" / f"mem_{n}_reference.yaml") for n in ("ncaltech101", "ncars",
+                                                                                      "nimagenet")}
+    for name, cfg in refs.items():
+        o = get_task("classification").options(cfg)
+        m = o["model"]
+        assert (m["arch"], m["rel_pos_bias"], m["fc_norm"], m["global_pool"]) == (
+            "beit_base_patch16_224", "per_layer", "fresh", "avg")
+        assert o["ema"] == {"enabled": True, "decay": 0.9999, "warmup": False} and o["eval_ema"] is False
+        assert o["no_decay_names"] == ["pos_embed", "cls_token"] and o["val_window"]["position"] == "random"
+        assert cfg["optim"]["betas"] == [0.9, 0.95] and cfg["trainer"]["grad_clip"] is None
+        lr = cfg["schedules"]["lr"]["warmup_cosine"]
+        assert lr["warmup_epochs"] == 20 and lr["warmup_linspace"] and lr["end"] == 1e-6
+        d, t = cfg["data"], cfg["trainer"]
+        assert d["batch_size"] * t["accumulate_grad_batches"] * {"nimagenet": 4}.get(name, 2) == lr["batch_ref"]
+        assert d["val_split"] == d["test_split"]  # MEM reports the best validation accuracy
+        assert o["representation"]["uint8_wrap"] and o["representation"]["rand_augment"]["num_ops"] == 2
+    cal, cars, imnet = refs["ncaltech101"], refs["ncars"], refs["nimagenet"]
+    assert cal["schedules"]["lr"]["warmup_cosine"]["peak"] == 4e-3 and cars["schedules"]["lr"]["warmup_cosine"]["peak"] == 8e-3
+    assert cars["optim"]["weight_decay"] == 0.0 and cars["task"]["layer_decay"] == 1.0  # MEM: wd 0 -> no groups
+    assert (cal["task"]["model"]["block_dropout"], cars["task"]["model"]["block_dropout"]) == (0.1, 0.0)
+    assert cars["task"]["representation"]["off_events"] == "ignore"
+    assert imnet["task"]["representation"]["canvas"] == "scaled" and cal["task"]["representation"]["canvas"] == "extent"
+
+
+@pytest.fixture(scope="module")
+def mem_beit_backbone(tmp_path_factory):
+    """A tiny MEM BEiT (shared relative position bias) exported as a backbone, as evforge export-backbone writes it."""
+    from safetensors.torch import save_file
+
+    from evforge.pretrain.mem import MEMConfig, MEMModel
+
+    torch.manual_seed(0)
+    cfg = MEMConfig(variant="beit_base_patch16_224", img_size=32, patch_size=8, num_tokens=16, init="beit",
+                    vit_kwargs={"embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0})
+    model = MEMModel(cfg)
+    with torch.no_grad():
+        model.vit.rel_pos_bias.relative_position_bias_table.normal_()
+    path = tmp_path_factory.mktemp("mem_beit") / "backbone.safetensors"
+    meta = {"format": "evforge-backbone/1", "arch": cfg.variant, "in_chans": 3, "timm_kwargs": cfg.timm_kwargs(),
+            "norm_eps": 1e-6, "method": "mem"}
+    tensors = {k[len("vit."):]: v.contiguous() for k, v in model.state_dict().items() if k.startswith("vit.")}
+    save_file(tensors, str(path), metadata={k: json.dumps(v) for k, v in meta.items()})
+    return path, tensors
+
+
+def test_mem_reference_finetune_runs_from_a_mem_beit_backbone(shapes, mem_beit_backbone, tmp_path):
+    """The reference recipe at toy size: the shared bias copied into each block, a fresh fc_norm, MEM's dropout,
+    its parameter groups and MEM's label-efficiency subset file; a few steps, then evaluation from the checkpoint."""
+    path, tensors = mem_beit_backbone
+    full = EventDataset(shapes, "train")
+    keys = [full.key(i) for i in range(0, len(full), 10)]
+    subset = tmp_path / "shapes-10percent.txt"  # MEM's format: train lines (the subset) and the whole val split
+    subset.write_text("".join(f"train/{k}.npy\n" for k in keys) + "val/whatever/image_0001.npy\n")
+    cfg = load_config(CONFIGS / "finetune" / "mem_ncaltech101_reference.yaml", [
+        f"data.path={shapes}", f"task.init={path}", "task.input_size=[32, 32]", "task.augment.max_events=null",
+        "task.val_window.max_events=null", "data.batch_size=8", "data.val_batch_size=16", "data.num_workers=0",
+        f"data.subset_file={subset}", "trainer.devices=1", "trainer.strategy=auto", "trainer.accelerator=cpu",
+        "trainer.precision=32-true", "trainer.accumulate_grad_batches=2", "trainer.epochs=null",
+        "trainer.max_steps=2", "trainer.val_every_n_epochs=null", "trainer.val_every_n_steps=2",
+        "trainer.log_every_n_steps=1", "log.progress=false", "log.tensorboard=false",
+        "checkpoint.every_n_epochs=null", "checkpoint.keep_every_n_steps=2"])
+    task = get_task("classification")
+    with Trainer(cfg, task, out_dir=tmp_path / "run", resume=None) as trainer:
+        assert len(trainer.loader.dataset) == len(keys)  # the subset file's train lines, nothing else
+        net = trainer.raw_model.net
+        sd = net.state_dict()
+        assert "rel_pos_bias.relative_position_bias_table" not in sd
+        for i in range(2):  # the pretrained shared table in every block
+            assert torch.equal(sd[f"blocks.{i}.attn.relative_position_bias_table"],
+                               tensors["rel_pos_bias.relative_position_bias_table"])
+        assert torch.equal(sd["fc_norm.weight"], torch.ones(32)) and torch.equal(sd["fc_norm.bias"], torch.zeros(32))
+        assert isinstance(net.blocks[0].mlp.drop1, torch.nn.Identity) and net.pos_drop.p == 0.1
+        groups = {g["name"]: g for g in trainer.raw_optimizer.param_groups}
+        table = [g for g in task.param_groups(trainer.raw_model, cfg)
+                 if "net.blocks.0.attn.relative_position_bias_table" in g["param_names"]][0]
+        assert table["weight_decay"] == 0.05 and table["lr_scale"] == pytest.approx(0.9 ** 2)  # decayed, as MEM
+        assert groups and trainer.raw_model.ema.decay_at(1) == 0.9999  # EMA without warmup
+        summary = trainer.fit()
+    assert summary["step"] == 2 and all(math.isfinite(v) for v in _losses(tmp_path / "run").values())
+    res = evaluate(tmp_path / "run" / "checkpoints" / "last.ckpt", out_dir=tmp_path / "eval")
+    assert res["num_samples"] == 100 and 0 <= res["metrics"]["top1"] <= 1
+
+
+def test_subset_file_names_unknown_samples(shapes, tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_text("train/nosuchclass/image_0001.npy\n")
+    task = get_task("classification")
+    cfg = _cfg(shapes, f"data.subset_file={bad}", "data.val_split=val")
+    with pytest.raises(ConfigError, match="1 sample\\(s\\) not in the 'train' split.*nosuchclass/image_0001"):
+        task.dataset(cfg, "train")
+    with pytest.raises(ConfigError, match="give one of them"):
+        task.dataset(_cfg(shapes, f"data.subset_file={bad}", "data.subset=train_10pct", "data.val_split=val"), "train")
