@@ -351,3 +351,20 @@ def test_cosine_schedules_equal_the_references_with_linspace_warmup():
     plain = make_schedule({"warmup_cosine": {"start": 0.0, "peak": base, "end": final, "warmup_epochs": warm_ep}},
                           steps_per_epoch=niter, total_steps=epochs * niter)
     assert plain(warm_ep * niter - 1) < base  # evforge's default reaches the peak one step later
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("geo, mode", [("ncaltech101", "pretrain"), ("nimagenet", "train"), ("ncars", "val")])
+def test_the_pipeline_on_cuda_gives_the_reference_images(geo, mode):
+    """The same draws on the GPU: the resize and the RandAugment grids run there; float rounding may move a value
+    across a uint8 step, so a few pixels may differ by a quantisation step, nothing more."""
+    cfg, sensor = _config(geo, "reference")
+    if not mode.startswith("pretrain"):
+        cfg.color_jitter.brightness = cfg.color_jitter.saturation = 0.0
+    batch = {k: (v.cuda() if torch.is_tensor(v) and k != "offsets" else v) for k, v in _batch(geo).items()}
+    got = mem_inputs(batch, cfg, sensor, train=mode in ("train", "pretrain"), draws=_draws(geo, mode, cfg, sensor))
+    want = t(f"images/{geo}/{mode}")
+    assert got.is_cuda
+    diff = (got.cpu() - want).abs()
+    assert float(diff.max()) <= 2 / 255 + 1e-6 and float((diff > 1e-5).float().mean()) < 0.01
