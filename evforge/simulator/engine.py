@@ -11,7 +11,7 @@ import torch
 
 from ..events import make_events
 from .params import DVSParams, parse_resolution
-from .pixel import EventSimulator, StepEvents, lin_log
+from .pixel import EventSimulator, StepEvents, inverse_lin_log, lin_log
 from .resample import area_resize, prepare_frames, resize_flow, rgb_to_gray
 from .upsample import FrameInterpolator, UpsampleConfig, choose_steps, substep_fractions
 
@@ -57,7 +57,7 @@ class BatchEngine:
         made = self.interp(self.prev, frames, fractions, flow=flow, flow_valid=flow_valid)
         return torch.stack([lin_log(rgb_to_gray(f)) for f in made])
 
-    def _substeps(self, frames, log1, steps, t_us, dt_us, active, flow, flow_valid) -> list[StepEvents]:
+    def _substeps(self, frames, gray1, log1, steps, t_us, dt_us, active, flow, flow_valid) -> list[StepEvents]:
         """Several simulated steps per frame pair, through the interpolator; the last one is the real frame.
 
         The interpolated frames are made ``SUBSTEP_CHUNK`` sub-steps at a time, so memory stays bounded when
@@ -73,9 +73,13 @@ class BatchEngine:
             # the last sub-step of a slot is its real frame, not an interpolated one
             last = torch.tensor([steps[b] == k + 1 for b in range(len(steps))], device=self.device)
             log_k = torch.where(last.view(-1, 1, 1, 1), log1, between[k % SUBSTEP_CHUNK])
+            inten_k = None
+            if self.sim.needs_intensity:  # the real frame where it is one, else the interpolated one's
+                inten_k = torch.where(last.view(-1, 1, 1, 1), gray1, inverse_lin_log(between[k % SUBSTEP_CHUNK]))
+                inten_k = inten_k[:, 0]
             t_k = [self.prev_t[b] + int(round(float(fractions[b, k]) * dt_us[b])) if mask[b] else self.prev_t[b] + 1
                    for b in range(len(mask))]
-            out.append(self.sim.step(log_k[:, 0], t_k, mask, new_interval=[k == 0] * len(mask)))
+            out.append(self.sim.step(log_k[:, 0], t_k, mask, intensity=inten_k, new_interval=[k == 0] * len(mask)))
         return out
 
     @property
@@ -96,7 +100,8 @@ class BatchEngine:
         slots = [b for b in range(len(active)) if active[b]]
         if not slots:
             return self.sim.step(self.prev_log[:, 0], self.prev_t, [False] * len(active))
-        log1 = lin_log(rgb_to_gray(frames))
+        gray1 = rgb_to_gray(frames)
+        log1 = lin_log(gray1)
         dt_us = [t_us[b] - self.prev_t[b] if active[b] else 1 for b in range(len(active))]
         steps = choose_steps(self.upsample, self.prev_log, log1, [d * 1e-6 for d in dt_us],
                              [p.cutoff_hz for p in self.sim.params], flow, self.sim.lp)
@@ -104,9 +109,11 @@ class BatchEngine:
         steps = [max(1, min(n, d)) if active[b] else 1 for b, (n, d) in enumerate(zip(steps, dt_us))]
         if max(steps) == 1:  # one step per frame pair (upsampling off, or nothing moved): no sub-steps
             t_step = [t_us[b] if active[b] else self.prev_t[b] + 1 for b in range(len(active))]
-            out = [self.sim.step(log1[:, 0], t_step, active)]
+            # the low-pass and the shot noise see the frame itself, not the inverse of its lin-log
+            out = [self.sim.step(log1[:, 0], t_step, active,
+                                 intensity=gray1[:, 0] if self.sim.needs_intensity else None)]
         else:
-            out = self._substeps(frames, log1, steps, t_us, dt_us, active, flow, flow_valid)
+            out = self._substeps(frames, gray1, log1, steps, t_us, dt_us, active, flow, flow_valid)
         if len(slots) == len(active):
             if self._keeps_linear:
                 self.prev.copy_(frames)

@@ -41,3 +41,22 @@ def uniform_scalar(seed: int, purpose: str) -> float:
     """One U(0, 1) number for per-sequence choices (e.g. a shot-noise rate drawn from a range)."""
     k1, k2 = stream_key(seed, purpose)
     return ((mix32(mix32(k1) ^ k2) >> 9) + 0.5) / 8388608.0
+
+
+NORMAL_TABLE_BITS = 12  # the leak jitter's normal draw: the top 12 bits of a hash index a table of quantiles
+
+
+def normal_quantiles(bits: int = NORMAL_TABLE_BITS):
+    """float32 N(0, 1) quantiles at ``(k + 1/2) / 2**bits`` (numpy array): a normal draw by table lookup.
+
+    The simulator draws the leak jitter (one normal per pixel per source interval) as ``table[hash >> 20]``:
+    no inverse CDF per pixel, and the same bits on every device, since the table is made once on the host.
+    With 4096 levels the draws are within 3.7 standard deviations and their spacing near 0 is 6e-4, far
+    below what a 10 % rate jitter can show; the variance is 0.9997.
+    """
+    import numpy as np  # here, so that importing this module stays cheap
+    from statistics import NormalDist
+
+    n = 1 << bits
+    inv = NormalDist().inv_cdf
+    return np.array([inv((k + 0.5) / n) for k in range(n)], dtype=np.float32)

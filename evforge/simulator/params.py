@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 from .hashing import uniform_scalar
 
+LIN_LOG_THRESHOLD = 20.0  # v2e's lin-log: linear below this intensity, natural log above
+SHOT_NOISE_INTEN_FACTOR = 0.25  # v2e: shot noise on a white pixel is this fraction of the dark rate
+
 
 @dataclass(frozen=True)
 class DVSParams:

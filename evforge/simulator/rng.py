@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .hashing import M32 as _M32
+from .hashing import NORMAL_TABLE_BITS, normal_quantiles  # noqa: F401
 from .hashing import mix32, purpose_id, stream_key, uniform_scalar  # noqa: F401  (host-side part, no torch)
 
 
@@ -92,3 +93,16 @@ def event_uniform(key1: torch.Tensor, key2: torch.Tensor, index: torch.Tensor, t
 def keys_per_slot(keys: list[tuple[int, int]], device) -> tuple[torch.Tensor, torch.Tensor]:
     """The two key words of each stream as int32 tensors (gather them per event for event_uniform)."""
     return _keys_tensor(keys, device)
+
+
+_TABLES: dict = {}
+
+
+def table_normal(keys: list[tuple[int, int]], index: torch.Tensor) -> torch.Tensor:
+    """N(0, 1) per (key, index) by table lookup: the top 12 bits of :func:`random_bits` index
+    :func:`~evforge.simulator.hashing.normal_quantiles` (no inverse CDF; the same bits on every device)."""
+    table = _TABLES.get(index.device)
+    if table is None:
+        table = _TABLES[index.device] = torch.from_numpy(normal_quantiles()).to(index.device)
+    bits = random_bits(keys, index)
+    return table[_lsr(bits, 32 - NORMAL_TABLE_BITS).long()]

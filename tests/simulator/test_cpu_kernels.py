@@ -287,3 +287,65 @@ def _child_run(frames, params):
     cpu_kernels._MIN_PIXELS_PER_CHUNK = 97
     cpu_kernels.threads = lambda: 2
     return tuple(a.numpy() for a in _simulate(frames, params))
+
+
+def test_fused_step_equals_torch_step_with_dense_noise_and_mixed_slots():
+    """Shot noise at 400 Hz over 5 ms steps (several candidates per pixel per step, merged with the signal
+    crossings through a refractory period) in a batch where one slot has no refractory period and one no
+    noise at all: events and state bit for bit."""
+    B, n = 3, 10
+    frames = _frames(B, n, speed=3.0)
+    params = [get_preset("noisy", shot_noise_rate_hz=400.0, refractory_period_s=0.002),
+              get_preset("noisy", shot_noise_rate_hz=400.0, refractory_period_s=0.0),
+              get_preset("ideal", cutoff_hz=80.0)]
+    H, W = frames.shape[-2:]
+    sims = [EventSimulator(params, list(range(B)), H, W, kernels=k) for k in ("auto", "torch")]
+    for sim in sims:
+        for b in range(B):
+            sim.reset(b, lin_log(frames[0, b]), 0)
+    total = 0
+    for i in range(1, n):
+        fused, ref = (sim.step(lin_log(frames[i]), [i * 5000] * B, intensity=frames[i]) for sim in sims)
+        for f in "bxytp":
+            assert torch.equal(getattr(fused, f), getattr(ref, f)), (i, f)
+        for name in ("base", "lp", "last_t", "next_shot", "t_prev"):
+            assert torch.equal(getattr(sims[0], name), getattr(sims[1], name)), (i, name)
+        total += len(fused)
+    assert total > 5000
+    # the slot with a refractory period spaces its events by more than 2 ms, the one without does not
+    ev_t = {}
+    sim = EventSimulator(params, list(range(B)), H, W)
+    for b in range(B):
+        sim.reset(b, lin_log(frames[0, b]), 0)
+    for i in range(1, n):
+        ev = sim.step(lin_log(frames[i]), [i * 5000] * B, intensity=frames[i])
+        for b in range(2):
+            m = ev.b == b
+            pix = (ev.y[m] * W + ev.x[m]).numpy()
+            ev_t.setdefault(b, []).append(np.stack([pix, ev.t[m].numpy()], 1))
+    for b, min_gap in ((0, 2000), (1, 0)):
+        pt = np.concatenate(ev_t[b])
+        pt = pt[np.lexsort((pt[:, 1], pt[:, 0]))]
+        same = pt[1:, 0] == pt[:-1, 0]
+        gaps = (pt[1:, 1] - pt[:-1, 1])[same]
+        assert (gaps > 2000).all() if min_gap else (gaps <= 2000).any()
+
+
+def test_a_slot_without_refractory_period_gives_the_same_events_in_a_mixed_batch():
+    """Batch independence holds when only some slots have a refractory period (the others are not filtered)."""
+    frames = _frames(2, 6, speed=3.0)
+    H, W = frames.shape[-2:]
+    noisy = get_preset("noisy", refractory_period_s=0.0, shot_noise_rate_hz=50.0)
+    mixed = [noisy, get_preset("noisy")]
+    for kernels in ("auto", "torch"):
+        alone = EventSimulator([noisy], [0], H, W, kernels=kernels)
+        batch = EventSimulator(mixed, [0, 1], H, W, kernels=kernels)
+        alone.reset(0, lin_log(frames[0, 0]), 0)
+        for b in range(2):
+            batch.reset(b, lin_log(frames[0, b]), 0)
+        for i in range(1, 6):
+            a = alone.step(lin_log(frames[i, :1]), [i * 1000], intensity=frames[i, :1])
+            both = batch.step(lin_log(frames[i]), [i * 1000] * 2, intensity=frames[i])
+            m = both.b == 0
+            for f in "xytp":
+                assert torch.equal(getattr(a, f), getattr(both, f)[m]), (kernels, i, f)

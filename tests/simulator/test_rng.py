@@ -121,6 +121,20 @@ def test_normal_moments_and_tail():
     assert z.abs().max().item() < 5.5
 
 
+def test_table_normal_is_the_quantile_of_the_top_12_bits():
+    from evforge.simulator.hashing import normal_quantiles
+
+    key = stream_key(99, "leak_jitter", 7)
+    z = rng.table_normal([key], IDX)[0].double()
+    table = torch.from_numpy(normal_quantiles()).double()
+    bits = torch.tensor([ref_bits(key, i) for i in range(1000)])
+    assert torch.equal(z[:1000], table[bits >> 20])
+    assert abs(z.mean().item()) < 0.005 and abs(z.std().item() - 1) < 0.005
+    assert abs((z.abs() > 2).double().mean().item() - 0.0455) < 1.5e-3
+    assert z.abs().max().item() < 3.7
+    assert torch.equal(table, -table.flip(0))  # symmetric: no bias in the leak rate
+
+
 # ------------------------------------------------------------------------------------------------ independence
 
 
