@@ -32,7 +32,6 @@ import zlib
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ...dataset_builder.dataset import EventDataset, collate_events
