@@ -83,8 +83,17 @@ def _decode_attr(value):
     return value
 
 
+FLUSH_EVENTS = 16 * CHUNK_EVENTS  # events held in memory before they are written (about 9 MiB)
+FLUSH_FRAMES = 16  # gray frames held in memory before they are written
+
+
 class StreamWriter:
     """Write one stream file incrementally (bounded memory); the file appears at ``path`` only when complete.
+
+    Appended events and frames are converted to the file's columns at once and held in memory until
+    ``FLUSH_EVENTS`` events (or ``FLUSH_FRAMES`` frames) are pending, then written with one HDF5 call per
+    column: a simulator appends a few thousand events per step, and writing each step on its own cost
+    more than simulating it (every write re-reads and re-compresses the column's last chunk).
 
     Use as a context manager: on normal exit the file is finalized and renamed into place, on an exception
     the temporary file (``<name>.tmp-<pid>`` next to ``path``) is deleted.
@@ -104,6 +113,9 @@ class StreamWriter:
         self._t_last = None  # absolute t of the last event written
         self._next_ms = 0  # first ms_to_idx entry not yet known
         self._frame_t: list[int] = []
+        self._pending: dict[str, list[np.ndarray]] = {name: [] for name in (*_COLUMNS, "ms_to_idx")}
+        self._pending_events = 0
+        self._pending_frames: list[np.ndarray] = []
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = temp_path(self.path)
@@ -159,15 +171,17 @@ class StreamWriter:
                 f"{what}: t={t[-1]} is more than 2**32-1 us after t_offset={self.t_offset} (does not fit u4)")
         t_rel = t - self.t_offset
         n0, n1 = self._n, self._n + len(events)
-        columns = {"x": events["x"], "y": events["y"], "p": (events["p"] > 0).astype("u1"), "t": t_rel}
+        columns = {"x": events["x"].copy(), "y": events["y"].copy(), "p": (events["p"] > 0).astype("u1"),
+                   "t": t_rel.astype("<u4")}
         for name, values in columns.items():
-            ds = self._file["events"][name]
-            ds.resize((n1,))
-            ds[n0:n1] = values
+            self._pending[name].append(values)
         # ms entries with m*1000 <= t_rel[-1] are final now: later events are all >= t_rel[-1].
         ms = np.arange(self._next_ms, t_rel[-1] // 1000 + 1, dtype=np.int64)
         self._append_ms(n0 + np.searchsorted(t_rel, ms * 1000, "left"))
         self._n, self._t_last = n1, int(t[-1])
+        self._pending_events += len(events)
+        if self._pending_events >= FLUSH_EVENTS:
+            self._flush()
 
     def add_frame(self, t: int, gray: np.ndarray | None = None) -> None:
         """Record a source frame time (non-decreasing); ``gray`` (H, W) uint8, or float in [0, 1], is stored
@@ -184,17 +198,35 @@ class StreamWriter:
                 raise ValueError(f"{self.path}: gray frame shape {gray.shape} != {(self.height, self.width)}")
             if gray.dtype != np.uint8:
                 gray = np.clip(np.rint(gray.astype(np.float64) * 255), 0, 255).astype(np.uint8)
-            ds = self._file["frames/gray"]
-            ds.resize((len(ds) + 1, self.height, self.width))
-            ds[-1] = gray
+            self._pending_frames.append(gray.copy())
+            if len(self._pending_frames) >= FLUSH_FRAMES:
+                self._flush_frames()
         self._frame_t.append(t)
 
     def _append_ms(self, idx: np.ndarray) -> None:
-        ds = self._file["ms_to_idx"]
-        n = len(ds)
-        ds.resize((n + len(idx),))
-        ds[n:] = idx
+        self._pending["ms_to_idx"].append(np.asarray(idx, dtype=np.uint64))
         self._next_ms += len(idx)
+
+    def _flush(self) -> None:
+        """Write the pending event columns and ms_to_idx entries, one resize and one write per dataset."""
+        for name, parts in self._pending.items():
+            if not parts:
+                continue
+            values = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            ds = self._file["ms_to_idx"] if name == "ms_to_idx" else self._file["events"][name]
+            n = len(ds)
+            ds.resize((n + len(values),))
+            ds[n:] = values
+            parts.clear()
+        self._pending_events = 0
+
+    def _flush_frames(self) -> None:
+        if self._pending_frames:
+            ds = self._file["frames/gray"]
+            n = len(ds)
+            ds.resize((n + len(self._pending_frames), self.height, self.width))
+            ds[n:] = np.stack(self._pending_frames)
+            self._pending_frames.clear()
 
     def _first_index(self, t_abs: int) -> int:
         """First written event index with absolute t >= ``t_abs`` (ms_to_idx narrows the search)."""
@@ -216,6 +248,8 @@ class StreamWriter:
             f = self._file
             last_ms = 0 if self._t_last is None else math.ceil((self._t_last - self.t_offset) / 1000)
             self._append_ms(np.full(max(0, last_ms + 1 - self._next_ms), self._n, dtype=np.uint64))
+            self._flush()
+            self._flush_frames()
             frame_idx = [self._first_index(t) for t in self._frame_t]
             f.create_dataset("frames/t", data=np.asarray(self._frame_t, dtype=np.int64))
             f.create_dataset("frames/event_idx", data=np.asarray(frame_idx, dtype=np.uint64))

@@ -46,7 +46,13 @@ def events():
     return random_events()
 
 
-def test_chunked_appends_equal_one_shot_bit_for_bit(tmp_path, events):
+@pytest.mark.parametrize("flush", [None, (700, 2)], ids=["default", "small-buffers"])
+def test_chunked_appends_equal_one_shot_bit_for_bit(tmp_path, events, flush, monkeypatch):
+    if flush:  # the writer holds appends in memory: write them out between appends too
+        import evforge.streamfile as sf_module
+
+        monkeypatch.setattr(sf_module, "FLUSH_EVENTS", flush[0])
+        monkeypatch.setattr(sf_module, "FLUSH_FRAMES", flush[1])
     ft = frame_times()
     write_stream(tmp_path / "one.h5", events, ft, width=W, height=H)
     pending = list(ft)
@@ -255,7 +261,9 @@ def test_empty_stream_round_trip(tmp_path):
     assert is_complete_stream(tmp_path / "bare.h5")
 
 
-def test_gray_frames_round_trip(tmp_path, events):
+@pytest.mark.parametrize("flush_frames", [16, 2])
+def test_gray_frames_round_trip(tmp_path, events, flush_frames, monkeypatch):
+    monkeypatch.setattr("evforge.streamfile.FLUSH_FRAMES", flush_frames)
     ft = frame_times()
     rng = np.random.default_rng(3)
     gray = rng.integers(0, 256, (len(ft), H, W), dtype=np.uint8)

@@ -2,9 +2,10 @@
 
 Sequences with the same output size share a :class:`~evforge.simulator.engine.BatchEngine`; each of its B
 slots simulates one sequence and takes the next pending one when it finishes, so batches stay full.
-Frames are decoded by a thread pool one step ahead of the simulation. Every stream file is written
-atomically; a rerun skips sequences whose file is complete, and a sequence with a bad frame or flow file
-fails alone (its partial output is removed) while the others are done.
+Frames are decoded (and on the CPU turned into the simulator's gray input) by a thread pool a few frames
+ahead of the simulation. Every stream file is written atomically; a rerun skips sequences whose file is
+complete, and a sequence with a bad frame or flow file fails alone (its partial output is removed) while
+the others are done.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import dataclasses
 import glob
 import os
 import platform
+import threading
 import time
 import zlib
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,14 +59,36 @@ def output_path(out_dir, name: str) -> Path:
     return Path(out_dir) / f"{name}.h5"
 
 
+class _FrameReader:
+    """Frames of one sequence by index, from worker threads: image files are decoded in parallel (random
+    access); a video is decoded in order through one iterator, frames read ahead kept until asked for."""
+
+    def __init__(self, seq: FrameSequence):
+        self.seq = seq
+        self._lock = threading.Lock()
+        self._iter = None if seq.frame_files is not None else seq.iter_frames()
+        self._next = 0
+        self._ahead: dict[int, np.ndarray] = {}
+
+    def read(self, i: int) -> np.ndarray:
+        if self._iter is None:
+            return self.seq.read_frame(i)
+        with self._lock:
+            while i not in self._ahead:
+                self._ahead[self._next] = next(self._iter)
+                self._next += 1
+            return self._ahead.pop(i)
+
+
 @dataclass
 class _Slot:
     seq: FrameSequence
     result: SequenceResult
     writer: StreamWriter | None = None
-    frames_iter: object = None
-    next_frame: Future | None = None
-    index: int = 0  # index of the frame the pending future delivers
+    reader: _FrameReader | None = None
+    queued: deque = field(default_factory=deque)  # futures of the next frames, in order
+    submitted: int = 0  # frames submitted for reading
+    index: int = 0  # index of the frame the first queued future delivers
     params: DVSParams | None = None
     seed: int = 0
 
@@ -82,14 +107,21 @@ def _stream_attrs(cfg: SimulateConfig, seq: FrameSequence, params: DVSParams, se
     return attrs
 
 
-def _read_next(slot: _Slot, want_flow: bool):
-    """Decode the slot's next frame (and the flow into it, when asked) on a worker thread."""
-    frame = next(slot.frames_iter)
+def _read_frame(slot: _Slot, i: int, want_flow: bool, prepare_size, want_u8: bool):
+    """On a worker thread: decode frame ``i`` of the slot (and the flow into it, when asked). With
+    ``prepare_size`` (a CPU engine; the output size or None) it is also turned into the simulator's gray
+    input here, and with ``want_u8`` into the 8-bit frame the stream file stores."""
+    frame = slot.reader.read(i)
     flow = valid = None
-    if want_flow and slot.index > 0 and slot.seq.has_flow:
-        flow = slot.seq.read_flow(slot.index - 1)
-        valid = slot.seq.read_flow_mask(slot.index - 1)
-    return frame, flow, valid
+    if want_flow and i > 0 and slot.seq.has_flow:
+        flow = slot.seq.read_flow(i - 1)
+        valid = slot.seq.read_flow_mask(i - 1)
+    x = gray_u8 = None
+    if prepare_size is not False:
+        x = prepare_frames([frame], prepare_size, "cpu")[0]
+        if want_u8:
+            gray_u8 = x[0].round().clamp(0, 255).to(torch.uint8).numpy()
+    return frame, x, gray_u8, flow, valid
 
 
 def simulate_sequences(sequences: list[FrameSequence], out_dir, cfg: SimulateConfig = SimulateConfig(), *,
@@ -143,6 +175,18 @@ def _run_group(seqs, out_size, size, cfg, base_params, device, pool, results, ba
     pending = list(seqs)
     slots: list[_Slot | None] = [None] * B
 
+    # frames decoded ahead per slot: enough to keep every worker busy, at least 2
+    depth = max(2, -(-max(1, cfg.workers) // B) + 1)
+    channels = engine.channels
+    # a CPU engine with a gray interpolator gets its input prepared on the worker threads too
+    prep_size = size if engine.device.type == "cpu" and channels == 1 else False
+
+    def submit(slot: _Slot) -> None:
+        while len(slot.queued) < depth and slot.submitted < len(slot.seq):
+            slot.queued.append(pool.submit(_read_frame, slot, slot.submitted, want_flow, prep_size,
+                                           cfg.save_frames))
+            slot.submitted += 1
+
     def open_slot(b: int) -> None:
         while pending:
             seq = pending.pop(0)
@@ -159,8 +203,8 @@ def _run_group(seqs, out_size, size, cfg, base_params, device, pool, results, ba
             except (InputError, OSError, ValueError) as e:
                 _fail(r, e, log)
                 continue
-            slot = _Slot(seq, r, writer, seq.iter_frames(), params=params, seed=seed)
-            slot.next_frame = pool.submit(_read_next, slot, want_flow)
+            slot = _Slot(seq, r, writer, _FrameReader(seq), params=params, seed=seed)
+            submit(slot)
             slots[b] = slot
             return
         slots[b] = None
@@ -172,26 +216,26 @@ def _run_group(seqs, out_size, size, cfg, base_params, device, pool, results, ba
             slot.result.status = "done"
         else:
             slot.writer.abort()
-            if slot.next_frame is not None:
-                slot.next_frame.cancel()
+            for future in slot.queued:
+                future.cancel()
             _fail(slot.result, err, log)
             bar.update(len(slot.seq) - slot.index)
         open_slot(b)
 
     for b in range(B):
         open_slot(b)
-    channels = engine.channels
     while any(s is not None for s in slots):
         frames = torch.zeros(B, channels, h, w, device=engine.device)
         flows = torch.zeros(B, 2, h, w, device=engine.device) if want_flow else None
         valid = torch.ones(B, 1, h, w, dtype=torch.bool, device=engine.device) if want_flow else None
-        active, starting, t_now = [False] * B, [], [0] * B
+        active, starting, t_now, gray_u8 = [False] * B, [], [0] * B, [None] * B
         for b, slot in enumerate(slots):
             if slot is None:
                 continue
             try:
-                frame, flow, fvalid = slot.next_frame.result()
-                x = prepare_frames([frame], size, engine.device, gray=channels == 1)[0]
+                frame, x, gray_u8[b], flow, fvalid = slot.queued.popleft().result()
+                if x is None:
+                    x = prepare_frames([frame], size, engine.device, gray=channels == 1)[0]
             except Exception as e:  # a bad frame or flow file fails this sequence only
                 close_slot(b, e)
                 continue
@@ -208,8 +252,11 @@ def _run_group(seqs, out_size, size, cfg, base_params, device, pool, results, ba
                         engine.device), size)[0]
                     if fvalid is not None:
                         valid[b] = _resize_mask(fvalid, (w, h), engine.device)
+            if cfg.save_frames and gray_u8[b] is None:  # the simulator's input, as 8 bits
+                gray = x if channels == 1 else rgb_to_gray(x[None])[0]
+                gray_u8[b] = gray[0].round().clamp(0, 255).to(torch.uint8).cpu().numpy()
             slot.index += 1
-            slot.next_frame = pool.submit(_read_next, slot, want_flow) if slot.index < len(slot.seq) else None
+            submit(slot)
         ev = engine.advance(frames, t_now, active, flow=flows, flow_valid=valid)
         by_slot = _split_by_slot(ev, B)
         for b, slot in enumerate(slots):
@@ -219,9 +266,7 @@ def _run_group(seqs, out_size, size, cfg, base_params, device, pool, results, ba
                 if b in by_slot:
                     slot.writer.append(by_slot[b])
                     slot.result.events += len(by_slot[b])
-                gray = engine.prev[b] if channels == 1 else rgb_to_gray(engine.prev[b][None])[0]
-                slot.writer.add_frame(t_now[b], gray[0].round().clamp(0, 255).to(torch.uint8).cpu().numpy()
-                                      if cfg.save_frames else None)
+                slot.writer.add_frame(t_now[b], gray_u8[b])
             except Exception as e:
                 close_slot(b, e)
                 continue

@@ -19,11 +19,14 @@ def to_tensor(frames: list[np.ndarray], device) -> torch.Tensor:
 
 
 def rgb_to_gray(x: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) RGB -> (B, 1, H, W) luma; 1-channel input passes through, RGBA drops alpha."""
+    """(B, 3, H, W) RGB -> (B, 1, H, W) luma; 1-channel input passes through, RGBA drops alpha.
+
+    Computed as ``(r w0 + g w1) + b w2`` in the input's precision, an order that the CPU frame kernel
+    (:mod:`evforge.simulator.cpu_frames`) repeats exactly."""
     if x.shape[1] == 1:
         return x
-    w = torch.tensor(LUMA_WEIGHTS, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x[:, :3] * w).sum(1, keepdim=True)
+    w0, w1, w2 = LUMA_WEIGHTS
+    return x[:, 0:1] * w0 + x[:, 1:2] * w1 + x[:, 2:3] * w2
 
 
 @lru_cache(maxsize=32)
@@ -67,7 +70,15 @@ def resize_flow(flow: torch.Tensor, size: tuple[int, int] | None) -> torch.Tenso
 
 def prepare_frames(frames: list[np.ndarray], size: tuple[int, int] | None, device, *,
                    gray: bool = True) -> torch.Tensor:
-    """Raw frames -> float (B, C, H, W) at the output size; C = 1 when ``gray`` (the simulator's input)."""
+    """Raw frames -> float (B, C, H, W) at the output size; C = 1 when ``gray`` (the simulator's input).
+
+    On the CPU, 8-bit frames go to gray through :func:`evforge.simulator.cpu_frames.luma` (same values)."""
+    if gray and torch.device(device).type == "cpu" and all(f.dtype == np.uint8 for f in frames):
+        from . import cpu_frames
+
+        if cpu_frames.AVAILABLE:
+            x = torch.from_numpy(np.stack([f if f.ndim == 2 else cpu_frames.luma(f)[0] for f in frames]))
+            return area_resize(x.float()[:, None], size)
     x = to_tensor(frames, device)
     if gray:
         x = rgb_to_gray(x)

@@ -5,9 +5,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from evforge.simulator.engine import simulate_frames
 from evforge.simulator.pipeline import SimulateConfig, output_path, sequence_seed, simulate_sequences
+from evforge.simulator.resample import prepare_frames
 from evforge.simulator.scenes import SceneSpec, make_dataset, make_sequence
 from evforge.simulator.sources import discover_sequences
 from evforge.simulator.upsample import UpsampleConfig
@@ -50,6 +52,9 @@ def test_stream_files_equal_in_memory_simulation(tmp_path, batch):
                 win = f.between_frames(i)
                 assert np.all((win["t"] >= seq.timestamps_us[i]) & (win["t"] < seq.timestamps_us[i + 1]))
             assert f.has_frames and f.gray_frame(0).shape == (30, 40)
+            for i in (0, len(seq) - 1):  # every stored frame is the simulator's input at that time, in 8 bits
+                want = prepare_frames([seq.read_frame(i)], (40, 30), "cpu")[0, 0].round().clamp(0, 255)
+                np.testing.assert_array_equal(f.gray_frame(i), want.to(torch.uint8).numpy())
             a = f.attrs
             assert a["preset"] == "noisy" and a["seed"] == sequence_seed(0, seq.name)
             assert a["shot_noise_rate_hz"] == 20.0 and a["pos_thres"] == 0.2 and a["refractory_period_s"] == 0.01

@@ -66,6 +66,25 @@ def test_rgb_to_gray_passes_gray_through_and_drops_alpha():
     assert_near(rgb_to_gray(torch.cat([rgb, alpha], 1)), rgb_to_gray(rgb), rtol=0, atol=0)
 
 
+def test_cpu_luma_kernel_equals_rgb_to_gray_bit_for_bit():
+    from evforge.simulator import cpu_frames
+
+    if not cpu_frames.AVAILABLE:
+        pytest.skip("numba not available")
+    rng = np.random.default_rng(5)
+    for channels in (3, 4):
+        f = rng.integers(0, 256, (37, 53, channels), dtype=np.uint8)
+        f[0, 0, :3], f[0, 1, :3] = 255, 0  # white and black
+        got, got_u8 = cpu_frames.luma(f, want_u8=True)
+        want = rgb_to_gray(torch.from_numpy(f).permute(2, 0, 1)[None].float())[0, 0]
+        assert torch.equal(torch.from_numpy(got), want)
+        assert torch.equal(torch.from_numpy(got_u8), want.round().clamp(0, 255).to(torch.uint8))
+    frames = [rng.integers(0, 256, (8, 10, 3), dtype=np.uint8) for _ in range(2)]
+    fast = prepare_frames(frames, (5, 4), "cpu")
+    slow = area_resize(rgb_to_gray(to_tensor(frames, "cpu")), (5, 4))
+    assert torch.equal(fast, slow)
+
+
 def test_to_tensor_and_prepare_frames_from_uint8_rgb():
     # HxWx3 uint8 frames (as PIL gives) -> (B, 1, H, W) float luma at the requested size.
     f0 = np.zeros((4, 6, 3), np.uint8)
