@@ -11,7 +11,7 @@ import torch
 
 from ..events import make_events
 from .params import DVSParams, parse_resolution
-from .pixel import EventSimulator, StepEvents, inverse_lin_log, lin_log
+from .pixel import EventSimulator, StepEvents, inverse_lin_log
 from .resample import area_resize, prepare_frames, resize_flow, rgb_to_gray
 from .upsample import FrameInterpolator, UpsampleConfig, choose_steps, substep_fractions
 
@@ -55,7 +55,7 @@ class BatchEngine:
         if not self._keeps_linear:
             return self.interp.interpolate_log(self.prev_log, log1, fractions, flow, flow_valid)
         made = self.interp(self.prev, frames, fractions, flow=flow, flow_valid=flow_valid)
-        return torch.stack([lin_log(rgb_to_gray(f)) for f in made])
+        return torch.stack([self.sim.lin_log(rgb_to_gray(f)) for f in made])
 
     def _substeps(self, frames, gray1, log1, steps, t_us, dt_us, active, flow, flow_valid) -> list[StepEvents]:
         """Several simulated steps per frame pair, through the interpolator; the last one is the real frame.
@@ -89,7 +89,7 @@ class BatchEngine:
     def start(self, b: int, frame: torch.Tensor, t_us: int, params: DVSParams, seed: int) -> None:
         """Begin a sequence in slot ``b`` with its first frame (C, H, W); it produces no events."""
         self.prev[b] = frame
-        self.prev_log[b] = lin_log(rgb_to_gray(frame[None]))[0]
+        self.prev_log[b] = self.sim.lin_log(rgb_to_gray(frame[None]))[0]
         self.prev_t[b] = int(t_us)
         self.substeps[b] = 0
         self.sim.reset(b, self.prev_log[b, 0], int(t_us), params.resolve(seed), seed)
@@ -101,7 +101,7 @@ class BatchEngine:
         if not slots:
             return self.sim.step(self.prev_log[:, 0], self.prev_t, [False] * len(active))
         gray1 = rgb_to_gray(frames)
-        log1 = lin_log(gray1)
+        log1 = self.sim.lin_log(gray1)
         dt_us = [t_us[b] - self.prev_t[b] if active[b] else 1 for b in range(len(active))]
         steps = choose_steps(self.upsample, self.prev_log, log1, [d * 1e-6 for d in dt_us],
                              [p.cutoff_hz for p in self.sim.params], flow, self.sim.lp)

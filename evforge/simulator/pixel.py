@@ -171,6 +171,8 @@ class EventSimulator:
         self.last_t = torch.full(shape, _NEVER, dtype=torch.int64, device=self.device)
         self.next_shot = torch.full(shape, _FOREVER, dtype=torch.int64, device=self.device)  # next candidate
         self.t_prev = torch.zeros(self.B, dtype=torch.int64, device=self.device)
+        # its copy on the host (the same memory on the CPU): read every step without a device sync
+        self._t_prev_host = self.t_prev.numpy() if self.device.type == "cpu" else np.zeros(self.B, np.int64)
         self._pixel_index = torch.arange(height * width, dtype=torch.int32, device=self.device).view(height, width)
         self._jitter_keys: dict[int, tuple[int, int]] = {}  # slot -> leak-jitter key of its current interval
         if self.fused:  # numpy views of the state tensors the kernels update in place, and their scratch
@@ -178,7 +180,6 @@ class EventSimulator:
             self._state_np = tuple(t.numpy() for t in (self.lp, self.base, self.pos_thres, self.neg_thres,
                                                        self.on_candidate, self.off_candidate, self.leak_k,
                                                        self.last_t, self.next_shot))
-            self._t_prev_np = self.t_prev.numpy()
         self._refresh_param_tensors()
 
     # -- set-up -------------------------------------------------------------------------------------------
@@ -205,6 +206,16 @@ class EventSimulator:
         self._slot_f64 = np.array([[float(p.shot_noise_rate_hz) / 2, p.refractory_period_s * 1e6] for p in P],
                                   np.float64)
         self._slot_keys = np.array([[*shot_keys[0][b], *shot_keys[1][b]] for b in range(self.B)], np.uint64)
+
+    def lin_log(self, x: torch.Tensor) -> torch.Tensor:
+        """v2e's lin-log on this simulator's backend (the same values on each: see :func:`lin_log`)."""
+        if self.backend == "triton":
+            from . import triton_kernels
+
+            return triton_kernels.lin_log(x.to(self.device), LIN_LOG_THRESHOLD)
+        if self.backend == "torch":
+            return lin_log_torch(x)
+        return lin_log(x)
 
     @property
     def needs_intensity(self) -> bool:
@@ -251,6 +262,7 @@ class EventSimulator:
             self.base[b] -= rng.uniform(self._keys([b], "leak_phase"), idx)[0] * self.pos_thres[b]
         self.last_t[b] = _NEVER
         self.t_prev[b] = int(t_us)
+        self._t_prev_host[b] = int(t_us)
         self.next_shot[b] = _FOREVER
         if float(p.shot_noise_rate_hz) > 0:
             flat = torch.arange(self.H * self.W, device=self.device) + b * self.H * self.W
@@ -293,7 +305,7 @@ class EventSimulator:
         slots = [b for b in range(self.B) if active[b]]
         if not slots:
             return _empty_events(self.device)
-        t0_host = self.t_prev.tolist()
+        t0_host = self._t_prev_host
         for b in slots:
             if not self.started[b]:
                 raise RuntimeError(f"slot {b} stepped before reset()")
@@ -324,6 +336,8 @@ class EventSimulator:
             ev = self._step_triton(slots, L1, I1, t1)
         else:
             ev = self._step_torch(slots, L1, I1, torch.tensor(t1, dtype=torch.int64, device=self.device))
+            if self.device.type != "cpu":
+                self._t_prev_host[np.asarray(slots)] = t1
         for b in slots:
             self.steps[b] += 1
         return ev
@@ -340,7 +354,7 @@ class EventSimulator:
         and the leak-jitter keys (S, 2) uint64."""
         idx = np.asarray(slots, np.int64)
         t1 = np.asarray(t1, np.int64)
-        t0 = self.t_prev.cpu().numpy()[idx] if not self.fused else self._t_prev_np[idx]
+        t0 = self._t_prev_host[idx]
         dt_us = t1 - t0
         dt = (dt_us * 1e-6).astype(np.float32)  # as torch's (dt_us.double() * 1e-6).float()
         jkeys = np.array([self._jitter_key(b) if self.params[b].leak_rate_hz > 0 else (0, 0) for b in slots],
@@ -355,7 +369,7 @@ class EventSimulator:
             idx, L1, L1 if I1 is None else I1.contiguous().numpy(), self._state_np, dt, t0, t1, dt_us,
             (self.general, self.any_lowpass, self.any_leak, self.any_shot), self._slot_f32, self._slot_f64,
             self._slot_keys, jkeys, self._work)
-        self._t_prev_np[idx] = t1
+        self._t_prev_host[idx] = t1  # the same memory as t_prev
         ev_s, y, x, t, p = (torch.from_numpy(a) for a in out)
         return StepEvents(ev_s if len(slots) == self.B else torch.from_numpy(idx)[ev_s], x, y, t, p)
 
@@ -365,7 +379,8 @@ class EventSimulator:
 
         idx, t0, t1, dt_us, dt, jkeys = self._kernel_inputs(slots, t1)
         ev = triton_kernels.step(self, idx, L1, I1, t0, t1, dt_us, dt, jkeys)
-        self.t_prev[torch.from_numpy(idx).to(self.device)] = torch.from_numpy(t1).to(self.device)
+        self._t_prev_host[idx] = t1
+        self.t_prev.copy_(torch.from_numpy(self._t_prev_host), non_blocking=False)
         return ev
 
     # -- the torch path -----------------------------------------------------------------------------------
@@ -570,6 +585,11 @@ def _backend(kernels: str, device: torch.device) -> str:
     if kernels == "torch":
         return "torch"
     if kernels == "triton":
+        from . import triton_kernels
+
+        if not triton_kernels.available(device):
+            raise ValueError(f"kernels='triton' on {device}: needs Triton and a CUDA device, or TRITON_INTERPRET=1 "
+                             "(Triton's interpreter) for CPU tensors")
         return "triton"
     if device.type == "cpu":
         return "numba" if cpu_kernels.AVAILABLE else "torch"
