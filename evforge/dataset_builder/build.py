@@ -6,7 +6,8 @@ Output layout (``OUT``)::
     OUT/errors.jsonl                         one {"path", "key", "error"} line per bad source item (maybe empty)
     OUT/<split>/<split>-00000.h5             a shard: the converted items of one work unit
     OUT/<split>/<split>-00000.h5.done.json   its completion record (what the rerun check reads)
-    OUT/.evforge-build.lock                  held while a build runs (two builds on one OUT are refused)
+    OUT/.evforge.lock                        held while a build runs (two runs on one OUT are refused)
+    OUT/.evforge-incomplete                  present while the shards may disagree with the manifest
 
 Design:
 
@@ -20,10 +21,18 @@ Design:
   refuses) is left out and reported; the item is atomic (an item that fails after some of its samples were
   added makes the unit start over without it). A unit is skipped on rerun iff its record exists, the shard's
   sha256 equals the record's, the record lists the same item keys, and the same converter, options, plan
-  parameters and shard format (the record's ``fingerprint``): a tampered or half-replaced shard is redone.
+  parameters, shard format and source files (size and mtime of each item's files, :mod:`evforge.fingerprint`;
+  the record's ``fingerprint``): a tampered or half-replaced shard, or a repaired or replaced source file, is
+  redone. ``overwrite=True`` redoes every unit.
+* **Completeness.** Before the first shard is touched the build marks ``OUT`` incomplete
+  (:mod:`.completion`); the mark goes only after the manifest is written, and every reader refuses a marked
+  folder, so a rebuild with other options killed half way can never be read as a dataset.
+* **One build per folder.** ``OUT/.evforge.lock`` (:class:`evforge.locks.FolderLock`, the lock ``pretrain`` and
+  ``finetune`` take on their run folders) is held from the scan to the manifest.
 * **Executors.** ``workers == 1`` runs the units in this process; ``workers > 1`` with joblib (loky
   processes); ``executor="ray"`` as Ray tasks (``address=None`` starts a local Ray on loopback, otherwise it
-  connects; on a real cluster every node needs evforge installed and ``OUT`` on a shared file system). The
+  connects; on a real cluster every node needs evforge installed and ``OUT`` on a shared file system). joblib
+  workers end with the build process (:mod:`.watchdog`): a killed build leaves no orphan writing into ``OUT``. The
   result does not depend on the executor: units are pure functions of their inputs and shards are
   byte-identical for identical input (h5py writes no timestamps).
 * **Determinism.** Results are ordered by unit, errors by ``(key, path, error)``, subsets are seeded, and
@@ -36,12 +45,12 @@ Design:
 * **Cleanup.** A build starts by deleting leftover ``*.tmp-<pid>`` files of killed runs and ends by deleting
   shards (and records) in ``OUT/<split>/`` that the current plan no longer has, so ``OUT`` holds what the
   manifest lists.
+* **The environment.** A full disk or a read-only ``OUT`` stops the build with :class:`OutputError` naming the
+  file (the CLI's exit code 3); the shard being written is removed, finished units are kept for the rerun.
 """
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import inspect
 import json
 import os
@@ -55,20 +64,23 @@ from typing import Callable, Iterator, Sequence
 
 from tqdm.auto import tqdm
 
-from evforge.errors import InputError
+from evforge.errors import InputError, OutputError, output_error
+from evforge.fingerprint import digest, sources_signature
+from evforge.locks import FolderLock
 
+from .completion import mark_complete, mark_incomplete
 from .converters import get_converter
 from .converters.base import DatasetPlan, SourceItem
 from .manifest import (DEFAULT_PERCENTS, MANIFEST_NAME, _atomic_write_text, build_manifest, make_provenance,
                        make_subsets, write_split_file)
 from .shards import DEFAULT_TARGET_BYTES, FORMAT_VERSION, RAW_INDEX_BYTES, ShardWriter, sha256_file
+from .watchdog import watch_parent
 
 __all__ = ["WorkUnit", "UnitResult", "BuildReport", "plan_units", "run_unit", "build_dataset", "ERRORS_NAME",
            "RECORD_SUFFIX"]
 
 ERRORS_NAME = "errors.jsonl"
 RECORD_SUFFIX = ".done.json"
-LOCK_NAME = ".evforge-build.lock"
 EXECUTORS = ("local", "ray")
 _TMP_RE = re.compile(r".+\.tmp-\d+")  # temp files of ShardWriter and the atomic text writes
 
@@ -186,11 +198,20 @@ def _file_size(path: str) -> int:
 
 
 # ------------------------------------------------------------------------------------------ one unit
-def unit_fingerprint(converter_name: str, converter_options: dict, plan_params: dict) -> str:
-    """sha256 of everything besides the items that shapes a unit's shard (a rerun with other settings redoes it)."""
-    blob = json.dumps({"converter": converter_name, "options": converter_options, "plan": plan_params,
-                       "format_version": FORMAT_VERSION}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
+def unit_fingerprint(converter_name: str, converter_options: dict, plan_params: dict,
+                     sources: list | None = None) -> str:
+    """sha256 of everything that shapes a unit's shard besides the item keys: converter, options, plan, shard
+    format and ``sources`` (the items' source-file signatures, :func:`unit_sources`). A rerun with other settings,
+    or after a source file was repaired or replaced, redoes the unit."""
+    return digest({"converter": converter_name, "options": converter_options, "plan": plan_params,
+                   "format_version": FORMAT_VERSION, "sources": sources or []})
+
+
+def unit_sources(converter, unit: WorkUnit) -> list:
+    """Per item: its key and the size and mtime of its source files (``converter.sources(item)`` when the
+    converter reads more than ``item.path``, e.g. DSEC's label images)."""
+    files = getattr(converter, "sources", None)
+    return [[item.key, sources_signature(files(item) if files else [item.path])] for item in unit.items]
 
 
 def record_path(shard: Path) -> Path:
@@ -213,24 +234,28 @@ def _reusable(unit: WorkUnit, shard: Path, fingerprint: str) -> UnitResult | Non
     return result
 
 
-def run_unit(converter_name: str, converter_options: dict, unit: WorkUnit, out_dir, plan_params: dict) -> UnitResult:
-    """Convert one unit into its shard and completion record; reuse them if a valid record exists.
+def run_unit(converter_name: str, converter_options: dict, unit: WorkUnit, out_dir, plan_params: dict,
+             reuse: bool = True, parent_pid: int | None = None) -> UnitResult:
+    """Convert one unit into its shard and completion record; reuse them if a valid record exists (and ``reuse``).
 
     ``plan_params`` is the plan without its items (``name, kind, sensor_size, classes, params``) plus the shard
     ``compression``; ``converter_options`` are the recorded scan options (part of the fingerprint). Bad input
     never raises: the item is reported in the result's ``errors`` (an item read as ``[]`` simply has no sample;
     stream converters may set ``params["allow_empty"]`` to store samples without events). Other exceptions
     (bugs, a full disk) propagate with the item named; the shard in progress is discarded and, its record being
-    gone, the unit is redone on rerun.
+    gone, the unit is redone on rerun. ``parent_pid``: the build process, when this runs in a worker process
+    (the worker ends if the build dies, :mod:`.watchdog`).
     """
+    if parent_pid is not None:
+        watch_parent(parent_pid)
     shard = Path(out_dir) / unit.shard
-    fingerprint = unit_fingerprint(converter_name, converter_options, plan_params)
-    reused = _reusable(unit, shard, fingerprint)
+    converter = get_converter(converter_name)
+    fingerprint = unit_fingerprint(converter_name, converter_options, plan_params, unit_sources(converter, unit))
+    reused = _reusable(unit, shard, fingerprint) if reuse else None
     if reused is not None:
         return reused
     record_path(shard).unlink(missing_ok=True)  # the shard is about to change: no stale record may vouch for it
 
-    converter = get_converter(converter_name)
     params = dict(plan_params["params"])
     plan = DatasetPlan(name=plan_params["name"], kind=plan_params["kind"],
                        sensor_size=tuple(plan_params["sensor_size"]), classes=list(plan_params["classes"]),
@@ -296,18 +321,19 @@ def _error(item: SourceItem, message: str) -> dict:
 
 # -------------------------------------------------------------------------------------------- executors
 def _results(units: list[WorkUnit], args: tuple, *, workers: int, executor: str, address) -> Iterator[UnitResult]:
-    """Run ``run_unit(name, options, unit, out, plan_params)`` for every unit; yield results as they finish."""
-    name, options, out, plan_params = args
+    """Run ``run_unit(name, options, unit, out, plan_params, reuse)`` for every unit; yield results as they finish."""
+    name, options, out, plan_params, reuse = args
     if executor == "ray":
         yield from _ray_results(units, args, workers=workers, address=address)
     elif workers > 1:
         from joblib import Parallel, delayed
 
         parallel = Parallel(n_jobs=workers, return_as="generator_unordered")
-        yield from parallel(delayed(run_unit)(name, options, u, out, plan_params) for u in units)
+        yield from parallel(delayed(run_unit)(name, options, u, out, plan_params, reuse, os.getpid())
+                            for u in units)
     else:
         for u in units:
-            yield run_unit(name, options, u, out, plan_params)
+            yield run_unit(name, options, u, out, plan_params, reuse)
 
 
 def _ray_results(units, args, *, workers: int, address) -> Iterator[UnitResult]:
@@ -315,7 +341,7 @@ def _ray_results(units, args, *, workers: int, address) -> Iterator[UnitResult]:
         import ray
     except ImportError:
         raise RuntimeError("executor='ray' needs the ray package (pip install ray)") from None
-    name, options, out, plan_params = args
+    name, options, out, plan_params, reuse = args
     started = False
     if not ray.is_initialized():
         if address in (None, "local"):
@@ -327,7 +353,7 @@ def _ray_results(units, args, *, workers: int, address) -> Iterator[UnitResult]:
         started = True
     try:
         task = ray.remote(num_cpus=1)(run_unit)
-        pending = [task.remote(name, options, u, out, plan_params) for u in units]
+        pending = [task.remote(name, options, u, out, plan_params, reuse) for u in units]
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             for ref in done:
@@ -343,7 +369,7 @@ def build_dataset(name: str, src, out, *, workers: int = 1, executor: str = "loc
                   target_bytes: int = DEFAULT_TARGET_BYTES, compression: str = "zstd",
                   percents: Sequence[float] = DEFAULT_PERCENTS, progress: bool = True, command: str | None = None,
                   split_copy_dir=None, on_unit_done: Callable[[UnitResult], None] | None = None,
-                  **converter_options) -> BuildReport:
+                  overwrite: bool = False, **converter_options) -> BuildReport:
     """Convert dataset ``src`` with converter ``name`` into shards + manifest under ``out``.
 
     ``converter_options`` go to the converter's ``scan``, with ``split_file`` when given, and ``seed``, ``out`` and
@@ -352,7 +378,9 @@ def build_dataset(name: str, src, out, *, workers: int = 1, executor: str = "loc
     repository's ``manifests/``) receives ``<name>_split.txt`` with every sample's ``split/key``.
     ``on_unit_done`` is called in this process after each unit (progress hooks, tests). Bad items do not stop
     the build: they are listed in ``errors.jsonl`` and counted in the report, whose ``exit_code`` honours
-    ``allow_errors``. InputError for an unusable ``src`` (or when another build holds ``out``).
+    ``allow_errors``. ``overwrite`` redoes every unit (by default a rerun redoes only what changed).
+    InputError for an unusable ``src``; :class:`~evforge.errors.OutputError` when ``out`` cannot be written (disk
+    full, read-only, a file) and :class:`~evforge.errors.LockedError` when another run holds it.
     """
     if executor not in EXECUTORS:
         raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
@@ -362,53 +390,72 @@ def build_dataset(name: str, src, out, *, workers: int = 1, executor: str = "loc
     out = Path(out).absolute()
     scan_kwargs, options = _scan_options(converter, converter_options, split_file=split_file, seed=seed, out=out,
                                          progress=progress)
-    out.mkdir(parents=True, exist_ok=True)
+    if command is None:
+        command = _default_command(name, src, out, options, samples_per_unit, compression)
+    # held from the scan on: a converter may write scratch files under OUT while scanning
+    with FolderLock(out, command):
+        try:
+            return _build_locked(converter, name, src, out, scan_kwargs, options, command, workers=workers,
+                                 executor=executor, address=address, allow_errors=allow_errors, seed=seed,
+                                 samples_per_unit=samples_per_unit, target_bytes=target_bytes,
+                                 compression=compression, percents=percents, progress=progress,
+                                 split_copy_dir=split_copy_dir, on_unit_done=on_unit_done, overwrite=overwrite)
+        except (OSError, RuntimeError) as err:  # a full disk, a read-only folder: the environment, not the input
+            problem = output_error(err, out)
+            if problem is None:
+                raise
+            _remove_temp_files(out)  # what a worker left behind when it failed
+            raise problem from err
 
-    with _BuildLock(out):  # held from the scan on: a converter may write scratch files under OUT while scanning
-        _remove_temp_files(out)
-        plan = converter.scan(Path(src), **scan_kwargs)
-        units = plan_units(plan, samples_per_unit=samples_per_unit, target_bytes=target_bytes,
-                           size_factor=float(getattr(converter, "raw_bytes_per_file_byte", 1.0)))
-        plan_params = {"name": plan.name, "converter": name, "kind": plan.kind,
-                       "sensor_size": [int(v) for v in plan.sensor_size], "classes": list(plan.classes),
-                       "params": _jsonable(plan.params), "compression": compression}
-        order = {u.unit_id: i for i, u in enumerate(units)}
-        results: list[UnitResult] = []
-        # closing(): an exception here (a crash, Ctrl-C) stops the workers / shuts our Ray down at once
-        running = _results(units, (name, options, os.fspath(out), plan_params), workers=workers,
-                           executor=executor, address=address)
-        with closing(running), tqdm(total=len(units), desc=f"{name} units", unit="unit", disable=not progress) as bar:
-            for result in running:
-                results.append(result)
-                bar.update()
-                if on_unit_done is not None:
-                    on_unit_done(result)
-        results.sort(key=lambda r: order[r.unit_id])
-        _remove_stale_shards(out, units)
 
-        errors = sorted((e for r in results for e in r.errors), key=lambda e: (e["key"], e["path"], e["error"]))
-        errors_path = out / ERRORS_NAME
-        _atomic_write_text(errors_path, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors))
+def _build_locked(converter, name, src, out: Path, scan_kwargs, options, command, *, workers, executor, address,
+                  allow_errors, seed, samples_per_unit, target_bytes, compression, percents, progress,
+                  split_copy_dir, on_unit_done, overwrite) -> BuildReport:
+    """:func:`build_dataset`'s body, run under the folder lock."""
+    _remove_temp_files(out)
+    plan = converter.scan(Path(src), **scan_kwargs)
+    units = plan_units(plan, samples_per_unit=samples_per_unit, target_bytes=target_bytes,
+                       size_factor=float(getattr(converter, "raw_bytes_per_file_byte", 1.0)))
+    plan_params = {"name": plan.name, "converter": name, "kind": plan.kind,
+                   "sensor_size": [int(v) for v in plan.sensor_size], "classes": list(plan.classes),
+                   "params": _jsonable(plan.params), "compression": compression}
+    order = {u.unit_id: i for i, u in enumerate(units)}
+    results: list[UnitResult] = []
+    mark_incomplete(out, command)  # from here on the shards may disagree with manifest.json
+    # closing(): an exception here (a crash, Ctrl-C) stops the workers / shuts our Ray down at once
+    running = _results(units, (name, options, os.fspath(out), plan_params, not overwrite), workers=workers,
+                       executor=executor, address=address)
+    with closing(running), tqdm(total=len(units), desc=f"{name} units", unit="unit", disable=not progress) as bar:
+        for result in running:
+            results.append(result)
+            bar.update()
+            if on_unit_done is not None:
+                on_unit_done(result)
+    results.sort(key=lambda r: order[r.unit_id])
+    _remove_stale_shards(out, units)
 
-        splits = sorted({u.split for u in units})
-        assignment = {s: [k for r, u in zip(results, units) if u.split == s for k in r.keys] for s in splits}
-        subsets = {}
-        if "train" in assignment:
-            train_labels = [lab for r, u in zip(results, units) if u.split == "train" for lab in r.labels]
-            if any(lab >= 0 for lab in train_labels):
-                subsets = make_subsets(assignment["train"], train_labels, split="train", percents=percents, seed=seed)
-        converter_params = {**plan_params["params"], "scan_options": options, "compression": compression,
-                            "samples_per_unit": samples_per_unit, "target_bytes": target_bytes,
-                            "num_units": len(units), "subset_percents": list(percents), "subset_seed": seed,
-                            "num_errors": len(errors)}
-        if command is None:
-            command = _default_command(name, src, out, options, samples_per_unit, compression)
-        provenance = make_provenance(converter=name, source_root=src, converter_params=converter_params,
-                                     command=command)
-        manifest = build_manifest(out, name=plan.name, shards={s: [out / u.shard for u in units if u.split == s]
-                                                               for s in splits},
-                                  classes=plan.classes, provenance=provenance, subsets=subsets)
-        manifest_path = manifest.save(out / MANIFEST_NAME)
+    errors = sorted((e for r in results for e in r.errors), key=lambda e: (e["key"], e["path"], e["error"]))
+    errors_path = out / ERRORS_NAME
+    _atomic_write_text(errors_path, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors))
+
+    splits = sorted({u.split for u in units})
+    assignment = {s: [k for r, u in zip(results, units) if u.split == s for k in r.keys] for s in splits}
+    subsets = {}
+    if "train" in assignment:
+        train_labels = [lab for r, u in zip(results, units) if u.split == "train" for lab in r.labels]
+        if any(lab >= 0 for lab in train_labels):
+            subsets = make_subsets(assignment["train"], train_labels, split="train", percents=percents, seed=seed)
+    converter_params = {**plan_params["params"], "scan_options": options, "compression": compression,
+                        "samples_per_unit": samples_per_unit, "target_bytes": target_bytes,
+                        "num_units": len(units), "subset_percents": list(percents), "subset_seed": seed,
+                        "num_errors": len(errors)}
+    provenance = make_provenance(converter=name, source_root=src, converter_params=converter_params,
+                                 command=command)
+    manifest = build_manifest(out, name=plan.name, shards={s: [out / u.shard for u in units if u.split == s]
+                                                           for s in splits},
+                              classes=plan.classes, provenance=provenance, subsets=subsets)
+    manifest_path = manifest.save(out / MANIFEST_NAME)
+    mark_complete(out)
 
     split_copy = None
     if split_copy_dir is not None:
@@ -473,27 +520,6 @@ def _default_command(name, src, out, options: dict, samples_per_unit, compressio
     if compression != "zstd":
         argv += ["--compression", compression]
     return shlex.join(argv)
-
-
-class _BuildLock:
-    """An exclusive ``flock`` on ``OUT/.evforge-build.lock`` (released by the OS even when the build is killed)."""
-
-    def __init__(self, out: Path):
-        self.path = out / LOCK_NAME
-        self._fd = None
-
-    def __enter__(self):
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(self._fd)
-            raise InputError(self.path.parent, "another build is writing to this folder") from None
-        return self
-
-    def __exit__(self, *exc):
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
-        os.close(self._fd)
 
 
 def _remove_temp_files(out: Path) -> None:

@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, SequentialSampler
 
+from ..errors import InputError
 from ..events import EVENT_DTYPE
 from .manifest import MANIFEST_NAME, Manifest
 from .shards import ShardReader
@@ -51,6 +52,12 @@ class EventDataset(Dataset):
     the index: nothing is read). ``transform(events) -> events`` is applied to each item's events.
     ``max_open_files`` bounds the shard handles one process keeps open (least recently used are closed), so a
     split of thousands of shards stays under the file-descriptor limit in every worker.
+
+    Nothing is read silently wrong: a dataset whose build has not finished is refused (``Manifest.load``), every
+    shard must have the sample count, event count and size the manifest records (else :class:`InputError`
+    naming the shard: it was rewritten after the manifest), keys must be unique across the split's shards, and
+    every item read is checked for the invariants of its sample (``ShardReader.events``). The sha256 of the
+    shards is ``verify``'s job (it reads everything).
     """
 
     def __init__(self, manifest_path, split: str, *, subset: str | None = None, window: int | None = None,
@@ -74,7 +81,7 @@ class EventDataset(Dataset):
         self.name = m.name
         paths = m.shard_paths(self.manifest_path.absolute().parent, split)
         self._build(paths, classes=m.classes, keys=keys, window=window, transform=transform,
-                    min_events=min_events, max_open_files=max_open_files)
+                    min_events=min_events, max_open_files=max_open_files, expected=m.shards_of(split))
 
     @classmethod
     def from_shards(cls, paths: Sequence, *, classes: Sequence[str] | None = None, window: int | None = None,
@@ -88,8 +95,10 @@ class EventDataset(Dataset):
         return self
 
     # ---- index
-    def _build(self, paths, *, classes, keys, window, transform, min_events, max_open_files) -> None:
-        """Read every shard's index once and lay out the items as flat arrays (no event reads)."""
+    def _build(self, paths, *, classes, keys, window, transform, min_events, max_open_files,
+               expected: list[dict] | None = None) -> None:
+        """Read every shard's index once and lay out the items as flat arrays (no event reads). ``expected``:
+        the manifest's entries of the shards, which each shard must match."""
         if max_open_files < 1:
             raise ValueError(f"max_open_files must be >= 1, got {max_open_files}")
         self.max_open_files = int(max_open_files)
@@ -99,6 +108,8 @@ class EventDataset(Dataset):
             raise ValueError(f"window must be a positive number of frame intervals, got {window!r}")
         self.transform = transform
         self.readers = [ShardReader(p) for p in paths]
+        for reader, entry in zip(self.readers, expected or ()):
+            self._check_entry(reader, entry)
         kinds = {r.kind for r in self.readers}
         sizes = {r.sensor_size for r in self.readers}
         if len(kinds) > 1 or len(sizes) > 1:
@@ -145,6 +156,10 @@ class EventDataset(Dataset):
                 t0.append(ft[js])
                 t1.append(ft[js + self.window])
                 owner.append(np.full(len(js), base + k, np.int64))
+        if len(set(self._sample_keys)) != len(self._sample_keys):
+            dup = next(k for k, n in Counter(self._sample_keys).items() if n > 1)
+            raise InputError(self.manifest_path or paths[0], f"sample key {dup!r} is in more than one shard of "
+                                                              f"the split (run evforge verify)")
         if wanted is not None and found != len(wanted):
             have = set(self._sample_keys)
             missing = next(k for k in keys if k not in have)
@@ -158,6 +173,18 @@ class EventDataset(Dataset):
         self._labels = cat(label, np.int64)
         if min_events > 0:
             self._select(np.flatnonzero(self._stop - self._start >= min_events))
+
+    def _check_entry(self, reader: ShardReader, entry: dict) -> None:
+        """The shard must be what the manifest lists (counts from its index, bytes from the file system)."""
+        try:
+            size = reader.path.stat().st_size
+        except OSError as err:
+            raise InputError(reader.path, f"cannot stat the shard ({err.strerror or err})") from None
+        got = {"num_samples": reader.num_samples, "num_events": reader.num_events, "bytes": size}
+        bad = [f"{k} {got[k]} (manifest: {entry[k]})" for k in got if got[k] != entry[k]]
+        if bad:
+            raise InputError(reader.path, f"does not match {self.manifest_path}: {', '.join(bad)}; the shard was "
+                                          f"changed after the manifest was written (run evforge verify, rebuild)")
 
     def _select(self, keep: np.ndarray) -> None:
         for name in ("_shard", "_sample", "_start", "_stop", "_owner", "_labels"):

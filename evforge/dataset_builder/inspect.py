@@ -15,6 +15,7 @@ import hdf5plugin  # noqa: F401  (registers Blosc, needed to open the event colu
 import numpy as np
 
 from ..errors import InputError
+from ..h5local import check_local
 from ..streamfile import StreamFile, _decode_attr
 from .manifest import MANIFEST_NAME, Manifest, compute_stats, verify
 from .recipe_report import format_recipe_summary, recipe_summary
@@ -29,13 +30,18 @@ _BLOCK = 1 << 20  # events per read when verifying a stream file
 
 # ------------------------------------------------------------------------------------------------ helpers
 def file_format(path) -> str | None:
-    """``"dataset"`` (a folder or manifest JSON), ``"shard"``, ``"stream"``, or None for anything else."""
+    """``"dataset"`` (a folder or manifest JSON), ``"shard"``, ``"stream"``, or None for anything else.
+
+    An evforge file that keeps data outside itself (external links, storage, virtual datasets) is refused with
+    :class:`InputError` (:mod:`evforge.h5local`)."""
     path = Path(path)
     if path.is_dir() or path.suffix.lower() == ".json":
         return "dataset"
     try:
         with h5py.File(path, "r") as f:
             fmt = _decode_attr(f.attrs.get("evforge_format"))
+            if fmt in ("shard", "stream"):
+                check_local(f, path)
     except (OSError, ValueError):
         return None
     return fmt if fmt in ("shard", "stream") else None
@@ -86,10 +92,13 @@ def inspect_path(path) -> dict:
     fmt = file_format(path)
     if fmt == "dataset":
         return _inspect_dataset(path / MANIFEST_NAME if path.is_dir() else path)
-    if fmt == "shard":
-        return _inspect_shard(path)
-    if fmt == "stream":
-        return _inspect_stream(path)
+    try:
+        if fmt == "shard":
+            return _inspect_shard(path)
+        if fmt == "stream":
+            return _inspect_stream(path)
+    except (OSError, KeyError, ValueError) as err:  # a damaged file HDF5 cannot read past the header
+        raise InputError(path, f"cannot read ({err})") from None
     raise InputError(path, "not an evforge dataset folder, manifest, shard or stream file")
 
 
@@ -188,6 +197,7 @@ def _inspect_shard(path: Path) -> dict:
 
 def _inspect_stream(path: Path) -> dict:
     with StreamFile(path) as sf:
+        check_local(sf._file, path)  # (until StreamFile checks this itself)
         ft = sf.frame_times
         t_last = int(sf.column("t", sf.num_events - 1)[0]) if sf.num_events else None
         ends = [t for t in (t_last, int(ft[-1]) if len(ft) else None) if t is not None]
@@ -363,10 +373,10 @@ def verify_dataset(path) -> list[str]:
     path = Path(path)
     if not path.exists():
         return [f"{path}: no such file or folder"]
-    fmt = file_format(path)
-    if fmt == "dataset":
-        return verify(path / MANIFEST_NAME if path.is_dir() else path)
     try:
+        fmt = file_format(path)
+        if fmt == "dataset":
+            return verify(path / MANIFEST_NAME if path.is_dir() else path)
         if fmt == "shard":
             with ShardReader(path) as reader:
                 return reader.check()
@@ -374,6 +384,8 @@ def verify_dataset(path) -> list[str]:
             return _check_stream(path)
     except InputError as err:
         return [str(err)]
+    except (OSError, KeyError, ValueError) as err:  # a damaged file HDF5 cannot read past the header
+        return [f"{path}: cannot read ({' '.join(str(err).split())})"]
     return [f"{path}: not an evforge dataset folder, manifest, shard or stream file"]
 
 
@@ -385,6 +397,7 @@ def _check_stream(path: Path) -> list[str]:
         faults.setdefault(kind, f"{path}: {message}")
 
     with StreamFile(path) as sf:
+        check_local(sf._file, path)  # (until StreamFile checks this itself)
         n = sf.num_events
         for name, ds in sf._cols.items():
             if ds.shape != (n,):

@@ -40,6 +40,7 @@ import evforge
 from evforge.errors import InputError
 from evforge.atomic import atomic_write_text as _atomic_write_text
 
+from .completion import incomplete_problem
 from .shards import KINDS, ShardReader, sha256_file
 
 __all__ = [
@@ -121,8 +122,12 @@ class Manifest:
 
     @classmethod
     def load(cls, path) -> "Manifest":
-        """Read and validate a manifest; the dataset root is its folder. InputError names the manifest file."""
+        """Read and validate a manifest; the dataset root is its folder. InputError names the manifest file,
+        also when the folder is marked incomplete (a build has not finished: :mod:`.completion`)."""
         path = Path(path)
+        problem = incomplete_problem(path.absolute().parent)
+        if problem:
+            raise InputError(path, problem)
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:

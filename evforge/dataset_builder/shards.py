@@ -44,6 +44,7 @@ import numpy as np
 from evforge.errors import InputError
 from evforge.events import EVENT_DTYPE, EventFormatError, empty_events, validate_events
 from evforge.atomic import commit, temp_path
+from evforge.h5local import check_local
 from evforge.streamfile import CHUNK_EVENTS, _decode_attr, _filter_kwargs
 
 __all__ = [
@@ -622,6 +623,27 @@ class RollingShardWriter:
 
 
 # ---------------------------------------------------------------------------------------------- reader
+def _slice_problem(cols: dict, width: int, height: int, t_span: int, first: int) -> str | None:
+    """What is wrong with columns read from a sample (events ``first..`` of it), or None: the invariants every
+    sample has (coordinates inside the sensor, p in {0, 1}, t sorted and before the sample's end)."""
+    x, y, p, t = cols["x"], cols["y"], cols["p"], cols["t"]
+    if not len(t):
+        return None
+    for name, values, limit in (("x", x, width), ("y", y, height)):
+        if int(values.max()) >= limit:
+            k = int(np.argmax(values >= limit))
+            return f"{name}={int(values[k])} at event {first + k} is outside the {width}x{height} sensor"
+    if int(p.max()) > 1:
+        k = int(np.argmax(p > 1))
+        return f"p={int(p[k])} at event {first + k} is not 0 or 1"
+    down = t[1:] < t[:-1]
+    if down.any():
+        return f"timestamps decrease at event {first + int(np.argmax(down)) + 1}"
+    if int(t[-1]) >= t_span:
+        return f"t={int(t[-1])} us after the sample's start is past its end ({t_span} us)"
+    return None
+
+
 class ShardReader:
     """Lazy reader of a complete shard: the index is loaded once, events are read one sample slice at a time.
 
@@ -700,6 +722,7 @@ class ShardReader:
                 raise InputError(self.path, f"unsupported shard format_version {version!r}")
             if _decode_attr(a.get("complete")) is not True:
                 raise InputError(self.path, "incomplete shard (interrupted write?)")
+            check_local(f, self.path)  # no data from outside the file (external links, storage, virtual)
         except BaseException:
             f.close()
             raise
@@ -712,10 +735,17 @@ class ShardReader:
         return ds.asstr()[:] if string else ds[:]
 
     def _h5(self) -> h5py.File:
-        """The open HDF5 handle of this process (opened on first use, reopened in a forked child)."""
+        """The open HDF5 handle of this process (opened on first use, reopened in a forked child).
+
+        A file that no longer has the counts the index was loaded with (replaced since) is refused."""
         if self._file is None or self._pid != os.getpid():
-            self._file = self._open()
-            self._pid = os.getpid()
+            f = self._open()
+            counts = (_decode_attr(f.attrs.get("num_samples")), _decode_attr(f.attrs.get("num_events")))
+            if counts != (self.num_samples, self.num_events):
+                f.close()
+                raise InputError(self.path, f"changed since it was opened: {counts[0]} samples and {counts[1]} "
+                                            f"events, its index had {self.num_samples} and {self.num_events}")
+            self._file, self._pid = f, os.getpid()
             self._cols = {name: self._file["events"][name] for name in _COLUMNS}
         return self._file
 
@@ -836,6 +866,12 @@ class ShardReader:
             cols = {name: ds[a:b] for name, ds in self._cols.items()}
         except OSError as err:
             raise InputError(self.path, f"cannot read sample {int(i)} ({err})") from None
+        # cheap invariants of what is returned (a flipped bit, a swapped file); the checksums are verify's job
+        problem = _slice_problem(cols, self.width, self.height, int(row["t_end"]) - int(row["t_offset"]), start)
+        if problem:
+            k = self._check(i)
+            raise InputError(self.path, f"sample {k} ({self._keys[k]!r}) is corrupt: {problem}; run evforge verify "
+                                        f"on the dataset")
         ev = np.empty(b - a, dtype=EVENT_DTYPE)
         ev["x"], ev["y"] = cols["x"], cols["y"]
         ev["t"] = cols["t"].astype(np.int64) + int(row["t_offset"])

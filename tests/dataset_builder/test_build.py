@@ -24,7 +24,6 @@ import pytest
 from evforge.dataset_builder.build import (
     ERRORS_NAME,
     RECORD_SUFFIX,
-    _BuildLock,
     build_dataset,
     plan_units,
 )
@@ -38,8 +37,9 @@ from evforge.dataset_builder.manifest import (
     verify,
 )
 from evforge.dataset_builder.shards import ShardReader
-from evforge.errors import InputError
+from evforge.errors import InputError, LockedError
 from evforge.events import EVENT_DTYPE, make_events
+from evforge.locks import FolderLock
 
 CLASSES = ["BACKGROUND_Google", "Faces_easy", "airplanes", "ant", "elephant"]
 CMD = "evforge convert ncaltech101 SRC --out OUT"  # one command for all builds that are compared
@@ -362,8 +362,8 @@ def test_options_and_lock(caltech, tmp_path):
     with pytest.raises(ValueError, match="executor"):
         build_dataset("ncaltech101", src, tmp_path / "o", executor="dask", progress=False)
     (tmp_path / "locked").mkdir()
-    with _BuildLock(tmp_path / "locked"):
-        with pytest.raises(InputError, match="another build"):
+    with FolderLock(tmp_path / "locked", "evforge test"):
+        with pytest.raises(LockedError, match="another evforge run .*'evforge test'"):
             build_dataset("ncaltech101", src, tmp_path / "locked", progress=False)
 
 

@@ -337,6 +337,12 @@ class DSECConverter:
         return (_first(_label_dirs(folder, label_set), os.path.isdir) is not None
                 or _first(folder / f for f in EVENT_FILES) is not None)
 
+    def sources(self, item: SourceItem) -> list[str]:
+        """The files a sample is made from (their size and mtime are part of its unit's fingerprint): the events,
+        the label image and the rectification map."""
+        png, _t, _i, _seq, rect = item.extra
+        return [item.path, png, rect]
+
     def read(self, item: SourceItem, plan: DatasetPlan) -> list[Sample]:
         """The label's window of events (bounded slices), its label image, optionally rectified."""
         png, t_label, index, sequence, rect = item.extra

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from evforge.errors import InputError
+from evforge.h5local import check_local
 from evforge.streamfile import StreamFile
 
 from .base import DatasetPlan, Sample, SourceItem
@@ -121,6 +122,7 @@ class TartanAirConverter:
         items, size, first = [], None, None
         for path in files:
             with StreamFile(path) as sf:
+                check_local(sf._file, path)  # no data from outside the file (until StreamFile checks it)
                 if size is None:
                     size, first = (sf.width, sf.height), path
                 elif (sf.width, sf.height) != size:
@@ -167,6 +169,7 @@ class TartanAirConverter:
         with a recipe, its kept intervals."""
         env, rel = item.extra
         with StreamFile(item.path) as sf:
+            check_local(sf._file, item.path)
             if (sf.width, sf.height) != tuple(plan.sensor_size):
                 raise InputError(item.path, f"sensor size {sf.width}x{sf.height} differs from the dataset's "
                                             f"{plan.sensor_size[0]}x{plan.sensor_size[1]}")
