@@ -34,7 +34,6 @@ permutation, the gather). The refractory state (8) is read only where a pixel ha
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import torch
@@ -48,18 +47,58 @@ except ImportError:  # pragma: no cover - exercised only where Triton is missing
 from .params import SHOT_NOISE_INTEN_FACTOR
 
 BLOCK = 256  # pixels per program
-_NEVER = 1 << 62  # "no further event" (later than any step), as the CPU kernel's _NEVER_AGAIN
-TWO_PI = float(np.float32(2 * math.pi))
+
+
+_CHECKED: dict[str, bool] = {}  # CUDA device name -> whether the kernels passed their first-use check
 
 
 def available(device: torch.device | None = None) -> bool:
-    """Triton is importable and can run on ``device``: CUDA, or the CPU under ``TRITON_INTERPRET=1``."""
+    """Triton is importable and can run on ``device``: CUDA (checked once per device model, see
+    :func:`_self_check`), or the CPU under ``TRITON_INTERPRET=1``."""
     if triton is None:
         return False
     device = torch.device("cuda" if device is None else device)
-    if device.type == "cuda":
-        return torch.cuda.is_available() and not interpreting()
-    return interpreting()
+    if device.type != "cuda":
+        return interpreting()
+    if not torch.cuda.is_available() or interpreting():
+        return False
+    name = torch.cuda.get_device_name(device)
+    if name not in _CHECKED:
+        _CHECKED[name] = True  # the check itself builds a simulator on these kernels
+        _CHECKED[name] = _self_check(device)
+    return _CHECKED[name]
+
+
+def _self_check(device: torch.device) -> bool:
+    """First use on a GPU model: a few noisy steps of two small sequences on these kernels and on torch ops
+    must give the same events; else (or on any error) warn and let the simulator use torch ops."""
+    import warnings
+
+    from .params import get_preset
+    from .pixel import EventSimulator, lin_log_torch
+
+    try:
+        g = torch.Generator().manual_seed(0)
+        frames = (torch.rand(4, 2, 12, 10, generator=g) * 200 + 20).round().to(device)
+        params = [get_preset("noisy", shot_noise_rate_hz=400.0), get_preset("ideal")]
+        runs = []
+        for kernels in ("triton", "torch"):
+            sim = EventSimulator(params, [1, 2], 12, 10, device=device, kernels=kernels)
+            for b in range(2):
+                sim.reset(b, lin_log_torch(frames[0, b]), 0)
+            out = []
+            for i in range(1, 4):
+                ev = sim.step(lin_log_torch(frames[i]), [i * 5000] * 2, intensity=frames[i])
+                out.append(torch.stack([ev.b, ev.x, ev.y, ev.t, ev.p.long()]).cpu())
+            runs.append(torch.cat(out, 1))
+        if torch.equal(*runs):
+            return True
+        warnings.warn(f"evforge: the Triton kernels differ from torch ops on {torch.cuda.get_device_name(device)}; "
+                      "the simulator uses torch ops there", RuntimeWarning)
+    except Exception as e:  # a compiler or driver problem: torch ops still work
+        warnings.warn(f"evforge: the Triton kernels failed on {torch.cuda.get_device_name(device)} "
+                      f"({type(e).__name__}: {e}); the simulator uses torch ops there", RuntimeWarning)
+    return False
 
 
 def interpreting() -> bool:
@@ -68,6 +107,10 @@ def interpreting() -> bool:
 
 
 if triton is not None:
+    # kernel constants (a kernel reads only constexpr globals)
+    _NEVER = tl.constexpr(1 << 62)  # "no further event" (later than any step), the CPU kernel's _NEVER_AGAIN
+    TWO_PI = tl.constexpr(float(np.float32(2 * math.pi)))  # torch multiplies float32 by 2 pi in float32
+    _SHOT_SLOPE = tl.constexpr(SHOT_NOISE_INTEN_FACTOR - 1.0)  # -0.75, exact in float32
 
     @triton.jit
     def _mix(x):
@@ -188,7 +231,7 @@ if triton is not None:
         pending = walk & False  # a shot candidate still to be resolved
         if USE_SHOT:
             # v2e: the dark rate falls by (1 - 0.75 inten01); per polarity rate/2 * nominal / actual threshold
-            f_acc = (SHOT_NOISE_INTEN_FACTOR - 1.0) * tl.math.div_rn(i1 + 20.0, 275.0) + 1.0
+            f_acc = _SHOT_SLOPE * tl.math.div_rn(i1 + 20.0, 275.0) + 1.0
             half = tl.load(slot_f64_ptr + gs * 2, mask=m, other=0.0)
             r_on = half * tl.load(slot_f32_ptr + gs * 4 + 2, mask=m, other=0.0).to(tl.float64) / tp.to(tl.float64)
             r_off = half * tl.load(slot_f32_ptr + gs * 4 + 3, mask=m, other=0.0).to(tl.float64) / tn.to(tl.float64)
@@ -214,40 +257,44 @@ if triton is not None:
             bucket0 = tl.load(step_ptr + s * 7 + 5, mask=m, other=0)
             y = r // W
             x = r - y * W
-        active = walk & (WRITE or GENERAL)  # the ideal model's count is n: no walk to count
-        n_emit = tl.where(WRITE or GENERAL, n_emit, n)
-        while tl.max(active.to(tl.int32), axis=0) > 0:
-            # the pending shot candidate at c: kept with probability f_acc, ON with probability p_on
-            look = pending & (c <= t1)
-            u = _event_uniform(ke1, ke2, r, c)
-            gap = tl.math.ceil(-tl.log(_event_uniform(kg1, kg2, r, c).to(tl.float64)) / rate * 1e6)  # us
-            after = c + tl.minimum(tl.maximum(gap, 1.0), 2305843009213693952.0).to(tl.int64)
-            kept = look & (u < f_acc)
-            tsh = tl.where(kept, c, tsh)
-            pol = tl.where(kept, tl.where(u.to(tl.float64) < f_acc.to(tl.float64) * p_on, 1, -1), pol)
-            c = tl.where(look, after, c)
-            pending = pending & ~kept & (c <= t1)  # resolved: kept, or no candidate left in the step
-            # the next event of the merged stream, where the shot stream is resolved
-            go = walk & ~pending & ((ts != _NEVER) | (tsh != _NEVER))
-            is_sig = ts <= tsh
-            t = tl.where(is_sig, ts, tsh)
-            emit = go & ((ref <= 0) | ((t - last).to(tl.float64) > ref))
-            last = tl.where(emit & (ref > 0), t, last)
-            if WRITE:
-                row = (start + n_emit) * 5
-                tl.store(ev_ptr + row, gs, mask=emit)
-                tl.store(ev_ptr + row + 1, y, mask=emit)
-                tl.store(ev_ptr + row + 2, x, mask=emit)
-                tl.store(ev_ptr + row + 3, t, mask=emit)
-                tl.store(ev_ptr + row + 4, tl.where(is_sig, sig_p, pol), mask=emit)
-                tl.store(key_ptr + start + n_emit, bucket0 + t - t0, mask=emit)
-            n_emit += emit.to(tl.int64)
-            n_sig += (emit & is_sig).to(tl.int64)
-            k = tl.where(go & is_sig, k + 1, k)
-            ts = tl.where(go & is_sig, tl.where(k <= n, t0 + _crossing(k, sign, thr, d0, d1, span), _NEVER), ts)
-            tsh = tl.where(go & ~is_sig, _NEVER, tsh)
-            pending = pending | (go & ~is_sig & (c <= t1))  # the next shot candidate, if one is in the step
-            active = pending | (walk & ((ts != _NEVER) | (tsh != _NEVER)))
+        if WRITE or GENERAL:
+            # (the loop runs on a scalar carried through it: a reduction in the loop condition trips a
+            # layout pass of Triton's compiler)
+            more = tl.max(walk.to(tl.int32), axis=0)
+            while more > 0:
+                # the pending shot candidate at c: kept with probability f_acc, ON with probability p_on
+                look = pending & (c <= t1)
+                u = _event_uniform(ke1, ke2, r, c)
+                gap = tl.math.ceil(-tl.log(_event_uniform(kg1, kg2, r, c).to(tl.float64)) / rate * 1e6)  # us
+                after = c + tl.minimum(tl.maximum(gap, 1.0), 2305843009213693952.0).to(tl.int64)
+                kept = look & (u < f_acc)
+                tsh = tl.where(kept, c, tsh)
+                pol = tl.where(kept, tl.where(u.to(tl.float64) < f_acc.to(tl.float64) * p_on, 1, -1), pol)
+                c = tl.where(look, after, c)
+                pending = pending & ~kept & (c <= t1)  # resolved: kept, or no candidate left in the step
+                # the next event of the merged stream, where the shot stream is resolved
+                go = walk & ~pending & ((ts != _NEVER) | (tsh != _NEVER))
+                is_sig = ts <= tsh
+                t = tl.where(is_sig, ts, tsh)
+                emit = go & ((ref <= 0) | ((t - last).to(tl.float64) > ref))
+                last = tl.where(emit & (ref > 0), t, last)
+                if WRITE:
+                    row = (start + n_emit) * 5
+                    tl.store(ev_ptr + row, gs, mask=emit)
+                    tl.store(ev_ptr + row + 1, y, mask=emit)
+                    tl.store(ev_ptr + row + 2, x, mask=emit)
+                    tl.store(ev_ptr + row + 3, t, mask=emit)
+                    tl.store(ev_ptr + row + 4, tl.where(is_sig, sig_p, pol), mask=emit)
+                    tl.store(key_ptr + start + n_emit, bucket0 + t - t0, mask=emit)
+                n_emit += emit.to(tl.int64)
+                n_sig += (emit & is_sig).to(tl.int64)
+                k = tl.where(go & is_sig, k + 1, k)
+                ts = tl.where(go & is_sig, tl.where(k <= n, t0 + _crossing(k, sign, thr, d0, d1, span), _NEVER), ts)
+                tsh = tl.where(go & ~is_sig, _NEVER, tsh)
+                pending = pending | (go & ~is_sig & (c <= t1))  # the next shot candidate, if one is in the step
+                more = tl.max((pending | (walk & ((ts != _NEVER) | (tsh != _NEVER)))).to(tl.int32), axis=0)
+        else:  # the ideal model's count is n: nothing to walk
+            n_emit = n
         if WRITE:
             # the new state: lp, leaked base + the emitted signal thresholds, last event, next shot candidate
             step = n_sig.to(tl.float32) * thr
@@ -355,14 +402,4 @@ def step(sim, slots: np.ndarray, L1: torch.Tensor, I1: torch.Tensor | None, t0: 
     return StepEvents(b, x, y, t, p)
 
 
-def launches_per_step() -> int:
-    """Kernel launches of one :func:`step` on CUDA, besides the lin-log kernel: 2 step passes, the scan,
-    the sort (a radix sort: about 4 launches for int64 keys in torch's CUDA build, more for wide key
-    ranges) and the gather, plus 2 host->device copies of the per-step arrays and 1 read of the total."""
-    return 2 + 1 + 4 + 1
-
-
 __all__ = ["available", "interpreting", "lin_log", "step", "BLOCK"]
-
-if os.environ.get("EVFORGE_TRITON_DEBUG"):  # pragma: no cover
-    print("triton kernels:", "interpreter" if interpreting() else "compiled")

@@ -51,6 +51,16 @@ def test_lin_log_and_steps_equal_the_cpu_kernels_through_the_interpreter():
 
 
 @needs_triton
+def test_kernels_compile_for_cuda_without_fused_multiply_adds():
+    """Every kernel variant compiles for sm_80 and sm_90 (no GPU needed), with IEEE float32 division and no
+    FMA contraction (the compiled GPU code rounds as the CPU does)."""
+    sys.path.insert(0, str(HERE))
+    import triton_checks
+
+    triton_checks.check_compiles()
+
+
+@needs_triton
 @pytest.mark.slow
 def test_other_presets_and_an_engine_run_through_the_interpreter():
     interpret("check_presets", "check_engine")

@@ -108,3 +108,37 @@ def check_engine(device="cpu"):
         assert max(eng.substeps) > n
     for a, b in zip(*out):
         assert torch.equal(a, b)
+
+
+def check_compiles(capabilities=(80, 90)):
+    """Every variant of the kernels compiles for CUDA (to PTX and cubin, no GPU needed), with IEEE float32
+    division and no fused multiply-adds, which would make the GPU's rounding differ from the CPU's."""
+    import itertools
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from evforge.simulator import triton_kernels as tk
+
+    pointers = dict(L1_ptr="*fp32", I1_ptr="*fp32", slots_ptr="*i64", lp_ptr="*fp32", base_ptr="*fp32",
+                    pt_ptr="*fp32", nt_ptr="*fp32", onc_ptr="*fp32", offc_ptr="*fp32", lk_ptr="*fp32",
+                    last_ptr="*i64", next_ptr="*i64", step_ptr="*i64", slot_f32_ptr="*fp32", slot_f64_ptr="*fp64",
+                    keys_ptr="*i64", table_ptr="*fp32", count_ptr="*i32", incl_ptr="*i64", ev_ptr="*i64",
+                    key_ptr="*i64", N="i32", HW="i32", W="i32")
+    flags = ("GENERAL", "USE_LOWPASS", "USE_LEAK", "USE_SHOT", "WRITE", "BLOCK")
+    signature = {**pointers, **{name: "constexpr" for name in flags}}
+    kernels = [(tk._lin_log_kernel, dict(x_ptr="*fp32", out_ptr="*fp32", n="i32", param_ptr="*fp64",
+                                         BLOCK="constexpr"), dict(BLOCK=1024)),
+               (tk._gather_kernel, dict(ev_ptr="*i64", order_ptr="*i64", b_ptr="*i64", x_ptr="*i64", y_ptr="*i64",
+                                        t_ptr="*i64", p_ptr="*i8", n="i32", BLOCK="constexpr"), dict(BLOCK=1024))]
+    for lowpass, leak, shot, write in itertools.product((False, True), repeat=4):
+        kernels.append((tk._step_kernel, signature, dict(GENERAL=lowpass or leak or shot, USE_LOWPASS=lowpass,
+                                                          USE_LEAK=leak, USE_SHOT=shot, WRITE=write, BLOCK=tk.BLOCK)))
+    for cap in capabilities:
+        for fn, sig, constexprs in kernels:
+            compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
+                                      target=GPUTarget("cuda", cap, 32), options=dict(tk._OPTS))
+            ptx = compiled.asm["ptx"]
+            assert "fma.rn.f32" not in ptx and "div.full.f32" not in ptx and "div.approx.f32" not in ptx, (
+                fn.__name__, constexprs)
