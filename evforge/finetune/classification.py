@@ -223,6 +223,11 @@ class ClassificationTask:
 
     name = "classification"
     default_metric = "top1"  # what checkpoint selection maximises
+    # data keys read besides the trainer's (trainer.config.check_config refuses any other)
+    config_keys = {"data": {"path": "str", "train_split": "str", "subset": "str|null", "subset_file": "str|null",
+                            "val_split": "str|null", "test_split": "str|null", "holdout_fraction": "number",
+                            "holdout_seed": "int"},
+                   "schedules": {}}
 
     def __init__(self):
         self.cfg: dict = {}

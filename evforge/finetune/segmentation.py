@@ -574,6 +574,11 @@ class SegmentationTask:
 
     name = "segmentation"
     default_metric = "mIoU"  # what evforge.finetune.evaluate.select_best picks checkpoints by
+    # keys read besides the trainer's (trainer.config.check_config refuses any other)
+    config_keys = {"data": {"path": "str", "train_split": "str", "val_split": "str|null", "test_split": "str|null",
+                            "train_sequences": "list|null", "val_sequences": "list|null", "label_stride": "int",
+                            "first_label": "int", "min_events": "int"},
+                   "optim": {"decay_all": "bool"}, "schedules": {}}
 
     def __init__(self):
         self.cfg: dict = {}

@@ -1,7 +1,14 @@
-"""YAML configs: loading with ``_base_`` inheritance and ``--set a.b=value`` overrides, defaults, saving, hashing.
+"""YAML configs: loading with ``_base_`` inheritance and ``--set a.b=value`` overrides, defaults, checks, saving.
 
 Configs are plain nested dicts. :data:`DEFAULTS` holds every key the trainer reads; :func:`load_config` merges
 them under the file so ``--set trainer.precision=bf16-mixed`` works even when the file has no ``trainer:``.
+
+No mistake passes silently. :func:`check_config` (run by the trainer before anything else) refuses unknown
+top-level keys and unknown keys in every section, naming the closest known one, and checks each value's type
+(:data:`TYPES`); a task adds the keys it reads in ``data``, ``optim`` and ``schedules`` through its
+``config_keys`` attribute (:class:`~evforge.trainer.task.Task`); ``task`` itself is checked by the task.
+:func:`load_config` refuses an override of a value that a schedule replaces (``--set optim.lr=0.5`` when the
+config has ``schedules.lr``), naming the schedule to change instead.
 """
 
 from __future__ import annotations
@@ -21,16 +28,17 @@ import yaml
 from ..atomic import atomic_write_text
 from ..errors import InputError
 
-__all__ = ["ConfigError", "DEFAULTS", "STRICT_SECTIONS", "load_config", "load_yaml", "parse_value", "apply_override",
-           "merge", "with_defaults", "check_keys", "save_config", "dump_config", "config_hash"]
+__all__ = ["ConfigError", "DEFAULTS", "TYPES", "STRICT_SECTIONS", "SCHEDULED", "load_config", "load_yaml",
+           "parse_value", "apply_override", "merge", "with_defaults", "check_keys", "check_config", "check_value",
+           "save_config", "dump_config", "config_hash"]
 
 
 class ConfigError(ValueError):
     """A config value or key is wrong; the message names the key (``a.b.c``)."""
 
 
-# Every key the trainer reads, with its default. Sections in STRICT_SECTIONS reject unknown keys (typos);
-# "data", "optim" and "schedules" are open: tasks may keep their own keys there.
+# Every key the trainer reads, with its default. Every section is strict (check_config); tasks add their own
+# keys of "data", "optim" and "schedules" through their ``config_keys``.
 DEFAULTS: dict = {
     "seed": 0,
     "trainer": {
@@ -87,7 +95,35 @@ DEFAULTS: dict = {
         "progress": "auto",             # auto (only on a terminal) | true | false
     },
 }
-STRICT_SECTIONS = ("trainer", "checkpoint", "log")
+STRICT_SECTIONS = ("trainer", "data", "optim", "checkpoint", "log")
+
+# The type of every key in DEFAULTS: "|"-separated type names (int, number = int or float, bool, str, list, dict,
+# null, any); any other word is a literal value (e.g. "auto").
+TYPES: dict = {
+    "seed": "int",
+    "trainer": {
+        "accelerator": "str", "devices": "int|str|list", "num_nodes": "int|auto", "strategy": "str",
+        "precision": "str|int", "epochs": "number|null", "max_steps": "int|null", "accumulate_grad_batches": "int",
+        "grad_clip": "number|null", "log_every_n_steps": "int|null", "val_every_n_steps": "int|null",
+        "val_every_n_epochs": "int|null", "limit_val_batches": "int|null", "stop_signals": "list|null",
+        "float32_matmul_precision": "highest|high|medium|null",
+    },
+    "data": {
+        "batch_size": "int", "val_batch_size": "int|null", "num_workers": "int", "shuffle": "bool",
+        "drop_last": "bool", "pin_memory": "bool|null", "persistent_workers": "bool", "prefetch_factor": "int|null",
+        "multiprocessing_context": "fork|spawn|forkserver|null", "seed_items": "bool",
+    },
+    "optim": {
+        "name": "str", "lr": "number", "weight_decay": "number", "betas": "list", "eps": "number",
+        "momentum": "number", "nesterov": "bool", "fused": "bool|null", "lr_scales": "dict", "no_decay": "list",
+    },
+    "schedules": {"lr": "number|dict", "weight_decay": "number|dict"},
+    "checkpoint": {"every_n_steps": "int|null", "every_n_epochs": "int|null", "keep_every_n_steps": "int|null",
+                   "keep_last": "int|null"},
+    "log": {"jsonl": "bool", "tensorboard": "bool", "progress": "auto|bool"},
+}
+# Values a schedule replaces: overriding them while the schedule is configured would change nothing.
+SCHEDULED = {"optim.lr": "lr", "optim.weight_decay": "weight_decay"}
 
 
 # ---------------------------------------------------------------------------------------------------- YAML
@@ -185,11 +221,86 @@ def apply_override(cfg: dict, item: str) -> None:
 
 
 def load_config(path: str | os.PathLike, overrides: Iterable[str] = (), *, defaults: dict | None = None) -> dict:
-    """The config: :data:`DEFAULTS` (or ``defaults``; ``{}`` for none) < ``_base_`` files < the file < ``overrides``."""
+    """The config: :data:`DEFAULTS` (or ``defaults``; ``{}`` for none) < ``_base_`` files < the file < ``overrides``.
+
+    An override of a value that a configured schedule replaces (:data:`SCHEDULED`) is a :class:`ConfigError`
+    naming the schedule: it would change nothing."""
     cfg = with_defaults(load_yaml(path), defaults)
+    keys = []
     for item in overrides or ():
         apply_override(cfg, item)
+        keys.append(item.partition("=")[0].strip())
+    schedules = cfg.get("schedules") if isinstance(cfg.get("schedules"), dict) else {}
+    for key in keys:
+        name = SCHEDULED.get(key)
+        if name is not None and schedules.get(name) is not None:
+            raise ConfigError(f"{key}: this config schedules it (schedules.{name} = {schedules[name]!r}), which "
+                              f"replaces {key}; override the schedule instead (e.g. --set schedules.{name}=VALUE "
+                              f"for a constant, or one of its fields)")
     return cfg
+
+
+_TYPE_NAMES = {"int", "number", "bool", "str", "list", "dict", "null", "any"}
+
+
+def _is_type(value, name: str) -> bool:
+    if name == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if name == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if name == "bool":
+        return isinstance(value, bool)
+    if name == "str":
+        return isinstance(value, str)
+    if name == "list":
+        return isinstance(value, (list, tuple))
+    if name == "dict":
+        return isinstance(value, dict)
+    if name == "null":
+        return value is None
+    return name == "any"
+
+
+def check_value(key: str, value, spec: str) -> None:
+    """:class:`ConfigError` naming ``key`` unless ``value`` fits ``spec`` (see :data:`TYPES`)."""
+    options = spec.split("|")
+    if any(_is_type(value, o) if o in _TYPE_NAMES else value == o for o in options):
+        return
+    words = {"int": "an integer", "number": "a number", "bool": "true or false", "str": "a string",
+             "list": "a list", "dict": "a mapping", "null": "null"}
+    want = " or ".join(words.get(o, repr(o)) for o in options)
+    raise ConfigError(f"{key}: expected {want}, got {value!r}")
+
+
+def check_config(cfg: dict, task_keys: dict | None = None) -> None:
+    """Refuse unknown keys (with the closest known one) and values of the wrong type, in every section.
+
+    ``task_keys`` (a task's ``config_keys``): ``{"data": {key: type}, "optim": {...}, "schedules": {name: type}}``,
+    the keys the task reads besides the trainer's. The ``task`` section is the task's to check; ``schedules`` names
+    are checked when the task declares its schedules (otherwise any name is accepted, for tasks that do not).
+    """
+    task_keys = task_keys or {}
+    known = {**TYPES, "task": "dict|null"}
+    for key, value in cfg.items():
+        if key not in known:
+            raise ConfigError(f"{key}: unknown top-level key{_suggest(key, known)}")
+        spec = known[key]
+        if isinstance(spec, str):
+            check_value(key, value, spec)
+            continue
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a section (mapping), found {type(value).__name__}")
+        section = {**spec, **task_keys.get(key, {})}
+        open_names = key == "schedules" and "schedules" not in task_keys
+        for k, v in value.items():
+            if k not in section:
+                if open_names:
+                    check_value(f"{key}.{k}", v, "number|dict|null")
+                    continue
+                raise ConfigError(f"{key}.{k}: unknown key{_suggest(k, section)}")
+            check_value(f"{key}.{k}", v, section[k])
 
 
 def check_keys(cfg: dict, sections: Iterable[str] = STRICT_SECTIONS, defaults: dict | None = None) -> None:

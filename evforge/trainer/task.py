@@ -15,7 +15,15 @@ from torch.utils.data import Dataset
 
 
 class Task(Protocol):
-    """One training method. All methods receive the full config dict ``cfg`` (task options under ``cfg["task"]``)."""
+    """One training method. All methods receive the full config dict ``cfg`` (task options under ``cfg["task"]``).
+
+    ``config_keys`` (a class attribute) names the keys the task reads in the trainer's sections, with their types
+    as in :data:`evforge.trainer.config.TYPES`: ``{"data": {"path": "str", ...}, "optim": {...}, "schedules":
+    {"ema_momentum": "any", ...}}``. The trainer refuses every other key there (typos); a task without a
+    ``schedules`` entry accepts any schedule name. The task checks its own ``task`` section.
+    """
+
+    config_keys: dict
 
     def build_model(self, cfg: dict) -> nn.Module:
         """The module whose parameters are optimised (an EMA teacher may live inside it, excluded from

@@ -57,6 +57,9 @@ class ToyModel(nn.Module):
 class ToyTask:
     """The toy task; options under ``cfg["task"]`` (n, n_val, dim, hidden, dropout, noise). Records seen indices."""
 
+    # what it reads besides the trainer's keys (check_config): two scheduled scalars
+    config_keys = {"schedules": {"ema_momentum": "number|dict", "aux_weight": "number|dict"}}
+
     def __init__(self, fail_at_step: int | None = None):
         self.seen: list[list[int]] = []
         self.fail_at_step = fail_at_step  # raise in training_step at this step: a crash between checkpoints

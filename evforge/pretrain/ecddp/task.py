@@ -62,6 +62,7 @@ class ECDDPTask:
     """Pretraining with ECDDP on event-stream windows."""
 
     name = "ecddp"
+    config_keys = {"data": {"path": "str", "window": "int", "min_events": "int"}, "schedules": {"ema_momentum": "any", "teacher_temp": "any"}}  # noqa: E501 (read besides the trainer's keys: trainer.config.check_config)
 
     def __init__(self):
         self.sensor_size: tuple[int, int] | None = None

@@ -106,6 +106,7 @@ class _MEMData:
 
     name = ""
     _opt_defaults: dict = {}
+    config_keys = {"data": {"path": "str", "val_split": "str", "subset": "str|null", "min_events": "int"}, "schedules": {"gumbel_tau": "any"}}  # noqa: E501 (read besides the trainer's keys: trainer.config.check_config)
 
     def __init__(self):
         self.sensor_size: tuple[int, int] | None = None  # (W, H)
