@@ -1,4 +1,10 @@
-"""The ``evforge`` command: parses arguments, then calls library functions usable from Python on their own."""
+"""The ``evforge`` command: parses arguments, then calls library functions usable from Python on their own.
+
+Exit codes: 0 done; 1 done, but some inputs failed (listed: convert's errors.jsonl, simulate's failed sequences,
+verify's faults, inspect's unreadable shards); 2 usage or an unusable input (one line naming it); 3 the
+environment (disk full, read-only or non-folder output, locked by another run; one line naming the path);
+130 interrupted. Finished work is kept in every case: rerun the command to resume.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import InputError
+from .errors import InputError, OutputError, output_error
 
 
 def _add_simulate(sub) -> None:
@@ -142,7 +148,7 @@ def _cmd_inspect(args) -> int:
 
     report = inspect_path(args.path)
     print(json.dumps(report, indent=1, default=str) if args.json else format_report(report))
-    return 0
+    return 1 if report.get("problems") else 0  # e.g. unreadable shards
 
 
 def _add_verify(sub) -> None:
@@ -216,6 +222,8 @@ def _add_convert(sub) -> None:
     p.add_argument("--executor", default="local", choices=["local", "ray"])
     p.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
     p.add_argument("--allow-errors", action="store_true", help="exit 0 even if some samples failed")
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo every unit (a rerun otherwise redoes only units whose sources or options changed)")
     p.add_argument("--split-file", default=None, help="split definition (MEM's train|val/<class>/<name> lines)")
     p.add_argument("--seed", type=int, default=0, help="seed of the stratified split and label subsets")
     p.add_argument("--percents", default="2,5,10,20,50", help="label-efficiency subsets of train, in percent")
@@ -275,7 +283,7 @@ def _cmd_convert(args) -> int:
                            target_bytes=int(args.shard_mb * 2**20), compression=args.compression,
                            percents=tuple(float(v) for v in args.percents.split(",") if v),
                            progress=not args.quiet, command="evforge " + " ".join(args.argv),
-                           split_copy_dir=split_copy, **options)
+                           split_copy_dir=split_copy, overwrite=args.overwrite, **options)
     splits = ", ".join(f"{k} {v}" for k, v in sorted(report.splits.items()))
     print(f"{report.num_samples:,} samples ({splits}), {report.num_events:,} events in {report.num_units} shards "
           f"({report.units_skipped} already done) -> {report.manifest_path}")
@@ -328,7 +336,8 @@ def _train(args, command: str, get_task, init: str | None = None) -> int:
         cfg.setdefault("task", {})["init"] = str(init)  # set directly: a path is not YAML to parse
     task = get_task(cfg.get("task", {}).get("name", ""))
     out = args.out or str(Path("runs") / Path(config).stem)
-    with Trainer(cfg, task, out_dir=out, resume=None if args.resume == "none" else args.resume) as trainer:
+    with Trainer(cfg, task, out_dir=out, resume=None if args.resume == "none" else args.resume,
+                 command="evforge " + " ".join(args.argv)) as trainer:
         summary = trainer.fit()
     if summary.get("checkpoint"):
         print(f"{summary['stopped']} at step {summary['step']}: checkpoint {summary['checkpoint']}")
@@ -439,7 +448,23 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         _err(f"error: {e}")
         return 2
-    except (ValueError, FileNotFoundError) as e:
+    except OutputError as e:
+        _err(f"error: {e}")
+        return 3
+    except (OSError, RuntimeError) as e:  # a full disk, a read-only folder, a file where a folder belongs
+        env = output_error(e)
+        if env is not None:
+            _err(f"error: {env}")
+            return 3
+        if isinstance(e, FileNotFoundError):
+            _err(f"error: {' '.join(str(e).split())}")
+            return 2
+        if isinstance(e, OSError):
+            where = f"{e.filename}: " if e.filename else ""
+            _err(f"error: {where}{' '.join((e.strerror or str(e)).split())}")
+            return 3
+        raise
+    except ValueError as e:
         _err(f"error: {' '.join(str(e).split())}")
         return 2
     except KeyboardInterrupt:

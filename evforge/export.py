@@ -53,7 +53,11 @@ def _torch_load(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets one line naming it
-        raise InputError(path, f"not a readable checkpoint ({type(e).__name__}: {e})") from None
+        if "weights only" in str(e).lower():  # not torch's advice to run the file's pickled code
+            raise InputError(path, "holds pickled Python objects, which evforge does not load (checkpoints are "
+                                   "read with weights_only=True)") from None
+        detail = " ".join(str(e).split()).split(". ")[0][:100]
+        raise InputError(path, f"not a readable checkpoint ({type(e).__name__}: {detail})") from None
 
 
 def _looks_public_ecddp(ckpt) -> bool:

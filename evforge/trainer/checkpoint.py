@@ -8,15 +8,18 @@ progress counters (ints), every rank's RNG states (:func:`rng_state`) and the co
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..atomic import atomic_output
+from ..errors import InputError
 
 __all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "CheckpointManager", "LAST"]
 
@@ -26,17 +29,50 @@ LAST = "last.ckpt"
 def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
     """Write ``state`` to ``path`` atomically: a temp file in the same folder, fsync, then ``os.replace``.
 
-    A crash or error at any point leaves the previous file at ``path`` untouched (and no temp file behind).
+    A crash or error at any point leaves the previous file at ``path`` untouched (and no temp file behind). A
+    write that fails (a full disk) raises the ``OSError`` itself, naming the file, not the ``RuntimeError`` torch
+    turns it into (``[enforce fail at inline_container.cc:...] unexpected pos``).
     """
     path = Path(path)
     with atomic_output(path) as tmp, open(tmp, "wb") as f:
-        torch.save(state, f)
+        try:
+            torch.save(state, f)
+        except RuntimeError as err:
+            cause = err.__cause__ or err.__context__
+            if isinstance(cause, OSError):
+                if not cause.filename:
+                    cause.filename = os.fspath(path)
+                raise cause from err
+            raise
     return path
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """A checkpoint written by :func:`save_checkpoint`, loaded with ``weights_only=True`` (no code runs)."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """A checkpoint written by :func:`save_checkpoint`, loaded with ``weights_only=True`` (no code runs).
+
+    Any failure is one :class:`InputError` line naming the file: missing, truncated or damaged, or holding pickled
+    Python objects (evforge never runs code from a checkpoint; torch's advice to pass ``weights_only=False`` is
+    not passed on)."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise InputError(path, "no such checkpoint") from None
+    except pickle.UnpicklingError as err:
+        if "weights only" in str(err).lower() or "weights_only" in str(err):
+            raise InputError(path, "holds pickled Python objects, which evforge does not load (checkpoints are "
+                                   "read with weights_only=True); it was not written by evforge's trainer") from None
+        raise InputError(path, f"unreadable checkpoint ({_first_line(err)})") from None
+    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as err:
+        raise InputError(path, f"unreadable checkpoint, truncated or damaged ({_first_line(err)}); delete it or "
+                               f"resume from another (checkpoints/step-*.ckpt)") from None
+
+
+def _first_line(err: BaseException, limit: int = 100) -> str:
+    """``Type: first sentence`` of an error, at most ``limit`` characters (torch's messages run to paragraphs)."""
+    text = " ".join(str(err).split()).split(". ")[0]
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 # ---------------------------------------------------------------------------------------------------- RNG

@@ -37,9 +37,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, default_collate
 
-from ..errors import InputError
+from ..errors import InputError, LockedError, OutputError
+from ..locks import FolderLock
 from .checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
-from .config import ConfigError, check_keys, config_hash, save_config, with_defaults
+from .config import ConfigError, check_config, config_hash, save_config, with_defaults
 from .launch import fabric_kwargs
 from .loggers import Loggers, Progress
 from .optim import apply_schedules, build_optimizer, default_param_groups
@@ -108,12 +109,14 @@ class Trainer:
     ``state_dict()`` / ``load_state_dict(d)`` for state outside the model (checkpointed with it).
     """
 
-    def __init__(self, cfg: dict, task, *, out_dir, resume: str | os.PathLike | None = "auto"):
+    def __init__(self, cfg: dict, task, *, out_dir, resume: str | os.PathLike | None = "auto",
+                 command: str | None = None):
         from lightning_fabric import Fabric
 
         cfg = with_defaults(cfg)
-        check_keys(cfg)
+        check_config(cfg, getattr(task, "config_keys", None))  # typos and wrong types fail before any work
         self.cfg, self.task, self.out_dir = cfg, task, Path(out_dir)
+        self._command = command
         t, d = cfg["trainer"], cfg["data"]
         self.accumulate = _int(cfg, "trainer", "accumulate_grad_batches", 1, optional=False)
         self.log_every = _int(cfg, "trainer", "log_every_n_steps", 1) or 0
@@ -130,7 +133,19 @@ class Trainer:
         fabric.launch()
         self.rank, self.world_size = fabric.global_rank, fabric.world_size
         self.is_main = fabric.is_global_zero
-        self.seed = seed = int(cfg["seed"])
+        self.seed = int(cfg["seed"])
+
+        self._lock = self._lock_run_folder()
+        try:
+            self._setup(cfg, task, resume, batch_size, num_workers)
+        except BaseException:
+            self._release_lock()
+            raise
+
+    def _setup(self, cfg: dict, task, resume, batch_size: int, num_workers: int) -> None:
+        """Model, optimizer, loaders, schedules, checkpoint state and logs (the constructor, under the lock)."""
+        fabric, seed = self.fabric, self.seed
+        t, d = cfg["trainer"], cfg["data"]
 
         # model and optimizer (identical initialisation on every rank)
         _seed_all(seed)
@@ -196,6 +211,33 @@ class Trainer:
         self.loggers = Loggers(self.out_dir, cfg["log"], enabled=self.is_main, resume_step=self.step)
 
     # ------------------------------------------------------------------------------------------------ setup
+    def _lock_run_folder(self) -> FolderLock | None:
+        """Rank 0 takes ``out_dir``'s lock (:mod:`evforge.locks`): a second run into the folder is refused, as a
+        ``convert`` into a dataset folder is. Every rank learns the outcome, so all of them stop together."""
+        lock, error = None, None
+        if self.is_main:
+            lock = FolderLock(self.out_dir, self._command)
+            try:
+                lock.acquire()
+            except OutputError as err:
+                lock, error = None, err
+            if lock is not None and lock.stale:
+                warnings.warn(f"{self.out_dir}: took over the lock of a run that is gone (pid "
+                              f"{lock.stale.get('pid')}, {lock.stale.get('command')!r})", stacklevel=3)
+        message = str(error) if error else None
+        if self.world_size > 1:
+            message = self.fabric.broadcast(message, src=0)
+        if error is not None:
+            raise error
+        if message:
+            raise LockedError(self.out_dir, f"rank 0 could not lock the run folder ({message})")
+        return lock
+
+    def _release_lock(self) -> None:
+        lock, self._lock = getattr(self, "_lock", None), None
+        if lock is not None:
+            lock.release()
+
     def _make_loader(self, dataset, sampler, num_workers: int, generator: torch.Generator) -> DataLoader:
         d = self.cfg["data"]
         collate = getattr(self.task, "collate", None) or default_collate
@@ -518,6 +560,7 @@ class Trainer:
         """
         self.loggers.close()
         self.loader = self.val_loader = None
+        self._release_lock()
         dist = torch.distributed
         if distributed and self.world_size > 1 and dist.is_available() and dist.is_initialized():
             dist.barrier()
