@@ -130,7 +130,12 @@ def _cmd_preview(args) -> int:
     from .preview import render_stream_preview
 
     out = Path(args.out) if args.out else path.with_suffix(".png")
-    print(render_stream_preview(path, out, windows=args.windows))
+    try:
+        print(render_stream_preview(path, out, windows=args.windows))
+    except (OSError, KeyError) as err:  # HDF5 names no file when a damaged chunk fails to decompress
+        if isinstance(err, OSError) and output_error(err) is not None:
+            raise  # the output's fault (read-only, full)
+        raise InputError(path, f"cannot read ({err})") from None
     return 0
 
 

@@ -90,7 +90,7 @@ def environment_problem(err: BaseException) -> str | None:
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        code = _errno_of(err) if isinstance(err, (OSError, RuntimeError)) else None
+        code = _errno_of(err)  # OSError, torch's RuntimeError, safetensors' error: the errno or its text
         if code is not None:
             return _ENV_ERRNOS[code]
         err = err.__cause__ or err.__context__

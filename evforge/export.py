@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .atomic import atomic_output
-from .errors import InputError
+from .errors import InputError, OutputError, output_error
 
 __all__ = ["FORMAT", "export_backbone", "import_checkpoint", "read_backbone", "load_backbone", "backbone_weights",
            "IMPORTERS"]
@@ -157,9 +157,15 @@ EXPORTERS = {"ecddp": _export_ecddp, "mem": _mem_backbone}
 def _write(out, tensors: dict, meta: dict) -> Path:
     out = Path(out)
     meta = {"format": FORMAT, **meta}
-    with atomic_output(out) as tmp:
-        save_file({k: v.contiguous().clone() for k, v in tensors.items()}, str(tmp),
-                  metadata={k: json.dumps(v) for k, v in meta.items()})
+    try:
+        with atomic_output(out) as tmp:
+            save_file({k: v.contiguous().clone() for k, v in tensors.items()}, str(tmp),
+                      metadata={k: json.dumps(v) for k, v in meta.items()})
+    except Exception as err:  # safetensors reports a full or read-only disk as its own error type
+        problem = output_error(err, out)
+        if problem is None:
+            raise
+        raise OutputError(out, problem.problem) from err
     return out
 
 

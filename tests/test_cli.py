@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -198,3 +199,148 @@ def test_parser_is_built_without_importing_torch():
             "print(sorted(m for m in ('torch', 'numpy', 'h5py', 'numba') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# ------------------------------------------------------------------- issue 15: one line, the right exit code
+def _one_line(err: str, path) -> bool:
+    return err.count("\n") == 1 and err.startswith("evforge: error: ") and str(path) in err
+
+
+@pytest.fixture()
+def readonly(tmp_path):
+    """A read-only folder: a read-only tmpfs mount for root (whom permissions do not stop), chmod 555 otherwise."""
+    import os
+    import subprocess
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip("cannot make a read-only folder here (root, and no mount)")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+def _stream_file(path):
+    from evforge.events import make_events
+    from evforge.streamfile import write_stream
+
+    rng = np.random.default_rng(0)
+    n = 5000
+    ev = make_events(rng.integers(0, 32, n), rng.integers(0, 24, n), np.sort(rng.integers(0, 400_000, n)),
+                     rng.choice([-1, 1], n))
+    return write_stream(path, ev, np.arange(5) * 100_000, width=32, height=24)
+
+
+def test_read_only_outputs_are_one_line_with_exit_code_3(atis_dataset, readonly, tmp_path, capsys, monkeypatch):
+    import lzma
+
+    from evforge import pretrain
+    from evforge.trainer.toy import ToyTask, toy_config
+
+    monkeypatch.chdir(tmp_path)
+    stream = _stream_file(tmp_path / "s.h5")
+    released = tmp_path / "released.pt"
+    released.write_bytes(lzma.decompress((Path(__file__).resolve().parent / "fixtures" / "ecddp" /
+                                          "released_ecddp_tiny.pt.xz").read_bytes()))
+    monkeypatch.setattr(pretrain, "get_task", lambda name: ToyTask())
+    (tmp_path / "toy.yaml").write_text(json.dumps(toy_config(max_steps=2)))
+    commands = {
+        "convert": ["convert", "ncaltech101", str(atis_dataset), "--out", str(readonly / "ds"),
+                    "--opt", "sensor_size=[32, 24]", "--quiet"],
+        "pretrain": ["pretrain", "--config", str(tmp_path / "toy.yaml"), "--out", str(readonly / "run")],
+        "import-checkpoint": ["import-checkpoint", "ecddp", str(released), "--out", str(readonly / "b.safetensors")],
+        "preview": ["preview", str(stream), "--out", str(readonly / "p.png")],
+        "scenes": ["scenes", str(readonly / "scenes"), "--frames", "2", "--size", "16x12"],
+    }
+    for name, argv in commands.items():
+        rc = main(argv)
+        err = capsys.readouterr().err
+        assert rc == 3 and _one_line(err, readonly), (name, rc, err)
+        assert "read-only file system" in err or "permission denied" in err, (name, err)
+
+
+def test_output_that_is_a_file_and_a_locked_output(atis_dataset, tmp_path, capsys, monkeypatch):
+    from evforge.locks import FolderLock
+
+    monkeypatch.chdir(tmp_path)
+    args = ["convert", "ncaltech101", str(atis_dataset), "--opt", "sensor_size=[32, 24]", "--quiet"]
+    (tmp_path / "file").write_text("x")
+    rc = main(args + ["--out", str(tmp_path / "file")])
+    err = capsys.readouterr().err
+    assert rc == 3 and _one_line(err, tmp_path / "file") and "is a file, not a folder" in err
+    with FolderLock(tmp_path / "ds", "evforge convert (the other one)"):
+        rc = main(args + ["--out", str(tmp_path / "ds")])
+    err = capsys.readouterr().err
+    assert rc == 3 and _one_line(err, tmp_path / "ds") and "locked by another evforge run" in err
+
+
+def test_disk_full_in_convert_exits_3_not_1(atis_dataset, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from evforge.dataset_builder import shards
+
+    monkeypatch.chdir(tmp_path)
+
+    def full(self):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self._tmp))
+
+    monkeypatch.setattr(shards.ShardWriter, "close", full)
+    rc = main(["convert", "ncaltech101", str(atis_dataset), "--out", str(tmp_path / "ds"), "--opt",
+               "sensor_size=[32, 24]", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 3 and _one_line(err, tmp_path / "ds") and "disk full" in err
+    assert not [p for p in (tmp_path / "ds").rglob("*") if ".tmp-" in p.name]
+
+
+def test_damaged_files_are_one_line_errors(atis_dataset, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "ds"
+    assert main(["convert", "ncaltech101", str(atis_dataset), "--out", str(out), "--opt", "sensor_size=[32, 24]",
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    shard = next(out.rglob("*.h5"))
+    shard.write_bytes(shard.read_bytes()[:2000])  # truncated: unreadable
+    assert main(["inspect", str(out)]) == 1  # it was 0
+    assert str(shard) in capsys.readouterr().out
+    # a stream file whose event data is damaged: verify and preview answer in one line, no traceback
+    stream = _stream_file(tmp_path / "s.h5")
+    import h5py
+
+    with h5py.File(stream, "r") as f:
+        info = f["events/x"].id.get_chunk_info(0)
+    data = bytearray(stream.read_bytes())
+    data[info.byte_offset : info.byte_offset + info.size] = bytes(info.size)  # the chunk zeroed
+    stream.write_bytes(bytes(data))
+    assert main(["verify", str(stream)]) == 1
+    out_text = capsys.readouterr().out
+    assert out_text.splitlines()[0].startswith(f"{stream}: ") and out_text.endswith("1 fault(s)\n")
+    rc = main(["preview", str(stream), "--out", str(tmp_path / "p.png")])
+    err = capsys.readouterr().err
+    assert rc in (2, 3) and _one_line(err, stream)
+
+
+def test_pickled_checkpoint_export_and_a_root_one_folder_too_high(atis_dataset, tmp_path, capsys, monkeypatch):
+    import fractions
+
+    import torch
+
+    bad = tmp_path / "pickled.ckpt"
+    torch.save({"model": {}, "config": "{}", "x": fractions.Fraction(1, 3)}, bad)
+    assert main(["export-backbone", str(bad), "--out", str(tmp_path / "b.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert _one_line(err, bad) and "holds pickled Python objects" in err and "weights_only=False" not in err
+    monkeypatch.chdir(tmp_path)
+    outer = tmp_path / "download"
+    outer.mkdir()
+    atis_dataset.rename(outer / "Caltech101")
+    rc = main(["convert", "ncaltech101", str(outer), "--out", str(tmp_path / "ds"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and _one_line(err, outer) and f"the dataset root seems to be {outer / 'Caltech101'}" in err

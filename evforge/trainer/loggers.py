@@ -48,7 +48,10 @@ class JsonlLogger:
 
     def log(self, record: dict) -> None:
         line = json.dumps({k: _clean(v) for k, v in record.items()}, separators=(",", ":")) + "\n"
-        os.write(self._fd, line.encode())
+        try:
+            os.write(self._fd, line.encode())
+        except OSError as err:  # a full disk: name the file (os.write's error does not)
+            raise OSError(err.errno, err.strerror, os.fspath(self.path)) from err
 
     def close(self) -> None:
         if self._fd is not None:

@@ -56,7 +56,9 @@ class NCaltech101Converter:
             for p in sorted((src / name).glob("*.bin")):
                 files[f"{name}/{p.stem}"] = (os.path.abspath(p), label)
         if not files:
-            raise InputError(src, "no class folders with .bin files (expected SRC/<class>/image_XXXX.bin)")
+            deeper = _root_below(src)
+            hint = f"; the dataset root seems to be {deeper}: convert that folder" if deeper else ""
+            raise InputError(src, f"no class folders with .bin files (expected SRC/<class>/image_XXXX.bin){hint}")
 
         params = {"sensor_size": list(sensor_size), "unsorted": unsorted}
         if split_file is not None:
@@ -102,6 +104,18 @@ def _splits_from_file(path: Path, files: dict) -> tuple[dict[str, str], int]:
     if not out:
         raise InputError(path, "split file lists no samples")
     return out, len(files) - len(out)
+
+
+def _root_below(src: Path, depth: int = 2) -> Path | None:
+    """A folder under ``src`` (at most ``depth`` levels down) whose subfolders hold .bin files: the root the
+    user probably meant when ``src`` is one or two folders too high (e.g. an archive's outer folder)."""
+    level = [src]
+    for _ in range(depth):
+        level = sorted(d for parent in level for d in parent.iterdir() if d.is_dir())
+        for d in level:
+            if any(next(c.glob("*.bin"), None) for c in d.iterdir() if c.is_dir()):
+                return d
+    return None
 
 
 # ------------------------------------------------------------------------------- shared with ncars / nimagenet
