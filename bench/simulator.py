@@ -118,6 +118,19 @@ def gray_8bit(rgb: np.ndarray) -> torch.Tensor:
     return rgb_to_gray(x).round().clamp(0, 255).view(n, S, 1, h, w)
 
 
+def preset_params(spec: str):
+    """``NAME`` or ``NAME+field=value+...``: a preset with some DVSParams fields replaced (e.g.
+    ``noisy+refractory_period_s=0``, v2e's own noisy preset, which has no refractory period)."""
+    name, *fields = spec.split("+")
+    overrides = {}
+    for item in fields:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"preset {spec!r}: expected NAME+field=value")
+        overrides[key] = float(value)
+    return get_preset(name, **overrides)
+
+
 def pingpong(i: int, last: int) -> int:
     """Index of step ``i`` when a clip of frames 0..last is played forward, backward, forward..."""
     j = i % (2 * last)
@@ -132,7 +145,7 @@ def run_evforge(clip: torch.Tensor, batch: int, n_frames: int, preset: str, dt_u
     """Simulate ``settle`` untimed, then ``n_frames`` timed frame pairs for ``batch`` slots; times only the
     advance() loop (with each step's events copied to the host: StepEvents.to_host, one device->host copy
     on CUDA, views on the CPU)."""
-    params = get_preset(preset)
+    params = preset_params(preset)
     last = clip.shape[0] - 1
     _, _, _, H, W = clip.shape
     with MemoryProbe(device) as mem:
@@ -172,7 +185,7 @@ def run_v2e(v2e: V2E, clip_u8: np.ndarray, n_frames: int, preset: str, dt_us: in
     frames = v2e_frames(clip_u8, settle + n_frames + 1)
     times_s = np.arange(len(frames)) * dt_us * 1e-6
     with MemoryProbe(device) as mem:
-        res = v2e.time(emulator_kwargs(get_preset(preset)), frames, times_s, settle, str(device))
+        res = v2e.time(emulator_kwargs(preset_params(preset)), frames, times_s, settle, str(device))
     return {**res, "peak_mem_mib": mem.peak_mib}
 
 
@@ -383,7 +396,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="smoke test: 346x260, batch 1 and 8, few frames, 1 repeat; output in the temp dir")
     p.add_argument("--device", choices=["cpu", "cuda", "all"], default="all",
                    help="all = cpu, plus cuda when torch sees a GPU (default)")
-    p.add_argument("--presets", default="ideal,noisy")
+    p.add_argument("--presets", default="ideal,noisy",
+                   help="comma-separated presets, each NAME or NAME+field=value+... (noisy+refractory_period_s=0)")
     p.add_argument("--resolutions", default=None, help="comma-separated WxH (default 346x260,640x480)")
     p.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,8,32)")
     p.add_argument("--frames", type=int, default=None,
@@ -440,7 +454,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.batches = sorted(set(_ints(a.batches or "1,8,32")))
     a.presets = [v.strip() for v in a.presets.split(",") if v.strip()]
     for name in [*a.presets, a.cli_preset]:
-        get_preset(name)  # fail early on a typo
+        preset_params(name)  # fail early on a typo
     a.repeats = a.repeats or 5
     a.scene_frames = a.scene_frames or 13
     if a.scene_frames < 2 or a.repeats < 1 or min(a.batches) < 1 or 0 < a.cli_frames < 3:
@@ -498,13 +512,14 @@ def main(argv=None) -> int:
             specs[res, "e2e"] = (*res, max(e2e_batches.values()), min(args.scene_frames, 9), args.speed / args.e2e_hz,
                                  args.seed)
     cli_rgb = None
-    if args.cli_frames and "cpu" in devices:
-        specs["cli"] = (*args.cli_size, 1, args.cli_frames, args.speed / args.source_hz, args.seed)
+    if args.cli_frames and "cpu" in devices:  # a clip of up to 61 frames, played back and forth
+        specs["cli"] = (*args.cli_size, 1, min(args.cli_frames, 61), args.speed / args.source_hz, args.seed)
     t = time.perf_counter()
     rgb = render_rgb(specs, workers)
     clips = {k: gray_8bit(v) for k, v in rgb.items() if k != "cli"}
     if "cli" in rgb:
-        cli_rgb = rgb["cli"][:, 0]
+        clip = rgb["cli"][:, 0]
+        cli_rgb = clip[[pingpong(i, len(clip) - 1) for i in range(args.cli_frames)]]
     torch.set_num_threads(threads)
     print(f"Rendered {sum(c.shape[0] * c.shape[1] for c in rgb.values())} frames in "
           f"{time.perf_counter() - t:.1f} s ({n_scenes} scenes, {workers} workers; not timed)", flush=True)
@@ -545,7 +560,7 @@ def main(argv=None) -> int:
                 all_rows[device].extend(summaries)
                 for s in summaries:
                     ratio = f", {s['ratio_vs_v2e']:.1f}x v2e" if s.get("ratio_vs_v2e") else ""
-                    print(f"  [{time.perf_counter() - started:6.0f} s] {device} {s['resolution']} {preset:5s} "
+                    print(f"  [{time.perf_counter() - started:6.0f} s] {device} {s['resolution']} {preset} "
                           f"{s['impl']:13s} {s['upsample']:6s} B={s['batch']:<2d}: {_spread(s['frames_per_s'])} "
                           f"frames/s, {_num(s['events_per_s']['median'])} events/s{ratio}", flush=True)
         del dev_clips
@@ -569,7 +584,7 @@ def main(argv=None) -> int:
               "scene_frames": args.scene_frames, "settle_frames": args.settle_frames, "events": args.events,
               "seed": args.seed, "cpu_peak_rss_reset": MemoryProbe.hwm_resettable,
               "v2e": v2e.describe() if v2e else None,
-              "v2e_kwargs": {p: emulator_kwargs(get_preset(p)) for p in args.presets}}
+              "v2e_kwargs": {p: emulator_kwargs(preset_params(p)) for p in args.presets}}
     rows = [r for d in devices for r in all_rows[d]]
     print("\n" + table(rows), flush=True)
     goals = targets(rows, info, cli)

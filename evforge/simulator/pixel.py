@@ -103,11 +103,21 @@ class StepEvents:
         return int(self.t.shape[0])
 
     def to_host(self) -> tuple[np.ndarray, ...]:
-        """Columns (b, x, y, t, p) as numpy arrays: views on the CPU, one device->host copy elsewhere."""
+        """Columns (b, x, y, t, p) as numpy arrays (int64, p int8): views on the CPU, elsewhere one
+        device->host copy of 15 bytes per event (b, x and y travel as int16: the copy is what limits a GPU)."""
         if self.t.device.type == "cpu":
             return tuple(getattr(self, f).numpy() for f in "bxytp")
-        cols = torch.stack([self.b, self.x, self.y, self.t, self.p.long()], 1).cpu().numpy()
-        return (*(cols[:, i] for i in range(4)), cols[:, 4].astype(np.int8))
+        return self._packed_to_host()
+
+    def _packed_to_host(self) -> tuple[np.ndarray, ...]:
+        """to_host through one packed buffer: t (8 bytes), b, x, y (int16) and p (1 byte) per event."""
+        n = len(self)
+        bxy = torch.stack([self.b, self.x, self.y], 1).to(torch.int16)
+        buf = torch.cat([self.t.contiguous().view(torch.uint8), bxy.view(-1).view(torch.uint8),
+                         self.p.contiguous().view(torch.uint8)]).cpu().numpy()
+        t = buf[: 8 * n].view(np.int64)
+        b, x, y = (c.astype(np.int64) for c in buf[8 * n : 14 * n].view(np.int16).reshape(n, 3).T)
+        return b, x, y, t, buf[14 * n :].view(np.int8)
 
     def sorted(self) -> "StepEvents":
         """Sorted by (b, t); stable, so equal times keep generation order (pixel order y, x)."""
@@ -378,9 +388,8 @@ class EventSimulator:
         from . import triton_kernels
 
         idx, t0, t1, dt_us, dt, jkeys = self._kernel_inputs(slots, t1)
-        ev = triton_kernels.step(self, idx, L1, I1, t0, t1, dt_us, dt, jkeys)
+        ev = triton_kernels.step(self, idx, L1, I1, t0, t1, dt_us, dt, jkeys)  # updates t_prev on the device
         self._t_prev_host[idx] = t1
-        self.t_prev.copy_(torch.from_numpy(self._t_prev_host), non_blocking=False)
         return ev
 
     # -- the torch path -----------------------------------------------------------------------------------

@@ -158,25 +158,25 @@ if triton is not None:
         tl.store(out_ptr + offs, (_rint(y * 1e8) / 1e8).to(tl.float32), mask=m)
 
     @triton.jit
-    def _step_kernel(L1_ptr, I1_ptr, slots_ptr, lp_ptr, base_ptr, pt_ptr, nt_ptr, onc_ptr, offc_ptr, lk_ptr,
+    def _step_kernel(L1_ptr, I1_ptr, lp_ptr, base_ptr, pt_ptr, nt_ptr, onc_ptr, offc_ptr, lk_ptr,
                      last_ptr, next_ptr, step_ptr, slot_f32_ptr, slot_f64_ptr, keys_ptr, table_ptr, count_ptr,
                      incl_ptr, ev_ptr, key_ptr, N, HW, W,
                      GENERAL: tl.constexpr, USE_LOWPASS: tl.constexpr, USE_LEAK: tl.constexpr,
                      USE_SHOT: tl.constexpr, WRITE: tl.constexpr, BLOCK: tl.constexpr):
         """One lane per pixel of the selected slots (see the module docstring). ``step_ptr``: per selected
-        slot, int64 t0, t1, dt_us, the leak-jitter key words, the first sort bucket, and the bits of dt as
-        float32 seconds. ``ev_ptr``: (events, 5) int64 rows slot, y, x, t, p; ``key_ptr``: each event's sort
-        bucket."""
+        slot, int64 t0, t1, dt_us, the leak-jitter key words, the first sort bucket, the bits of dt as float32
+        seconds, and the slot's index in the batch. ``ev_ptr``: (events, 5) int64 rows slot, y, x, t, p;
+        ``key_ptr``: each event's sort bucket (int32 or int64)."""
         q = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         m = q < N
         s = q // HW
         r = q - s * HW
-        gs = tl.load(slots_ptr + s, mask=m, other=0)
+        gs = tl.load(step_ptr + s * 8 + 7, mask=m, other=0)
         p = gs * HW + r
-        t0 = tl.load(step_ptr + s * 7, mask=m, other=0)
-        t1 = tl.load(step_ptr + s * 7 + 1, mask=m, other=0)
-        dt_us = tl.load(step_ptr + s * 7 + 2, mask=m, other=1)
-        dt = tl.load(step_ptr + s * 7 + 6, mask=m, other=0).to(tl.int32).to(tl.float32, bitcast=True)
+        t0 = tl.load(step_ptr + s * 8, mask=m, other=0)
+        t1 = tl.load(step_ptr + s * 8 + 1, mask=m, other=0)
+        dt_us = tl.load(step_ptr + s * 8 + 2, mask=m, other=1)
+        dt = tl.load(step_ptr + s * 8 + 6, mask=m, other=0).to(tl.int32).to(tl.float32, bitcast=True)
         span = dt_us.to(tl.float64)
         l1 = tl.load(L1_ptr + q, mask=m, other=0.0)
         lp0 = tl.load(lp_ptr + p, mask=m, other=0.0)
@@ -193,8 +193,8 @@ if triton is not None:
                 lp1 = tl.where(cutoff > 0, (1.0 - eps) * lp0 + eps * l1, l1)
             if USE_LEAK:
                 # leak speed leak_k (1 - jitter z), z a normal drawn per interval by table lookup
-                jk1 = tl.load(step_ptr + s * 7 + 3, mask=m, other=0).to(tl.uint32)
-                jk2 = tl.load(step_ptr + s * 7 + 4, mask=m, other=0).to(tl.uint32)
+                jk1 = tl.load(step_ptr + s * 8 + 3, mask=m, other=0).to(tl.uint32)
+                jk2 = tl.load(step_ptr + s * 8 + 4, mask=m, other=0).to(tl.uint32)
                 z = tl.load(table_ptr + (_mix(_mix(r.to(tl.uint32) + jk1) ^ jk2) >> 20).to(tl.int32), mask=m,
                             other=0.0)
                 jitter = tl.load(slot_f32_ptr + gs * 4 + 1, mask=m, other=0.0)
@@ -215,9 +215,10 @@ if triton is not None:
         ref = tl.zeros([BLOCK], tl.float64)
         if GENERAL:
             ref = tl.load(slot_f64_ptr + gs * 2 + 1, mask=m, other=0.0)
-            last = tl.load(last_ptr + p, mask=m, other=0)
             if USE_SHOT:
                 nxt = tl.load(next_ptr + p, mask=m, other=_NEVER)
+            # the refractory state only where the pixel has events or noise due (a few lanes: few bytes)
+            last = tl.load(last_ptr + p, mask=m & ((n > 0) | (nxt <= t1)), other=0)
         sign = tl.where(d1 > 0, 1.0, -1.0)
         sig_p = tl.where(d1 > 0, 1, -1).to(tl.int64)
         walk = n > 0
@@ -254,7 +255,7 @@ if triton is not None:
         start = tl.zeros([BLOCK], tl.int64)
         if WRITE:
             start = tl.load(incl_ptr + q, mask=m, other=0) - tl.load(count_ptr + q, mask=m, other=0)
-            bucket0 = tl.load(step_ptr + s * 7 + 5, mask=m, other=0)
+            bucket0 = tl.load(step_ptr + s * 8 + 5, mask=m, other=0)
             y = r // W
             x = r - y * W
         if WRITE or GENERAL:
@@ -327,13 +328,24 @@ else:  # pragma: no cover
 _OPTS = {"enable_fp_fusion": False}  # no FMA contraction: the CPU kernels multiply and add separately
 
 
+_PARAMS: dict = {}
+
+
+def _lin_log_params(threshold: float, device) -> torch.Tensor:
+    """float64 (threshold, slope) on the device, made once (an upload per call would cost a copy per step)."""
+    key = (threshold, str(device))
+    if key not in _PARAMS:
+        _PARAMS[key] = torch.tensor([threshold, math.log(threshold) / threshold], dtype=torch.float64, device=device)
+    return _PARAMS[key]
+
+
 def lin_log(x: torch.Tensor, threshold: float) -> torch.Tensor:
     """v2e's lin-log of a float32 tensor (any shape), one kernel launch."""
     flat = x.contiguous().view(-1).float()
     out = torch.empty_like(flat)
     n = flat.numel()
     if n:
-        params = torch.tensor([threshold, math.log(threshold) / threshold], dtype=torch.float64, device=x.device)
+        params = _lin_log_params(float(threshold), x.device)
         _lin_log_kernel[(triton.cdiv(n, 1024),)](flat, out, n, params, BLOCK=1024, **_OPTS)
     return out.view(x.shape)
 
@@ -375,9 +387,8 @@ def step(sim, slots: np.ndarray, L1: torch.Tensor, I1: torch.Tensor | None, t0: 
     N = S * HW
     bucket0 = np.concatenate([[0], np.cumsum(dt_us + 1)[:-1]]).astype(np.int64)
     per_step = np.stack([t0, t1, dt_us, jkeys[:, 0].astype(np.int64), jkeys[:, 1].astype(np.int64), bucket0,
-                         dt.astype(np.float32).view(np.int32).astype(np.int64)], 1)
-    step_t = torch.from_numpy(np.ascontiguousarray(per_step, np.int64)).to(dev)
-    slots_t = torch.from_numpy(slots).to(dev)
+                         dt.astype(np.float32).view(np.int32).astype(np.int64), slots], 1)
+    step_t = torch.from_numpy(np.ascontiguousarray(per_step, np.int64)).to(dev)  # the step's one upload
     L1 = L1.contiguous()
     I1 = L1 if I1 is None else I1.contiguous()
     counts = torch.empty(N, dtype=torch.int32, device=dev)
@@ -385,14 +396,17 @@ def step(sim, slots: np.ndarray, L1: torch.Tensor, I1: torch.Tensor | None, t0: 
     state = (sim.lp, sim.base, sim.pos_thres, sim.neg_thres, sim.on_candidate, sim.off_candidate, sim.leak_k,
              sim.last_t, sim.next_shot)
     grid = (triton.cdiv(N, BLOCK),)
-    common = (L1, I1, slots_t, *state, step_t, tables.f32, tables.f64, tables.keys, _normal_table(dev))
+    common = (L1, I1, *state, step_t, tables.f32, tables.f64, tables.keys, _normal_table(dev))
     _step_kernel[grid](*common, counts, counts, counts, counts, N, HW, W, **flags, WRITE=False, BLOCK=BLOCK,
                        **_OPTS)
     incl = torch.cumsum(counts, 0, dtype=torch.int64)
     total = int(incl[-1]) if N else 0  # the one device -> host read of a step: the output's size
     rows = torch.empty((total, 5), dtype=torch.int64, device=dev)
-    keys = torch.empty(total, dtype=torch.int64, device=dev)
+    # 32-bit sort keys when the buckets fit: a radix sort makes half the passes
+    narrow = int(bucket0[-1] + dt_us[-1] + 1) < 2**31
+    keys = torch.empty(total, dtype=torch.int32 if narrow else torch.int64, device=dev)
     _step_kernel[grid](*common, counts, incl, rows, keys, N, HW, W, **flags, WRITE=True, BLOCK=BLOCK, **_OPTS)
+    sim.t_prev.index_copy_(0, step_t[:, 7], step_t[:, 1])
     order = torch.sort(keys, stable=True).indices
     cols = [torch.empty(total, dtype=torch.int64, device=dev) for _ in range(4)]
     p = torch.empty(total, dtype=torch.int8, device=dev)

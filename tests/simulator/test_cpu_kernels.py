@@ -206,6 +206,11 @@ def test_to_host_gives_the_columns():
     assert [b.tolist(), x.tolist(), y.tolist(), t.tolist(), p.tolist()] == [
         [0, 0, 1], [3, 4, 5], [6, 7, 8], [10, 11, 12], [1, -1, 1]]
     assert p.dtype == np.int8 and t.dtype == np.int64
+    # the packed copy a GPU uses (t 8 bytes, b, x, y as int16, p 1 byte per event) gives the same columns
+    big = StepEvents(torch.tensor([0, 3, 31]), torch.tensor([0, 639, 1279]), torch.tensor([5, 479, 1023]),
+                     torch.tensor([-7, 2**40, 10**15]), torch.tensor([1, -1, 1], dtype=torch.int8))
+    for got, want in zip(big._packed_to_host(), big.to_host()):
+        assert got.dtype == want.dtype and np.array_equal(got, want)
 
 
 def _run_fused(frames, params, chunks_threads, monkeypatch):

@@ -247,6 +247,7 @@ def test_time_must_increase():
         sim.step(torch.zeros(1, 2, 2), [100])
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cpu_equals_cuda():
     params = get_preset("noisy", shot_noise_rate_hz=50.0)

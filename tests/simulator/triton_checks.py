@@ -121,7 +121,7 @@ def check_compiles(capabilities=(80, 90)):
 
     from evforge.simulator import triton_kernels as tk
 
-    pointers = dict(L1_ptr="*fp32", I1_ptr="*fp32", slots_ptr="*i64", lp_ptr="*fp32", base_ptr="*fp32",
+    pointers = dict(L1_ptr="*fp32", I1_ptr="*fp32", lp_ptr="*fp32", base_ptr="*fp32",
                     pt_ptr="*fp32", nt_ptr="*fp32", onc_ptr="*fp32", offc_ptr="*fp32", lk_ptr="*fp32",
                     last_ptr="*i64", next_ptr="*i64", step_ptr="*i64", slot_f32_ptr="*fp32", slot_f64_ptr="*fp64",
                     keys_ptr="*i64", table_ptr="*fp32", count_ptr="*i32", incl_ptr="*i64", ev_ptr="*i64",
@@ -133,8 +133,10 @@ def check_compiles(capabilities=(80, 90)):
                (tk._gather_kernel, dict(ev_ptr="*i64", order_ptr="*i64", b_ptr="*i64", x_ptr="*i64", y_ptr="*i64",
                                         t_ptr="*i64", p_ptr="*i8", n="i32", BLOCK="constexpr"), dict(BLOCK=1024))]
     for lowpass, leak, shot, write in itertools.product((False, True), repeat=4):
-        kernels.append((tk._step_kernel, signature, dict(GENERAL=lowpass or leak or shot, USE_LOWPASS=lowpass,
-                                                          USE_LEAK=leak, USE_SHOT=shot, WRITE=write, BLOCK=tk.BLOCK)))
+        flags = dict(GENERAL=lowpass or leak or shot, USE_LOWPASS=lowpass, USE_LEAK=leak, USE_SHOT=shot, WRITE=write,
+                     BLOCK=tk.BLOCK)
+        for key_type in ("*i64", "*i32") if write else ("*i64",):  # sort keys narrow when the buckets fit
+            kernels.append((tk._step_kernel, {**signature, "key_ptr": key_type}, flags))
     for cap in capabilities:
         for fn, sig, constexprs in kernels:
             compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),

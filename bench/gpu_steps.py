@@ -1,0 +1,230 @@
+"""A few training steps of every pretraining and finetuning config, on one device, as a smoke check.
+
+Each YAML under ``evforge/configs/pretrain`` and ``evforge/configs/finetune`` runs through the same path as
+``evforge pretrain`` / ``evforge finetune`` (``load_config`` -> the task -> ``Trainer.fit``) for ``--steps``
+optimizer steps at ``--precision`` (default bf16-mixed), on small datasets of the kind each task reads,
+built once (not timed): simulated streams (ECDDP), synthetic classification samples (MEM, classification)
+and a synthetic DSEC-Semantic folder (segmentation). MEM runs take the tokenizer that the matching
+``mem_dvae*`` config's run wrote a moment before (the run named in their ``task.tokenizer``; the paper's
+``mem_dvae`` when that config is absent). Batches are capped at ``--batch`` so that the small datasets fill
+them; validation and periodic checkpoints are off. A config that fails is reported with its error and the
+others still run (exit code 1).
+
+Prints one line per config and writes ``bench/results/gpu-steps-<machine tag>.json`` and ``.md``: the status,
+the losses of the steps, the wall time of ``fit`` and of its last step, and the peak device memory.
+``bench/gpu_check.sh`` runs it on CUDA; ``--device cpu --precision 32-true --batch 2 --steps 1`` checks the
+plumbing on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from machine import machine_info, machine_lines, machine_tag, results_folder  # noqa: E402
+from train import samples_dataset, stream_dataset  # noqa: E402
+
+CONFIGS = REPO / "evforge" / "configs"
+KINDS = {"ecddp": "streams", "mem_dvae": "samples", "mem": "samples", "classification": "samples",
+         "segmentation": "dsec"}
+
+
+def dsec_dataset(root: Path, seed: int = 0) -> Path:
+    """A DSEC-Semantic folder of 3 sequences (ESS layout: events.h5 with ms_to_idx and t_offset, 640x440
+    label PNGs, timestamps.txt; classes in blocks, events denser on higher classes) -> evforge shards."""
+    import h5py
+    import hdf5plugin
+    from PIL import Image
+
+    from evforge.dataset_builder.build import build_dataset
+
+    out = root / "dsec" / "dataset"
+    if (out / "manifest.json").exists():
+        return out
+    labels_t = (100_000, 200_000, 300_000, 400_000)
+    for k, (split, name) in enumerate([("train", "zurich_city_00_a"), ("train", "zurich_city_01_a"),
+                                       ("test", "zurich_city_13_a")]):
+        seq = root / "dsec" / "src" / split / name
+        rng = np.random.default_rng(seed + k)
+        yy, xx = np.mgrid[0:480, 0:640]
+        classes = (((xx // 80) + 3 * (yy // 120) + k) % 11).astype(np.uint8)
+        n = 600_000
+        w = (1.0 + classes).ravel().astype(np.float64)
+        pix = rng.choice(w.size, n, p=w / w.sum())
+        y, x = np.divmod(pix, 640)
+        t = np.sort(rng.integers(0, labels_t[-1] + 1000, n)).astype(np.uint32)
+        (seq / "events" / "left").mkdir(parents=True)
+        with h5py.File(seq / "events" / "left" / "events.h5", "w") as f:
+            for col, v in {"x": x.astype(np.uint16), "y": y.astype(np.uint16), "t": t,
+                           "p": rng.integers(0, 2, n).astype(np.uint8)}.items():
+                f.create_dataset(f"events/{col}", data=v, chunks=(65536,), **hdf5plugin.Blosc(cname="lz4", clevel=1))
+            ms = np.arange(0, math.ceil(int(t[-1]) / 1000) + 1, dtype=np.int64)
+            f.create_dataset("ms_to_idx", data=np.searchsorted(t.astype(np.int64), ms * 1000).astype(np.uint64))
+            f.create_dataset("t_offset", data=np.int64(5_000_000))
+        labels = seq / "semantic" / "left" / "11classes" / "data"
+        labels.mkdir(parents=True)
+        for i in range(len(labels_t)):
+            Image.fromarray(classes[:440], mode="L").save(labels / f"{i:06d}.png")
+        (seq / "semantic" / "timestamps.txt").write_text("".join(f"{5_000_000 + lt}\n" for lt in labels_t))
+    report = build_dataset("dsec", root / "dsec" / "src", out, progress=False, command="bench/gpu_steps.py")
+    if report.num_errors:
+        raise RuntimeError(f"DSEC dataset: {report.num_errors} conversion errors")
+    return out
+
+
+def configs(patterns: list[str]) -> list[Path]:
+    """Every pretraining then finetuning config (``mem_dvae*`` before ``mem*``: their runs are the tokenizers)."""
+    found = []
+    for stage in ("pretrain", "finetune"):
+        paths = sorted((CONFIGS / stage).glob("*.yaml"))
+        paths.sort(key=lambda p: (not p.stem.startswith("mem_dvae"), p.stem))
+        found += [p for p in paths if not patterns or any(s in p.stem for s in patterns)]
+    return found
+
+
+def run_config(path: Path, data: dict, runs: Path, args) -> dict:
+    """``--steps`` optimizer steps of one config; returns its row."""
+    from evforge.trainer.config import load_config
+    from evforge.trainer.trainer import Trainer
+
+    stage = path.parent.name
+    cfg = load_config(path)
+    task_name = cfg.get("task", {}).get("name", "")
+    row = {"config": f"{stage}/{path.name}", "task": task_name, "status": "failed"}
+    t_start = time.perf_counter()
+    try:
+        if stage == "pretrain":
+            from evforge.pretrain import get_task
+        else:
+            from evforge.finetune import get_task
+        kind = KINDS.get(task_name)
+        if kind is None:
+            raise ValueError(f"no dataset kind for task {task_name!r}")
+        cfg["seed"] = args.seed
+        cfg["data"]["path"] = str(data[kind]())
+        cfg["data"]["batch_size"] = min(int(cfg["data"].get("batch_size") or args.batch), args.batch)
+        cfg["data"]["num_workers"] = args.workers
+        if task_name == "segmentation":
+            cfg["data"]["val_sequences"] = ["zurich_city_01_a"]
+        cfg.setdefault("trainer", {}).update(accelerator=args.device, devices=1, num_nodes=1, strategy="auto",
+                                             precision=args.precision, epochs=None, max_steps=args.steps,
+                                             val_every_n_epochs=None, val_every_n_steps=None, log_every_n_steps=1)
+        cfg.setdefault("checkpoint", {}).update(every_n_steps=None, every_n_epochs=None, keep_every_n_steps=None)
+        cfg.setdefault("log", {}).update(progress=False, tensorboard=False)
+        if task_name == "mem" and cfg["task"].get("tokenizer"):
+            wanted = Path(cfg["task"]["tokenizer"]).parts[-3]  # runs/<dvae config>/checkpoints/last.ckpt
+            tok = runs / wanted / "checkpoints" / "last.ckpt"
+            if not tok.exists():
+                tok = runs / "mem_dvae" / "checkpoints" / "last.ckpt"
+            row["tokenizer"] = tok.parent.parent.name
+            cfg["task"]["tokenizer"] = str(tok)
+        out = runs / path.stem
+        shutil.rmtree(out, ignore_errors=True)
+        if args.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Trainer(cfg, get_task(task_name), out_dir=out, resume=None) as trainer:
+                summary = trainer.fit()
+        if args.device == "cuda":
+            row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        train = [r for r in logs if r.get("split") == "train"]
+        row["losses"] = [round(float(r["loss"]), 4) for r in train if "loss" in r]
+        row["step_s"] = [r.get("s/step") or r.get("sec_per_step") for r in train][-1:] or None
+        row["steps"] = int(summary.get("step", 0))
+        row["batch"] = cfg["data"]["batch_size"]
+        ok = row["steps"] == args.steps and row["losses"] and all(math.isfinite(v) for v in row["losses"])
+        row["status"] = "ok" if ok else "bad losses or steps"
+    except Exception as e:  # reported, and the next config runs
+        row["error"] = f"{type(e).__name__}: {e}"
+        row["traceback"] = traceback.format_exc(limit=6)
+    row["seconds"] = round(time.perf_counter() - t_start, 1)
+    return row
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--precision", default="bf16-mixed", help="trainer.precision of every run")
+    p.add_argument("--steps", type=int, default=3, help="optimizer steps per config")
+    p.add_argument("--batch", type=int, default=8, help="largest batch (a config's own smaller one is kept)")
+    p.add_argument("--workers", type=int, default=2, help="loader workers")
+    p.add_argument("--only", default="", help="comma-separated parts of config names to run (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", type=Path, default=None, help="datasets and runs (default: a temp folder)")
+    p.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/gpu-steps-<tag>.json)")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="evforge-gpu-steps-"))
+    cache: dict = {}
+
+    def once(kind, build):
+        def get():
+            if kind not in cache:
+                t0 = time.perf_counter()
+                cache[kind] = build()
+                print(f"  {kind} dataset: {cache[kind]} ({time.perf_counter() - t0:.0f} s, not timed)", flush=True)
+            return cache[kind]
+        return get
+
+    sim_device = "cuda" if args.device == "cuda" else "cpu"
+    data = {"streams": once("streams", lambda: stream_dataset(work, "paper", 3 * args.batch, sim_device, args.seed,
+                                                              log=lambda m: None)),
+            "samples": once("samples", lambda: samples_dataset(work, 4 * args.batch, args.seed, log=lambda m: None)),
+            "dsec": once("dsec", lambda: dsec_dataset(work, args.seed))}
+    info = machine_info()
+    print("Machine:\n" + "\n".join(machine_lines(info)), flush=True)
+    rows = []
+    for path in configs([s for s in args.only.split(",") if s]):
+        row = run_config(path, data, work / "runs", args)
+        rows.append(row)
+        losses = ", ".join(f"{v:.3g}" for v in row.get("losses") or [])
+        print(f"  {row['config']:45s} {row['status']:4s} {row['seconds']:6.1f} s  losses [{losses}]"
+              + (f"  {row['error'][:160]}" if "error" in row else ""), flush=True)
+    elapsed = time.perf_counter() - started
+    ok = sum(r["status"] == "ok" for r in rows)
+    print(f"{ok}/{len(rows)} configs ran {args.steps} steps with finite losses, {elapsed:.0f} s in all")
+    path = args.out or results_folder(False) / f"gpu-steps-{machine_tag(args.device, info)}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"benchmark": "gpu-steps", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+           "machine": info, "config": {k: str(v) for k, v in vars(args).items()}, "elapsed_s": round(elapsed, 1),
+           "rows": rows}
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    md = [f"# Training steps of every config ({doc['date']})", "", *machine_lines(info), "",
+          f"{args.steps} optimizer steps per config at {args.precision}, batch at most {args.batch}, on "
+          f"{args.device}; small synthetic datasets; validation and checkpoints off.", "",
+          "| config | task | status | batch | losses | s | peak GiB |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        md.append(f"| {r['config']} | {r['task']} | {r['status']}{': ' + r['error'][:120] if 'error' in r else ''} | "
+                  f"{r.get('batch', '-')} | {', '.join(f'{v:.3g}' for v in r.get('losses') or [])} | {r['seconds']} | "
+                  f"{r.get('peak_mem_gib', '-')} |")
+    md += ["", f"{ok}/{len(rows)} ok; total {elapsed:.0f} s.", ""]
+    path.with_suffix(".md").write_text("\n".join(md))
+    print(f"wrote {path} and {path.with_suffix('.md')}")
+    if args.workdir is None:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0 if ok == len(rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
