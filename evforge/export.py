@@ -35,6 +35,7 @@ from torch import nn
 
 from .atomic import atomic_output
 from .errors import InputError, OutputError, output_error
+from .trainer.checkpoint import pickled_object
 
 __all__ = ["FORMAT", "export_backbone", "import_checkpoint", "read_backbone", "load_backbone", "backbone_weights",
            "IMPORTERS"]
@@ -53,7 +54,7 @@ def _torch_load(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets one line naming it
-        if "weights only" in str(e).lower():  # not torch's advice to run the file's pickled code
+        if pickled_object(e):  # not torch's advice to run the file's pickled code
             raise InputError(path, "holds pickled Python objects, which evforge does not load (checkpoints are "
                                    "read with weights_only=True)") from None
         detail = " ".join(str(e).split()).split(". ")[0][:100]

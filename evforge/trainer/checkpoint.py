@@ -59,13 +59,20 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     except FileNotFoundError:
         raise InputError(path, "no such checkpoint") from None
     except pickle.UnpicklingError as err:
-        if "weights only" in str(err).lower() or "weights_only" in str(err):
+        if pickled_object(err):
             raise InputError(path, "holds pickled Python objects, which evforge does not load (checkpoints are "
                                    "read with weights_only=True); it was not written by evforge's trainer") from None
-        raise InputError(path, f"unreadable checkpoint ({_first_line(err)})") from None
+        raise InputError(path, f"unreadable checkpoint, truncated or damaged ({_first_line(err)})") from None
     except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as err:
         raise InputError(path, f"unreadable checkpoint, truncated or damaged ({_first_line(err)}); delete it or "
                                f"resume from another (checkpoints/step-*.ckpt)") from None
+
+
+def pickled_object(err: BaseException) -> str | None:
+    """The class a ``weights_only`` load refused (``fractions.Fraction``), or None when ``err`` is another failure
+    (torch words both as "Weights only load failed", a damaged file included)."""
+    m = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+    return m.group(1) if m else None
 
 
 def _first_line(err: BaseException, limit: int = 100) -> str:
