@@ -29,6 +29,16 @@ def evforge_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "evforge.cli"]
 
 
+def preset_flags(spec: str) -> list[str]:
+    """``NAME+field=value+...`` as ``evforge simulate`` flags: ``--preset NAME --field value ...``."""
+    name, *fields = spec.split("+")
+    flags = ["--preset", name]
+    for item in fields:
+        key, _, value = item.partition("=")
+        flags += ["--" + key.replace("_", "-"), value]
+    return flags
+
+
 def write_pngs(folder: Path, rgb: np.ndarray) -> None:
     """Frames (N, H, W, 3) uint8 as ``000000.png``, ... (8-bit RGB, what a decoded video gives)."""
     from PIL import Image
@@ -67,7 +77,7 @@ def measure(rgb: np.ndarray, gray_u8: np.ndarray, fps: float, preset: str, v2e=N
         start.mkdir(parents=True)
         for name in sorted(p.name for p in full.iterdir())[:2]:
             shutil.copy(full / name, start / name)
-        base = evforge_command() + ["simulate", "--preset", preset, "--upsample", "none", "--device", "cpu",
+        base = evforge_command() + ["simulate", *preset_flags(preset), "--upsample", "none", "--device", "cpu",
                                     "--fps", f"{fps:g}", "--quiet", "--overwrite", *extra_args]
         runs = {"evforge_n": [], "evforge_2": [], "v2e": []}
         times_s = np.arange(n) / fps

@@ -12,7 +12,8 @@
 #   V2E_ROOT   a v2e source tree (default: .v2e in the repository if there, else ../shared/reference/v2e)
 # A folder .whl/ of wheels is installed first (into /tmp/evforge-site) for packages the machine lacks
 # (hdf5plugin). bench/gpu_prepare.sh fills .whl/ and .v2e/ on a machine with network access; both are
-# git-ignored, so name them in the device tool's `carry`.
+# git-ignored, so name them in the device tool's `carry`. With $OUT set (the device tool), the result files
+# are copied there too.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -51,12 +52,15 @@ try:
     import numba; print('numba', numba.__version__)
 except ImportError: print('numba: not installed (the CPU side of the comparisons uses torch ops)')" 2>&1 | tee -a "$log"
 
-run "CUDA and Triton tests" 170 "$PY" -m pytest -q -p no:cacheprovider -m "cuda or triton" tests
-run "simulator benchmark on CUDA" 220 "$PY" bench/simulator.py --device cuda --resolutions 640x480 \
+run "CUDA and Triton tests" 150 "$PY" -m pytest -q -p no:cacheprovider -m "cuda or triton" tests
+run "simulator benchmark on CUDA" 180 "$PY" bench/simulator.py --device cuda --resolutions 640x480 \
   --batches 1,8,32 --presets ideal,noisy --repeats 3 --no-e2e ${V2E:+--v2e-root "$V2E"}
-run "bf16 training steps of every config" 180 "$PY" bench/gpu_steps.py --device cuda --precision bf16-mixed \
+run "bf16 training steps of every config" 220 "$PY" bench/gpu_steps.py --device cuda --precision bf16-mixed \
   --steps 3 --batch 16
 
 if [ "$status" -eq 0 ]; then echo "gpu check: every part passed" | tee -a "$log"
 else echo "gpu check: FAILURES, see $log" | tee -a "$log"; fi
+if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then  # the device tool brings back what is under $OUT
+  cp bench/results/*"$tag"* "$OUT"/ 2>/dev/null
+fi
 exit "$status"

@@ -77,12 +77,15 @@ def dsec_dataset(root: Path, seed: int = 0) -> Path:
             ms = np.arange(0, math.ceil(int(t[-1]) / 1000) + 1, dtype=np.int64)
             f.create_dataset("ms_to_idx", data=np.searchsorted(t.astype(np.int64), ms * 1000).astype(np.uint64))
             f.create_dataset("t_offset", data=np.int64(5_000_000))
+        with h5py.File(seq / "events" / "left" / "rectify_map.h5", "w") as f:  # a near-identity rectification
+            f.create_dataset("rectify_map", data=np.stack([xx + 0.3, yy - 0.2], -1).astype(np.float32))
         labels = seq / "semantic" / "left" / "11classes" / "data"
         labels.mkdir(parents=True)
         for i in range(len(labels_t)):
             Image.fromarray(classes[:440], mode="L").save(labels / f"{i:06d}.png")
         (seq / "semantic" / "timestamps.txt").write_text("".join(f"{5_000_000 + lt}\n" for lt in labels_t))
     report = build_dataset("dsec", root / "dsec" / "src", out, progress=False, command="bench/gpu_steps.py")
+    (out / "source").write_text(str(root / "dsec" / "src"))  # for configs that rectify when reading
     if report.num_errors:
         raise RuntimeError(f"DSEC dataset: {report.num_errors} conversion errors")
     return out
@@ -120,8 +123,13 @@ def run_config(path: Path, data: dict, runs: Path, args) -> dict:
         cfg["data"]["path"] = str(data[kind]())
         cfg["data"]["batch_size"] = min(int(cfg["data"].get("batch_size") or args.batch), args.batch)
         cfg["data"]["num_workers"] = args.workers
-        if task_name == "segmentation":
-            cfg["data"]["val_sequences"] = ["zurich_city_01_a"]
+        if task_name == "segmentation":  # every label of the small folder, one sequence held out
+            cfg["data"].update(val_sequences=["zurich_city_01_a"], first_label=0, label_stride=1)
+            maps = (cfg["task"].get("rectify") or {}).get("maps")
+            if maps:  # the reference recipe rectifies raw shards when it reads them: our source's maps
+                cfg["task"]["rectify"]["maps"] = (Path(cfg["data"]["path"]) / "source").read_text()
+        if task_name == "classification":  # validation is off, but the splits must exist in the small dataset
+            cfg["data"].update(val_split="val", test_split="val")
         cfg.setdefault("trainer", {}).update(accelerator=args.device, devices=1, num_nodes=1, strategy="auto",
                                              precision=args.precision, epochs=None, max_steps=args.steps,
                                              val_every_n_epochs=None, val_every_n_steps=None, log_every_n_steps=1)
