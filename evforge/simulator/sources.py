@@ -19,6 +19,8 @@ from PIL import Image
 
 from evforge.errors import InputError
 
+from . import png
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
 TARTANAIR_FPS = 10.0
@@ -468,7 +470,14 @@ def _probe_image(path: str) -> tuple[int, int, str]:
 
 
 def _read_image(path: str) -> np.ndarray:
-    """Decode one image: HxWx3 uint8 RGB, HxW uint8 gray, or HxW float32 in [0, 255] for 16-bit gray."""
+    """Decode one image: HxWx3 uint8 RGB, HxW uint8 gray, or HxW float32 in [0, 255] for 16-bit gray.
+
+    8-bit PNGs go through :func:`evforge.simulator.png.decode` (the same pixels, 2-3x faster); the rest,
+    and any PNG it does not take, through Pillow."""
+    if path[-4:].lower() == ".png":
+        frame = png.decode(path)
+        if frame is not None:
+            return frame
     try:
         with Image.open(path) as img:
             kind = _image_kind(img.mode)
