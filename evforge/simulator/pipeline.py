@@ -30,6 +30,7 @@ from .. import __version__
 from ..errors import InputError
 from ..events import make_events
 from ..streamfile import StreamWriter, is_complete_stream
+from . import cpu_frames
 from .engine import BatchEngine, resolve_device
 from .hashing import mix32
 from .params import DVSParams, parse_resolution
@@ -118,6 +119,10 @@ def _read_frame(slot: _Slot, i: int, want_flow: bool, prepare_size, want_u8: boo
         valid = slot.seq.read_flow_mask(i - 1)
     x = gray_u8 = None
     if prepare_size is not False:
+        native = prepare_size is None or tuple(prepare_size) == frame.shape[1::-1]
+        if native and frame.dtype == np.uint8 and frame.ndim == 3 and cpu_frames.AVAILABLE:
+            gray, gray_u8 = cpu_frames.luma(frame, want_u8)  # the input and its 8-bit copy in one pass
+            return frame, torch.from_numpy(gray)[None], gray_u8, flow, valid
         x = prepare_frames([frame], prepare_size, "cpu")[0]
         if want_u8:
             gray_u8 = x[0].round().clamp(0, 255).to(torch.uint8).numpy()

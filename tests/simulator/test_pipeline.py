@@ -62,6 +62,18 @@ def test_stream_files_equal_in_memory_simulation(tmp_path, batch):
         assert r.events == len(got) and r.frames == len(seq)
 
 
+def test_native_size_frames_equal_in_memory_simulation(tmp_path):
+    """At the native size the decoding threads make the gray input and its 8-bit copy in one pass."""
+    seqs = _dataset(tmp_path / "in", frames=(5,))
+    cfg = SimulateConfig(preset="noisy", overrides={"shot_noise_rate_hz": 20.0}, batch=1, device="cpu")
+    (r,) = simulate_sequences(seqs, tmp_path / "out", cfg, progress=False)
+    with StreamFile(r.path) as f:
+        np.testing.assert_array_equal(f.events(), _in_memory(seqs[0], cfg))
+        for i in range(len(seqs[0])):
+            want = prepare_frames([seqs[0].read_frame(i)], None, "cpu")[0, 0].round().clamp(0, 255)
+            np.testing.assert_array_equal(f.gray_frame(i), want.to(torch.uint8).numpy())
+
+
 def test_rerun_skips_finished_sequences_and_cleans_stale_temp_files(tmp_path):
     seqs = _dataset(tmp_path / "in", frames=(4, 4))
     cfg = SimulateConfig(preset="ideal", device="cpu")
