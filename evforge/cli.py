@@ -220,7 +220,7 @@ def _add_convert(sub) -> None:
                                    "cut into units (one shard each); a rerun skips units whose shard verifies. "
                                    "Bad samples are listed in OUT/errors.jsonl; the exit code is 1 if there are "
                                    "any, unless --allow-errors.")
-    p.add_argument("name", help="ncaltech101, ncars, nimagenet, dsec or tartanair")
+    p.add_argument("name", help="ncaltech101, ncars, nimagenet, dsec, tartanair or recordings (raw camera files)")
     p.add_argument("src", help="the dataset's root folder (tartanair: a folder of stream files)")
     p.add_argument("--out", required=True, help="dataset folder (shards, manifest.json, errors.jsonl)")
     p.add_argument("--workers", type=int, default=1, help="local worker processes (joblib)")
@@ -256,6 +256,10 @@ def _add_convert(sub) -> None:
     g.add_argument("--preset", help="tartanair --simulate: pixel-model preset")
     g.add_argument("--resolution", help="tartanair --simulate: output resolution")
     g.add_argument("--device", help="tartanair --simulate: device")
+    g.add_argument("--sample-ms", type=float, help="recordings: sample window length in ms (100)")
+    g.add_argument("--min-events", type=int, help="recordings: fewest events a window needs to be a sample (1000)")
+    g.add_argument("--part-events", type=int, help="recordings: events per part of a long recording (2000000)")
+    g.add_argument("--sensor-size", help="recordings: WIDTHxHEIGHT (default: from the files' headers)")
     g.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="any other converter option (value parsed as JSON when it can be)")
     p.add_argument("--quiet", action="store_true")
@@ -264,7 +268,7 @@ def _add_convert(sub) -> None:
 
 _CONVERTER_FLAGS = ("val_fraction", "unsorted", "class_list", "mini", "mini_list", "train_list", "val_list",
                     "events_per_label", "rectify", "label_set", "test_envs", "recipe", "simulate", "preset",
-                    "resolution", "device")
+                    "resolution", "device", "sample_ms", "min_events", "part_events", "sensor_size")
 
 
 def _cmd_convert(args) -> int:

@@ -28,6 +28,7 @@ CONVERTERS: dict[str, type] = {
 _LAZY: dict[str, str] = {
     "dsec": "evforge.dataset_builder.converters.dsec:DSECConverter",
     "tartanair": "evforge.dataset_builder.converters.tartanair:TartanAirConverter",
+    "recordings": "evforge.dataset_builder.converters.recordings:RecordingsConverter",
 }
 
 
