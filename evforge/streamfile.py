@@ -5,7 +5,8 @@ Layout (``format_version`` 1)::
     /events/x          u2   pixel column
     /events/y          u2   pixel row
     /events/p          u1   1 = ON, 0 = OFF (as DSEC)
-    /events/t          u4   microseconds relative to /t_offset
+    /events/t          u4   microseconds relative to /t_offset; u8 when the stream spans more than 2**32-1 us
+                            (71.6 min; the writer decides from ``t_end``), so a stream of any length fits
     /t_offset          i8   scalar, microseconds: the first source frame time
     /ms_to_idx         u8   ms_to_idx[m] = first event index with t >= m*1000, m = 0 .. ceil(t_last / 1000)
                             (DSEC definition; ``[0]`` for a file without events)
@@ -22,29 +23,33 @@ Layout (``format_version`` 1)::
 
 Event columns are chunked by 65536 events and compressed with Blosc zstd + bit-shuffle (hdf5plugin) by
 default; ``compression="lz4"`` selects Blosc lz4, ``"gzip"`` the HDF5 built-in filter for readers without
-hdf5plugin. Inside evforge events are :data:`~evforge.events.EVENT_DTYPE` arrays with absolute ``t`` and
+hdf5plugin. Readers take ``/events/t`` as u4 or u8 (StreamFile refuses other types). Inside evforge events are :data:`~evforge.events.EVENT_DTYPE` arrays with absolute ``t`` and
 ``p`` in {+1, -1}; the conversion happens here only.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import h5py
 import hdf5plugin  # noqa: F401  (registers the Blosc filter so Blosc-compressed files can be read)
 import numpy as np
 
+from . import h5guard
 from .atomic import commit, temp_path
-from .errors import InputError
+from .errors import InputError, OutputError, environment_problem
 from .events import EVENT_DTYPE, EventFormatError, validate_events
+from .h5local import check_local
 
 FORMAT = "stream"
 FORMAT_VERSION = 1
 CHUNK_EVENTS = 65536
 _MS_CHUNK = 16384
+_MS_BLOCK = 1 << 20  # ms_to_idx entries made (and written) at a time: a long gap without events is many
 _U4_MAX = np.iinfo(np.uint32).max
+_I8_MAX = np.iinfo(np.int64).max
+T_DTYPES = ("<u4", "<u8")  # /events/t: u4 (DSEC's), u8 for streams longer than 2**32-1 us
 _COLUMNS = {"x": "<u2", "y": "<u2", "p": "u1", "t": "<u4"}
 _RESERVED_ATTRS = {"evforge_format", "format_version", "width", "height", "complete", "num_events",
                    "evforge_json_attrs"}
@@ -96,16 +101,26 @@ class StreamWriter:
     column: a simulator appends a few thousand events per step, and writing each step on its own cost
     more than simulating it (every write re-reads and re-compresses the column's last chunk).
 
+    ``t_end`` (absolute us, e.g. the last frame time) sizes the time column: u4 as DSEC's when the stream spans
+    at most 2**32-1 us after ``t_offset``, u8 beyond; without it, events past that span are refused.
+
     Use as a context manager: on normal exit the file is finalized and renamed into place, on an exception
-    the temporary file (``<name>.tmp-<pid>`` next to ``path``) is deleted.
+    the temporary file (``<name>.tmp-<pid>`` next to ``path``) is deleted. A full disk, a read-only folder or
+    an I/O error while writing raises :class:`~evforge.errors.OutputError` naming ``path``, with the temporary
+    file already deleted: the file is written through :mod:`evforge.h5guard`, so HDF5 never sees the failed
+    write (it does not survive one) and the process goes on normally.
     """
 
     def __init__(self, path, *, width: int, height: int, t_offset: int, attrs: dict | None = None,
-                 compression: str = "zstd", save_frames: bool = False):
+                 compression: str = "zstd", save_frames: bool = False, t_end: int | None = None):
         self.path = Path(path)
         self.width, self.height, self.t_offset = int(width), int(height), int(t_offset)
         if self.width <= 0 or self.height <= 0:
             raise ValueError(f"sensor size must be positive, got {width}x{height}")
+        if t_end is not None and not 0 <= int(t_end) - self.t_offset <= _I8_MAX:
+            raise ValueError(f"{self.path}: t_end={t_end} is not within 2**63-1 us at or after t_offset={t_offset}")
+        wide = t_end is not None and int(t_end) - self.t_offset > _U4_MAX
+        self.t_dtype = T_DTYPES[1] if wide else T_DTYPES[0]
         event_filter = _filter_kwargs(compression)
         user_attrs, json_names = _encode_attrs(attrs or {})
         self.save_frames = bool(save_frames)
@@ -118,11 +133,17 @@ class StreamWriter:
         self._frame_t: list[int] = []
         self._pending: dict[str, list[np.ndarray]] = {name: [] for name in (*_COLUMNS, "ms_to_idx")}
         self._pending_events = 0
+        self._pending_ms = 0
         self._pending_frames: list[np.ndarray] = []
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = temp_path(self.path)
-        self._file = h5py.File(self._tmp, "w")
+        self._file = self._guard = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file, self._guard = h5guard.create(self._tmp)
+        except OSError as err:
+            self.abort()
+            raise self._output_error(err) from err
         try:
             f = self._file
             f.attrs.update({"evforge_format": FORMAT, "format_version": FORMAT_VERSION,
@@ -133,6 +154,7 @@ class StreamWriter:
             f.create_dataset("t_offset", data=np.int64(self.t_offset))
             events = f.create_group("events")
             for name, dtype in _COLUMNS.items():
+                dtype = self.t_dtype if name == "t" else dtype
                 events.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(CHUNK_EVENTS,),
                                       **event_filter)
             f.create_dataset("ms_to_idx", shape=(0,), maxshape=(None,), dtype="<u8", chunks=(_MS_CHUNK,),
@@ -141,6 +163,10 @@ class StreamWriter:
                 f.create_dataset("frames/gray", shape=(0, self.height, self.width), dtype="u1",
                                  maxshape=(None, self.height, self.width), chunks=(1, self.height, self.width),
                                  **self._gray_filter)
+            self._guard.check()
+        except OSError as err:
+            self.abort()
+            raise self._output_error(err) from err
         except BaseException:
             self.abort()
             raise
@@ -169,22 +195,23 @@ class StreamWriter:
         if t[0] < floor:
             which = "t_offset" if self._t_last is None else "the last event already written"
             raise EventFormatError(f"{what}: t={t[0]} is before {which} ({floor})")
-        if t[-1] - self.t_offset > _U4_MAX:
-            raise EventFormatError(
-                f"{what}: t={t[-1]} is more than 2**32-1 us after t_offset={self.t_offset} (does not fit u4)")
+        span = int(t[-1]) - self.t_offset
+        if span > (_U4_MAX if self.t_dtype == "<u4" else _I8_MAX):
+            limit = ("2**32-1 us after t_offset (a u4 time column: give the writer t_end= to get u8)"
+                     if self.t_dtype == "<u4" else "2**63-1 us after t_offset")
+            raise EventFormatError(f"{what}: t={t[-1]} is more than {limit}, t_offset={self.t_offset}")
         t_rel = t - self.t_offset
         n0, n1 = self._n, self._n + len(events)
         columns = {"x": events["x"].copy(), "y": events["y"].copy(), "p": (events["p"] > 0).astype("u1"),
-                   "t": t_rel.astype("<u4")}
+                   "t": t_rel.astype(self.t_dtype)}
         for name, values in columns.items():
             self._pending[name].append(values)
-        # ms entries with m*1000 <= t_rel[-1] are final now: later events are all >= t_rel[-1].
-        ms = np.arange(self._next_ms, t_rel[-1] // 1000 + 1, dtype=np.int64)
-        self._append_ms(n0 + np.searchsorted(t_rel, ms * 1000, "left"))
-        self._n, self._t_last = n1, int(t[-1])
         self._pending_events += len(events)
+        # ms entries with m*1000 <= t_rel[-1] are final now: later events are all >= t_rel[-1].
+        self._add_ms(int(t_rel[-1]) // 1000 + 1, t_rel, n0)
+        self._n, self._t_last = n1, int(t[-1])
         if self._pending_events >= FLUSH_EVENTS:
-            self._flush()
+            self._write(self._flush)
 
     def add_frame(self, t: int, gray: np.ndarray | None = None) -> None:
         """Record a source frame time (non-decreasing); ``gray`` (H, W) uint8, or float in [0, 1], is stored
@@ -203,12 +230,45 @@ class StreamWriter:
                 gray = np.clip(np.rint(gray.astype(np.float64) * 255), 0, 255).astype(np.uint8)
             self._pending_frames.append(gray.copy())
             if len(self._pending_frames) >= FLUSH_FRAMES:
-                self._flush_frames()
+                self._write(self._flush_frames)
         self._frame_t.append(t)
 
-    def _append_ms(self, idx: np.ndarray) -> None:
-        self._pending["ms_to_idx"].append(np.asarray(idx, dtype=np.uint64))
-        self._next_ms += len(idx)
+    def _add_ms(self, stop: int, t_rel: np.ndarray | None = None, n0: int = 0) -> None:
+        """ms_to_idx entries up to ``stop`` (exclusive): the first index ``n0 + k`` with ``t_rel[k] >= m*1000``,
+        or the event count when ``t_rel`` is None. Made in blocks and written as they pile up, so a long span
+        without events (a 2**40 us stream has 10**9 entries) never sits in memory."""
+        while self._next_ms < stop:
+            hi = min(stop, self._next_ms + _MS_BLOCK)
+            if t_rel is None:
+                idx = np.full(hi - self._next_ms, self._n, dtype=np.uint64)
+            else:
+                ms = np.arange(self._next_ms, hi, dtype=np.int64)
+                idx = (n0 + np.searchsorted(t_rel, ms * 1000, "left")).astype(np.uint64)
+            self._pending["ms_to_idx"].append(idx)
+            self._pending_ms += len(idx)
+            self._next_ms = hi
+            if self._pending_ms >= _MS_BLOCK:
+                self._write(self._flush)
+
+    def _write(self, flush) -> None:
+        """Run a flush; a write that failed (full disk, read-only, I/O error) drops the file and raises
+        :class:`OutputError` naming the final path."""
+        try:
+            flush()
+            self._guard.check()
+        except OSError as err:
+            self.abort()
+            raise self._output_error(err) from err
+
+    def _output_error(self, err: OSError) -> OutputError | OSError:
+        """``err`` as the OutputError for this file: every failed write of the temp file is the environment's
+        (a full disk, a read-only or failing device); other errors (an HDF5 bug) stay as they are."""
+        if self._guard is not None and self._guard.error is not None:
+            err = self._guard.error
+        elif environment_problem(err) is None and err.errno is None:
+            return err
+        problem = environment_problem(err) or " ".join((err.strerror or str(err)).split())
+        return OutputError(self.path, problem)
 
     def _flush(self) -> None:
         """Write the pending event columns and ms_to_idx entries, one resize and one write per dataset."""
@@ -221,7 +281,7 @@ class StreamWriter:
             ds.resize((n + len(values),))
             ds[n:] = values
             parts.clear()
-        self._pending_events = 0
+        self._pending_events = self._pending_ms = 0
 
     def _flush_frames(self) -> None:
         if self._pending_frames:
@@ -249,10 +309,11 @@ class StreamWriter:
             return
         try:
             f = self._file
-            last_ms = 0 if self._t_last is None else math.ceil((self._t_last - self.t_offset) / 1000)
-            self._append_ms(np.full(max(0, last_ms + 1 - self._next_ms), self._n, dtype=np.uint64))
+            last_ms = 0 if self._t_last is None else -(-(self._t_last - self.t_offset) // 1000)
+            self._add_ms(last_ms + 1)
             self._flush()
             self._flush_frames()
+            self._guard.check()
             frame_idx = [self._first_index(t) for t in self._frame_t]
             f.create_dataset("frames/t", data=np.asarray(self._frame_t, dtype=np.int64))
             f.create_dataset("frames/event_idx", data=np.asarray(frame_idx, dtype=np.uint64))
@@ -261,7 +322,12 @@ class StreamWriter:
             f.flush()
             f.close()
             self._file = None
+            self._guard.check()
+            self._guard.close()
             commit(self._tmp, self.path)
+        except OSError as err:
+            self.abort()
+            raise self._output_error(err) from err
         except BaseException:
             self.abort()
             raise
@@ -270,11 +336,16 @@ class StreamWriter:
         """Discard the file being written (nothing is left at ``path`` or in the temp file)."""
         if self._file is not None:
             try:
-                self._file.close()
+                self._file.close()  # safe after a failed write: HDF5 never saw it fail (evforge.h5guard)
             except Exception:
                 pass
             self._file = None
-        self._tmp.unlink(missing_ok=True)
+        if self._guard is not None:
+            self._guard.close()
+        try:
+            self._tmp.unlink(missing_ok=True)
+        except OSError:
+            pass  # a read-only folder: nothing was created there
 
 
 def write_stream(path, events: np.ndarray, frame_times, *, width: int, height: int, attrs: dict | None = None,
@@ -287,8 +358,10 @@ def write_stream(path, events: np.ndarray, frame_times, *, width: int, height: i
         t_offset = int(events["t"][0]) if len(events) else 0
     if frames is not None and len(frames) != len(frame_times):
         raise ValueError(f"{path}: {len(frames)} gray frames for {len(frame_times)} frame times")
+    ends = [int(v[-1]) for v in (frame_times, events["t"]) if len(v)]
     with StreamWriter(path, width=width, height=height, t_offset=t_offset, attrs=attrs,
-                      compression=compression, save_frames=frames is not None) as writer:
+                      compression=compression, save_frames=frames is not None,
+                      t_end=max(ends) if ends else None) as writer:
         for i, t in enumerate(frame_times):
             writer.add_frame(int(t), None if frames is None else frames[i])
         for start in range(0, len(events), 1 << 22):
@@ -308,6 +381,7 @@ class StreamFile:
         except OSError as err:
             raise InputError(path, f"not a readable HDF5 file ({err})") from None
         try:
+            check_local(self._file, path)  # no data from outside the file (external links, storage, VDS)
             a = self._file.attrs
             if _decode_attr(a.get("evforge_format")) != FORMAT:
                 raise InputError(path, "not an evforge stream file (missing evforge_format='stream')")
@@ -326,6 +400,8 @@ class StreamFile:
             self.frame_event_idx = self._file["frames/event_idx"][:].astype(np.int64)
             self.has_frames = "frames/gray" in self._file
             self._cols = {name: self._file["events"][name] for name in _COLUMNS}
+            if self._cols["t"].dtype.str not in T_DTYPES:
+                raise InputError(path, f"events/t is {self._cols['t'].dtype}, expected u4 or u8")
             self._ms = self._file["ms_to_idx"]
         except InputError:
             self._file.close()

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..errors import InputError
+from ..errors import InputError, OutputError
 from ..events import make_events
 from ..streamfile import StreamWriter, is_complete_stream
 from . import cpu_frames
@@ -192,6 +192,13 @@ def _run_group(seqs, out_size, size, cfg, base_params, device, pool, results, ba
                                            cfg.save_frames))
             slot.submitted += 1
 
+    def abort_all() -> None:  # a full or read-only disk stops the run (exit 3): no slot leaves a temp file
+        for slot in slots:
+            if slot is not None:
+                slot.writer.abort()
+                for future in slot.queued:
+                    future.cancel()
+
     def open_slot(b: int) -> None:
         while pending:
             seq = pending.pop(0)
@@ -202,9 +209,12 @@ def _run_group(seqs, out_size, size, cfg, base_params, device, pool, results, ba
                 for stale in glob.glob(glob.escape(str(r.path)) + ".tmp-*"):
                     os.remove(stale)  # left by a run that was killed
                 ts = seq.timestamps_us
-                writer = StreamWriter(r.path, width=w, height=h, t_offset=int(ts[0]),
+                writer = StreamWriter(r.path, width=w, height=h, t_offset=int(ts[0]), t_end=int(ts[-1]),
                                       attrs=_stream_attrs(cfg, seq, params, seed, out_size, device),
                                       compression=cfg.compression, save_frames=cfg.save_frames)
+            except OutputError:
+                abort_all()
+                raise
             except (InputError, OSError, ValueError) as e:
                 _fail(r, e, log)
                 continue
@@ -216,8 +226,15 @@ def _run_group(seqs, out_size, size, cfg, base_params, device, pool, results, ba
 
     def close_slot(b: int, err: Exception | None = None) -> None:
         slot = slots[b]
+        if isinstance(err, OutputError):
+            abort_all()
+            raise err
         if err is None:
-            slot.writer.close()
+            try:
+                slot.writer.close()
+            except OutputError:
+                abort_all()
+                raise
             slot.result.status = "done"
         else:
             slot.writer.abort()
