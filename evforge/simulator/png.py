@@ -2,8 +2,9 @@
 
 Pillow takes about 7 ms for a 640x480 RGB PNG on one core, of which inflating the data is under 3 ms; the
 rest is its row-by-row unfiltering and copies into and out of its own image storage. Here the data are
-inflated by zlib (which releases the GIL, so decoding threads run in parallel) and unfiltered by a numba
-loop straight into the numpy array, giving the same pixels as Pillow's decode (the alpha channel dropped,
+inflated by ISA-L's inflate (``isal``, about 1.7x faster than zlib's on such frames; zlib where it is not
+installed; both release the GIL, so decoding threads run in parallel) and unfiltered by a numba loop
+straight into the numpy array, giving the same pixels as Pillow's decode (the alpha channel dropped,
 as ``convert("RGB")`` / ``convert("L")`` do). Anything else (palette, 16-bit, interlaced files) and any
 file that does not check out (bad signature, CRC, length or filter type) returns None: the caller decodes it
 with Pillow, which also reports a corrupt file.
@@ -15,6 +16,11 @@ import struct
 import zlib
 
 import numpy as np
+
+try:  # ISA-L: the same DEFLATE, inflated with SIMD (its own error class)
+    from isal import isal_zlib as _inflate_lib
+except ImportError:  # pragma: no cover - isal is in requirements.txt
+    _inflate_lib = zlib
 
 from .cpu_kernels import njit
 
@@ -128,7 +134,7 @@ def decode(path: str) -> np.ndarray | None:
         kind = data[pos + 4 : pos + 8]
         body = data[pos + 8 : pos + 8 + length]
         if len(body) != length or data[pos + 8 + length : pos + 12 + length] != struct.pack(
-                ">I", zlib.crc32(kind + body)):
+                ">I", _inflate_lib.crc32(body, _inflate_lib.crc32(kind))):
             return None
         if kind == b"IHDR":
             header = struct.unpack(">IIBBBBB", body)
@@ -146,8 +152,8 @@ def decode(path: str) -> np.ndarray | None:
         return None
     bpp = _CHANNELS[colour]
     try:
-        raw = np.frombuffer(zlib.decompress(b"".join(parts)), np.uint8)
-    except zlib.error:
+        raw = np.frombuffer(_inflate_lib.decompress(parts[0] if len(parts) == 1 else b"".join(parts)), np.uint8)
+    except (zlib.error, _inflate_lib.error):
         return None
     if raw.size != height * (width * bpp + 1):
         return None

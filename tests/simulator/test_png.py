@@ -83,3 +83,27 @@ def test_other_files_are_left_to_pillow(tmp_path):
     (tmp_path / "text.png").write_bytes(b"not a png")
     for name in ("palette.png", "deep.png", "crc.png", "text.png", "missing.png"):
         assert png.decode(str(tmp_path / name)) is None, name
+
+
+@pytest.mark.parametrize("inflater", ["isal", "zlib"])
+def test_both_inflaters_give_the_same_pixels_and_refuse_a_truncated_stream(tmp_path, monkeypatch, inflater):
+    """ISA-L's inflate (the default when isal is installed) and zlib's (the fallback) decode the same
+    frames, and both refuse a stream that ends early (a correct CRC over a cut IDAT)."""
+    if inflater == "isal":
+        isal_zlib = pytest.importorskip("isal.isal_zlib")
+        monkeypatch.setattr(png, "_inflate_lib", isal_zlib)
+    else:
+        monkeypatch.setattr(png, "_inflate_lib", zlib)
+    rgb = np.random.default_rng(3).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    rgb[10:20] = 7  # long runs: back-references in the DEFLATE stream
+    write_png(tmp_path / "ok.png", rgb, 2, (4, 1, 0, 2, 3))
+    with Image.open(tmp_path / "ok.png") as im:
+        assert np.array_equal(png.decode(str(tmp_path / "ok.png")), np.array(im.convert("RGB")))
+    data = zlib.compress(bytes(rgb.size + 40), 6)[:-20]  # a zlib stream cut short
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", 56, 40, 8, 2, 0, 0, 0))
+    (tmp_path / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+    assert png.decode(str(tmp_path / "cut.png")) is None
