@@ -434,6 +434,33 @@ def _cmd_import(args) -> int:
     return 0
 
 
+def _add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="realism report of two event sources (e.g. a real recording vs a simulation)",
+                       description="Statistics of A and B side by side (event rate over time, ON fraction, per-pixel "
+                                   "rate and inter-event intervals, background activity, hot pixels, spatial "
+                                   "autocorrelation): OUT/report.md, report.json (every number), report.png.")
+    p.add_argument("a", help="recording (.aedat4 .raw .dat), stream file, shard, dataset folder or ATIS .bin")
+    p.add_argument("b", help="the same kinds as A")
+    p.add_argument("--out", required=True, help="report folder")
+    p.add_argument("--labels", default=None, help="LABEL_A,LABEL_B (default: the file names)")
+    p.add_argument("--split", default="train", help="the split of a dataset source")
+    p.add_argument("--max-events", type=int, default=5_000_000, help="events taken from each source (the first)")
+    p.add_argument("--sensor-size", default=None, help="WIDTHxHEIGHT for sources that state none")
+    p.set_defaults(func=_cmd_compare)
+
+
+def _cmd_compare(args) -> int:
+    from .realism.compare import compare_sources
+
+    size = tuple(int(v) for v in args.sensor_size.lower().split("x")) if args.sensor_size else None
+    labels = args.labels.split(",", 1) if args.labels else None
+    report = compare_sources(args.a, args.b, args.out, labels=labels, max_events=args.max_events, sensor_size=size,
+                             split=args.split)
+    verdict = "identical" if report["difference"]["identical"] else "different"
+    print(f"{report['a']['label']} vs {report['b']['label']}: {verdict} -> {Path(args.out) / 'report.md'}")
+    return 0
+
+
 def _err(msg: str) -> None:
     print(f"evforge: {msg}", file=sys.stderr)
 
@@ -443,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"evforge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in (_add_demo, _add_scenes, _add_simulate, _add_convert, _add_inspect, _add_verify, _add_preview,
-                _add_pretrain, _add_export, _add_import, _add_finetune, _add_eval):
+                _add_pretrain, _add_export, _add_import, _add_finetune, _add_eval, _add_compare):
         add(sub)
     return parser
 
