@@ -22,7 +22,9 @@ def _add_simulate(sub) -> None:
 
     p = sub.add_parser("simulate", help="turn RGB video / image folders / TartanAir into DVS event streams",
                        description="Simulate a DVS on every sequence found under INPUT and write one HDF5 "
-                                   "stream file per sequence to OUT (reruns skip finished sequences).")
+                                   "stream file per sequence to OUT, and a run summary OUT/simulate.json. A rerun "
+                                   "does only what is missing; a finished file made with other settings is "
+                                   "refused (redo it with --overwrite).")
     p.add_argument("input", help="TartanAir v1/v2 root, environment or trajectory; image folder; video file")
     p.add_argument("--out", required=True, help="output folder (one <sequence>.h5 per sequence)")
     p.add_argument("--recipe", default=None, choices=sorted(RECIPES),
@@ -31,6 +33,8 @@ def _add_simulate(sub) -> None:
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="pixel-model preset (v2e's defaults, ideal, clean, noisy, ecddp; default: default, or the "
                         "recipe's)")
+    p.add_argument("--params", default=None, metavar="CAMERA_YAML",
+                   help="pixel-model values from a camera file (evforge calibrate): over the preset, under the flags")
     g = p.add_argument_group("pixel model (v2e names; override the preset)")
     for name, help_ in [("pos_thres", "ON threshold, log units"), ("neg_thres", "OFF threshold, log units"),
                         ("sigma_thres", "threshold mismatch std"), ("cutoff_hz", "photoreceptor cutoff, 0 = off"),
@@ -53,6 +57,15 @@ def _add_simulate(sub) -> None:
     p.add_argument("--camera", default="lcam_front", help="TartanAir v2 camera")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--devices", default=None,
+                   help="one worker process per device over a shared queue of sequences, longest first: "
+                        "cuda:0,cuda:1,... or cpu:N (N CPU workers); with --executor ray: the device inside "
+                        "each task (cuda or cpu)")
+    p.add_argument("--executor", default="local", choices=["local", "ray"],
+                   help="ray: one task per batch of sequences on a Ray cluster (GPU tasks for cuda)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--gpus-per-task", type=float, default=None,
+                   help="Ray: GPUs each task asks for (default 1 for a CUDA device, else 0)")
     p.add_argument("--batch", type=int, default=4, help="sequences simulated at once on the device")
     p.add_argument("--workers", type=int, default=2, help="frame-decoding threads")
     p.add_argument("--compression", default="zstd", choices=["zstd", "lz4", "gzip"])
@@ -72,6 +85,10 @@ def simulate_config_from_args(args):
     names = ("pos_thres", "neg_thres", "sigma_thres", "cutoff_hz", "leak_rate_hz", "shot_noise_rate_hz",
              "refractory_period_s", "leak_jitter_fraction", "noise_rate_cov_decades")
     overrides = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    if getattr(args, "params", None):
+        from .realism.calibrate import read_camera_params
+
+        overrides = {**read_camera_params(args.params), **overrides}
     run = dict(overrides=overrides, seed=args.seed, device=args.device, batch=args.batch, workers=args.workers,
                compression=args.compression, save_frames=not args.no_frames, overwrite=args.overwrite)
     upsample = {k: v for k, v in (("mode", args.upsample), ("max_steps", args.max_steps)) if v is not None}
@@ -95,7 +112,9 @@ def _cmd_simulate(args) -> int:
         fps = get_recipe(args.recipe).fps  # the recipe's time base: one source frame per interval_s
     seqs = discover_sequences(args.input, fps=fps, timestamps=args.timestamps,
                               timestamps_unit=args.timestamps_unit, camera=args.camera)
-    results = simulate_sequences(seqs, args.out, cfg, progress=not args.quiet, log=_err)
+    results = simulate_sequences(seqs, args.out, cfg, devices=args.devices, executor=args.executor,
+                                 address=args.address, ray_gpus=args.gpus_per_task, progress=not args.quiet,
+                                 log=_err, command="evforge " + " ".join(args.argv))
     done = [r for r in results if r.status == "done"]
     skipped = [r for r in results if r.status == "skipped"]
     failed = [r for r in results if r.status == "failed"]
@@ -461,6 +480,33 @@ def _cmd_compare(args) -> int:
     return 0
 
 
+def _add_calibrate(sub) -> None:
+    p = sub.add_parser("calibrate", help="estimate the pixel model's noise parameters from a real recording",
+                       description="Estimate leak rate, shot-noise rate, refractory period, ON/OFF threshold ratio and "
+                                   "hot pixels from RECORDING, each with an uncertainty and a statement of what the "
+                                   "recording could not determine; write them as camera.yaml for "
+                                   "`evforge simulate --params` (estimators: docs/CALIBRATION.md).")
+    p.add_argument("recording", help="recording (.aedat4 .raw .dat), stream file, shard or dataset folder")
+    p.add_argument("--out", required=True, help="the camera file to write, e.g. camera.yaml")
+    p.add_argument("--base", default="default", help="preset whose values are kept where the recording says nothing")
+    p.add_argument("--max-events", type=int, default=20_000_000, help="events used (the first)")
+    p.add_argument("--sensor-size", default=None, help="WIDTHxHEIGHT for sources that state none")
+    p.set_defaults(func=_cmd_calibrate)
+
+
+def _cmd_calibrate(args) -> int:
+    from .realism.calibrate import calibrate, write_camera_file
+
+    size = tuple(int(v) for v in args.sensor_size.lower().split("x")) if args.sensor_size else None
+    cal = calibrate(args.recording, base=args.base, max_events=args.max_events, sensor_size=size)
+    write_camera_file(cal, args.out, command="evforge " + " ".join(args.argv))
+    for name, e in cal.estimates.items():
+        sd = "" if e.uncertainty is None else f" +- {e.uncertainty:.3g}"
+        print(f"{name}: {e.value:.4g}{sd}{'' if e.determined else ' (not determined)'}")
+    print(f"not determined: {', '.join(cal.not_determined)} -> {args.out}")
+    return 0
+
+
 def _err(msg: str) -> None:
     print(f"evforge: {msg}", file=sys.stderr)
 
@@ -470,7 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"evforge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in (_add_demo, _add_scenes, _add_simulate, _add_convert, _add_inspect, _add_verify, _add_preview,
-                _add_pretrain, _add_export, _add_import, _add_finetune, _add_eval, _add_compare):
+                _add_pretrain, _add_export, _add_import, _add_finetune, _add_eval, _add_compare,
+                _add_calibrate):
         add(sub)
     return parser
 

@@ -1,11 +1,11 @@
-"""Worker processes that end with their parent: no orphans writing into a folder after the build died.
+"""Worker processes that end with their parent: no orphans writing into a folder after the run died.
 
 joblib's loky workers outlive a parent killed with ``kill -9`` (they finish their unit, then idle for minutes,
 each holding its memory), outside the build lock, so a rerun could race them on the same shard. Every worker
 runs :func:`watch_parent` on its first unit: a daemon thread that checks twice a second whether the parent
 (the build process, whose pid the unit carries) is still its parent, and ends the worker at once
 (``os._exit``) when it is not. A shard the worker was writing stays a ``*.tmp-<pid>`` file, which the next build
-removes under its lock.
+removes under its lock. ``evforge simulate``'s worker processes (one per device) watch their parent the same way.
 """
 
 from __future__ import annotations

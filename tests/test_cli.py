@@ -28,7 +28,8 @@ def test_simulate_then_preview(scenes, tmp_path, capsys):
     f = out / "env" / "Easy" / "P000.h5"
     with StreamFile(f) as s:
         assert (s.width, s.height) == (32, 24) and s.attrs["cutoff_hz"] == 50.0 and s.attrs["sigma_thres"] == 0.02
-    assert main(["simulate", str(scenes), "--out", str(out), "--quiet"]) == 0
+    assert main(["simulate", str(scenes), "--out", str(out), "--preset", "clean", "--resolution", "32x24",
+                 "--cutoff-hz", "50", "--quiet"]) == 0  # the same request: done already
     assert "2 already done" in capsys.readouterr().out
     png = tmp_path / "p.png"
     assert main(["preview", str(f), "--out", str(png)]) == 0

@@ -32,8 +32,8 @@ Design:
 * **Executors.** ``workers == 1`` runs the units in this process; ``workers > 1`` with joblib (loky
   processes); ``executor="ray"`` as Ray tasks (``address=None`` starts a local Ray on loopback, otherwise it
   connects; on a real cluster every node needs evforge installed and ``OUT`` on a shared file system). joblib
-  workers end with the build process (:mod:`.watchdog`): a killed build leaves no orphan writing into ``OUT``. The
-  result does not depend on the executor: units are pure functions of their inputs and shards are
+  workers end with the build process (:mod:`evforge.watchdog`): a killed build leaves no orphan writing into
+  ``OUT``. The result does not depend on the executor: units are pure functions of their inputs and shards are
   byte-identical for identical input (h5py writes no timestamps).
 * **Determinism.** Results are ordered by unit, errors by ``(key, path, error)``, subsets are seeded, and
   :func:`build_manifest` hashes the shards, so a build killed at any moment and rerun ends with the same
@@ -67,6 +67,7 @@ from tqdm.auto import tqdm
 from evforge.errors import InputError, OutputError, output_error
 from evforge.fingerprint import digest, sources_signature
 from evforge.locks import FolderLock
+from evforge.watchdog import watch_parent
 
 from .completion import mark_complete, mark_incomplete
 from .converters import get_converter
@@ -74,7 +75,6 @@ from .converters.base import DatasetPlan, SourceItem
 from .manifest import (DEFAULT_PERCENTS, MANIFEST_NAME, _atomic_write_text, build_manifest, make_provenance,
                        make_subsets, write_split_file)
 from .shards import DEFAULT_TARGET_BYTES, FORMAT_VERSION, RAW_INDEX_BYTES, ShardWriter, sha256_file
-from .watchdog import watch_parent
 
 __all__ = ["WorkUnit", "UnitResult", "BuildReport", "plan_units", "run_unit", "build_dataset", "ERRORS_NAME",
            "RECORD_SUFFIX"]
