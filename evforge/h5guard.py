@@ -59,7 +59,7 @@ class GuardedFile:
         if self.error is None:
             try:
                 while done < len(view):
-                    done += os.pwrite(self._fd, view[done:], self._pos + done)
+                    done += self._write_at(view[done:], self._pos + done)
             except OSError as err:
                 self._fail(err)
         if done < len(view):
@@ -67,6 +67,10 @@ class GuardedFile:
             self._size = max(self._size, self._pos + len(view))
         self._pos += len(view)
         return len(view)
+
+    def _write_at(self, data: memoryview, offset: int) -> int:
+        """The one call that writes to the disk (tests inject a full disk here)."""
+        return os.pwrite(self._fd, data, offset)
 
     def truncate(self, size: int) -> None:
         if self.error is None:

@@ -7,8 +7,8 @@ sha256 (what ``verify`` checks) would not cover those bytes. evforge never write
 reader refuses them: :func:`foreign_storage_problem` walks the file's links (a shard has about twenty objects)
 and names the first such object. Soft links are refused too (evforge writes none; they could alias a column).
 
-``ShardReader``, the ``tartanair`` converter, ``inspect`` and ``verify`` call it; ``StreamFile`` is to call
-:func:`check_local` after opening (pending with the simulator rewrite).
+``ShardReader`` and ``StreamFile`` call :func:`check_local` after opening (so the ``tartanair`` converter,
+``preview`` and ``verify`` of stream files refuse them too), and ``inspect`` and ``verify`` before reading.
 """
 
 from __future__ import annotations

@@ -197,7 +197,6 @@ def _inspect_shard(path: Path) -> dict:
 
 def _inspect_stream(path: Path) -> dict:
     with StreamFile(path) as sf:
-        check_local(sf._file, path)  # (until StreamFile checks this itself)
         ft = sf.frame_times
         t_last = int(sf.column("t", sf.num_events - 1)[0]) if sf.num_events else None
         ends = [t for t in (t_last, int(ft[-1]) if len(ft) else None) if t is not None]
@@ -397,7 +396,6 @@ def _check_stream(path: Path) -> list[str]:
         faults.setdefault(kind, f"{path}: {message}")
 
     with StreamFile(path) as sf:
-        check_local(sf._file, path)  # (until StreamFile checks this itself)
         n = sf.num_events
         for name, ds in sf._cols.items():
             if ds.shape != (n,):
