@@ -389,7 +389,7 @@ def build_dataset(name: str, src, out, *, workers: int = 1, executor: str = "loc
     converter = get_converter(name)
     out = Path(out).absolute()
     scan_kwargs, options = _scan_options(converter, converter_options, split_file=split_file, seed=seed, out=out,
-                                         progress=progress)
+                                         progress=progress, executor=executor, address=address)
     if command is None:
         command = _default_command(name, src, out, options, samples_per_unit, compression)
     # held from the scan on: a converter may write scratch files under OUT while scanning
@@ -469,22 +469,27 @@ def _build_locked(converter, name, src, out: Path, scan_kwargs, options, command
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _scan_options(converter, options: dict, *, split_file, seed: int, out: Path,
-                  progress: bool) -> tuple[dict, dict]:
+_EXECUTION = ("out", "progress", "executor", "address")  # given by the build itself, never recorded
+_EXECUTION_OPTIONS = ("devices",)  # converter options that say where work runs, not what it makes: not recorded
+
+
+def _scan_options(converter, options: dict, *, split_file, seed: int, out: Path, progress: bool,
+                  executor: str = "local", address: str | None = None) -> tuple[dict, dict]:
     """``(keyword arguments for converter.scan, the part that is recorded)``; ValueError for an unknown option.
 
     ``split_file`` goes to a scan that takes it (an error otherwise); ``seed``, ``out`` (the dataset folder, for
-    converters that write scratch files there) and ``progress`` go to a scan that takes them. ``out`` and
-    ``progress`` are execution settings: they are left out of the record (fingerprint, provenance) so that the
-    same build in another folder, or without a progress bar, records the same options.
+    converters that write scratch files there), ``progress``, ``executor`` and ``address`` go to a scan that takes
+    them. Those and the option ``devices`` are execution settings: they are left out of the record (fingerprint,
+    provenance) so that the same build in another folder, on other machines or without a progress bar, records
+    the same options.
     """
     params = inspect.signature(converter.scan).parameters
     open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     takes = lambda opt: opt in params and opt != "src"
     kwargs = dict(options)
     for opt in kwargs:
-        if not (open_ended or takes(opt)) or opt in ("out", "progress"):
-            known = [p for p in params if p not in ("src", "out", "progress")
+        if not (open_ended or takes(opt)) or opt in _EXECUTION:
+            known = [p for p in params if p not in ("src", *_EXECUTION)
                      and params[p].kind is not inspect.Parameter.VAR_KEYWORD]
             raise ValueError(f"converter {converter.name!r} has no option {opt!r} (options: {', '.join(known)})")
     if split_file is not None:
@@ -493,11 +498,10 @@ def _scan_options(converter, options: dict, *, split_file, seed: int, out: Path,
         kwargs["split_file"] = os.path.abspath(split_file)
     if takes("seed"):
         kwargs["seed"] = seed
-    recorded = dict(kwargs)
-    if takes("out"):
-        kwargs["out"] = out
-    if takes("progress"):
-        kwargs["progress"] = progress
+    recorded = {k: v for k, v in kwargs.items() if k not in _EXECUTION_OPTIONS}
+    for name, value in (("out", out), ("progress", progress), ("executor", executor), ("address", address)):
+        if takes(name):  # e.g. tartanair --simulate runs its simulation where the build runs its units
+            kwargs[name] = value
     return kwargs, _jsonable(recorded)
 
 

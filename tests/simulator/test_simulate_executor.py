@@ -268,3 +268,18 @@ def test_ray_with_fake_gpus_equals_one_process(frames, reference, tmp_path, fake
     assert _corpus(out) == reference[1]
     summary = _summary(out)
     assert summary["executor"] == "ray" and summary["totals"]["done"] == 4
+
+
+def test_convert_tartanair_simulate_on_two_workers(frames, tmp_path):
+    """convert tartanair --simulate runs its simulation on the workers too; where it ran is not recorded, so a
+    rerun elsewhere (here: in one process) reuses every unit."""
+    from evforge.dataset_builder.build import build_dataset
+
+    opts = dict(simulate=True, device="cpu", resolution="32x24", preset="noisy", progress=False)
+    one = build_dataset("tartanair", frames, tmp_path / "one", **opts)
+    two = build_dataset("tartanair", frames, tmp_path / "two", devices="cpu:2", **opts)
+    assert _corpus(tmp_path / "two" / "_streams") == _corpus(tmp_path / "one" / "_streams")
+    assert two.num_samples == one.num_samples == 4 and two.num_events == one.num_events > 0
+    assert _summary(tmp_path / "two" / "_streams")["devices"] == ["cpu", "cpu"]
+    again = build_dataset("tartanair", frames, tmp_path / "two", **opts)
+    assert again.units_skipped == again.num_units

@@ -80,11 +80,14 @@ class TartanAirConverter:
     def scan(self, src, *, test_envs=None, simulate: bool = False, out=None, streams_dir=None,
              preset: str | None = None, overrides: dict | None = None, resolution=None, device: str = "auto",
              batch: int = 4, seed: int = 0, progress: bool = False, recipe: str | None = None,
+             devices=None, executor: str = "local", address: str | None = None,
              drop_first_interval: bool | None = None, drop_last_interval: bool | None = None,
              min_interval_bytes: int | None = None, min_interval_events: int | None = None,
              float32_time: bool | None = None) -> DatasetPlan:
         """List the stream files (simulating them first with ``simulate=True``), check that their sensor sizes
-        (and, with a recipe, their time base) agree, and split them by environment."""
+        (and, with a recipe, their time base) agree, and split them by environment. ``devices``, ``executor`` and
+        ``address`` say where the simulation runs (:func:`~evforge.simulator.pipeline.simulate_sequences`; the
+        build passes its own executor and address); they do not change the streams."""
         rec = None
         if recipe is not None:
             from evforge.simulator.recipes import get_recipe
@@ -110,7 +113,8 @@ class TartanAirConverter:
                                             f"({rec.interval_s:g} s), selected by the recipe's rule")
         if simulate:
             root, files, sim = self._simulate(src, out, streams_dir, preset, overrides, resolution, device, batch,
-                                              seed, progress, rec)
+                                              seed, progress, rec, dict(devices=devices, executor=executor,
+                                                                        address=address))
             params.update(streams_dir=str(root), simulate_config=sim)
         else:
             if not src.is_dir():
@@ -138,7 +142,8 @@ class TartanAirConverter:
         return DatasetPlan(name=self.name, kind=self.kind, sensor_size=size, classes=[], items=items, params=params)
 
     @staticmethod
-    def _simulate(src, out, streams_dir, preset, overrides, resolution, device, batch, seed, progress, recipe):
+    def _simulate(src, out, streams_dir, preset, overrides, resolution, device, batch, seed, progress, recipe,
+                  where: dict):
         """Run the simulator into the streams folder; returns (folder, stream files, config as a dict).
 
         With a recipe its settings (time base, preset, resolution, upsampling) are used; ``preset``,
@@ -157,7 +162,7 @@ class TartanAirConverter:
         else:
             cfg = SimulateConfig(preset=preset or "default", resolution=resolution, **run)
             sequences = discover_sequences(src)
-        results = simulate_sequences(sequences, root, cfg, progress=progress, log=lambda message: None)
+        results = simulate_sequences(sequences, root, cfg, progress=progress, log=lambda message: None, **where)
         for seq, r in zip(sequences, results):
             if r.status == "failed":
                 raise InputError(seq.source, f"simulation failed: {r.error}")
