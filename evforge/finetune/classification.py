@@ -28,8 +28,8 @@ reports test; N-Caltech101 / N-ImageNet (train/val, val being what papers report
 report val; ``data.val_split=val`` gives MEM's protocol (best val reported).
 
 Validation metrics (``top1``, ``top5``, ``mean_class_acc``, ``loss``; on the EMA model when enabled) are
-exact over the validation split although the trainer averages per-batch values: each batch's sums are
-weighted by (batches in the split) / (items), see :meth:`ClassificationTask._val_plan`.
+exact over the validation split on any number of ranks: each batch returns its confusion matrix and sums,
+which the trainer adds up before :meth:`ClassificationTask.validation_metrics`.
 """
 
 from __future__ import annotations
@@ -49,12 +49,14 @@ from ..dataset_builder.manifest import Manifest, read_subset_file, stratified_sp
 from ..pretrain.mem.inputs import MEMInputConfig, mem_inputs
 from ..representations import histogram, voxel_grid
 from ..trainer.config import ConfigError, check_option_keys, merge
+from ..trainer.metrics import Mean, mean_metrics
 from ..trainer.sampler import mix_seed
+from ..trainer.task import Task
 from .backbones import ModelSpec, build_classifier
 from .beit import block_dropout, per_layer_rel_pos_bias, reset_fc_norm
 from .ema import ModelEMA
 from .layer_decay import layer_decay_groups
-from .metrics import confusion_matrix, topk_correct
+from .metrics import ClassificationMetrics, confusion_matrix, topk_correct
 
 __all__ = ["ClassificationTask", "ClassifierModel", "TASK_DEFAULTS", "HOLDOUT", "resolve_splits", "holdout_indices"]
 
@@ -218,7 +220,7 @@ class ClassifierModel(nn.Module):
         return self
 
 
-class ClassificationTask:
+class ClassificationTask(Task):
     """Finetuning or linear probing of a ViT / Swin on event classification (see the module docstring)."""
 
     name = "classification"
@@ -234,8 +236,6 @@ class ClassificationTask:
         self.spec: ModelSpec | None = None
         self.classes: list[str] = []
         self.sensor_size: tuple[int, int] | None = None  # (W, H)
-        self._val_labels: np.ndarray | None = None
-        self._plans: dict = {}
         self._manifest_cache: tuple | None = None
 
     # ----------------------------------------------------------------------------------------- options
@@ -374,8 +374,6 @@ class ClassificationTask:
     def build_dataset(self, cfg: dict, split: str) -> Dataset:
         ds = self.dataset(cfg, self.splits(cfg)[0] if split == "val" else split)
         self.sensor_size = tuple(ds.sensor_size)
-        if split == "val":
-            self._val_labels, self._plans = np.asarray(ds.labels, dtype=np.int64), {}
         return ds
 
     def collate(self, items: list):
@@ -462,50 +460,25 @@ class ClassificationTask:
             model.ema.update(model.net, int(state["step"]))
 
     # ----------------------------------------------------------------------------------------- validation
-    def _val_plan(self, world_size: int) -> dict:
-        """Weights making the trainer's mean of per-batch values the exact split metric.
-
-        The trainer's validation sampler is sequential, unpadded, rank ``r`` taking items ``r, r + w, ...``
-        in batches of ``val_batch_size`` (at most ``limit_val_batches`` per rank), and the trainer divides
-        the sum of per-batch values by the number of batches ``T``. A batch therefore reports its *sums*
-        times ``T / N`` (``N`` items covered), and for the mean class accuracy each correct item adds
-        ``T / (K * n_y)`` (``n_y`` covered items of its class, ``K`` classes present).
-        """
-        if world_size in self._plans:
-            return self._plans[world_size]
-        labels = self._val_labels
-        d, t = self.cfg["data"], self.cfg.get("trainer", {})
-        bs = int(d.get("val_batch_size") or d["batch_size"])
-        limit = t.get("limit_val_batches")
-        n, batches, covered = len(labels), 0, []
-        for r in range(world_size):
-            n_r = len(range(r, n, world_size))
-            b_r = -(-n_r // bs) if limit is None else min(-(-n_r // bs), int(limit))
-            batches += b_r
-            covered.append(np.arange(min(n_r, b_r * bs)) * world_size + r)
-        idx = np.concatenate(covered) if covered else np.zeros(0, np.int64)
-        k = len(self.classes) if self.spec is None else self.spec.num_classes
-        counts = np.bincount(labels[idx][labels[idx] >= 0], minlength=k)
-        present = int((counts > 0).sum())
-        per_class = np.where(counts > 0, batches / np.maximum(present * counts, 1), 0.0)
-        plan = {"scale": batches / max(len(idx), 1), "per_class": torch.as_tensor(per_class, dtype=torch.float64)}
-        self._plans[world_size] = plan
-        return plan
+    def _val_metrics(self) -> ClassificationMetrics:
+        return ClassificationMetrics(int(self.spec.num_classes if self.spec else len(self.classes)))
 
     @torch.no_grad()
-    def validation_step(self, model: ClassifierModel, batch, state: dict) -> dict:
+    def validation_step(self, model: ClassifierModel, batch, state) -> dict:
+        """The batch's confusion matrix, top-5 hits and loss sum (additive: the trainer sums them)."""
         cfg = self.cfg
         o = self.options(cfg)
         logits = model.eval_net(bool(o["eval_ema"]))(self.inputs(batch, cfg, train=False)).float()
         label = batch["label"]
-        plan = self._val_plan(int(state.get("world_size", 1)))
-        correct = logits.argmax(-1) == label
-        loss = F.cross_entropy(logits, label, label_smoothing=float(o["label_smoothing"]), reduction="sum")
-        per_class = plan["per_class"].to(logits.device)[label.clamp(min=0)]
-        return {"loss": float(loss) * plan["scale"],
-                "top1": float(correct.sum()) * plan["scale"],
-                "top5": float(topk_correct(logits, label, 5).sum()) * plan["scale"],
-                "mean_class_acc": float((correct.double() * per_class).sum())}
+        n = int(label.numel())
+        loss = F.cross_entropy(logits, label, label_smoothing=float(o["label_smoothing"]))
+        stats = self._val_metrics().update({}, logits.argmax(-1), label)
+        Mean("top5").update(stats, topk_correct(logits, label, 5).double(), count=None)
+        return Mean("loss").update(stats, loss, n)
+
+    def validation_metrics(self, stats: dict) -> dict[str, float]:
+        """``top1``, ``mean_class_acc`` (from the split's confusion matrix), ``top5``, ``loss``."""
+        return {**self._val_metrics().compute(stats), **mean_metrics(stats)}
 
     # ----------------------------------------------------------------------------------------- evaluation
     def test_split(self, cfg: dict) -> str:

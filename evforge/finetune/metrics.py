@@ -20,7 +20,7 @@ from torch import Tensor
 
 __all__ = ["confusion_matrix", "accuracy", "topk_correct", "topk_accuracy", "mean_class_accuracy",
            "accuracy_from_confusion", "class_accuracy_from_confusion", "mean_class_accuracy_from_confusion", "iou_from_confusion",
-           "mean_iou_from_confusion", "nanmean"]
+           "mean_iou_from_confusion", "nanmean", "Confusion", "ClassificationMetrics", "SegmentationMetrics"]
 
 
 def _valid(target: Tensor, ignore_index: int | None) -> Tensor:
@@ -127,3 +127,53 @@ def mean_class_accuracy(pred: Tensor, target: Tensor, num_classes: int, ignore_i
     if pred.dim() == target.dim() + 1:
         pred = pred.argmax(-1)
     return mean_class_accuracy_from_confusion(confusion_matrix(pred, target, num_classes, ignore_index))
+
+
+# ------------------------------------------------------------------------ metric objects (trainer validation)
+class Confusion:
+    """A confusion matrix ``stats[name]`` (``[true, predicted]``) as an additive validation statistic
+    (:mod:`evforge.trainer.metrics`): ``update`` adds a batch's counts, ``compute`` reads the summed matrix
+    (``matrix``) and gives its metrics, exact over the split on any number of ranks."""
+
+    def __init__(self, num_classes: int, name: str = "confusion", ignore_index: int | None = None):
+        self.num_classes, self.name, self.ignore_index = int(num_classes), name, ignore_index
+
+    def update(self, stats: dict, pred: Tensor, target: Tensor) -> dict:
+        cm = confusion_matrix(pred, target, self.num_classes, self.ignore_index)
+        stats[self.name] = stats[self.name] + cm if self.name in stats else cm
+        return stats
+
+    def matrix(self, stats: dict) -> Tensor:
+        """The summed matrix (int64; zeros when nothing was counted)."""
+        cm = stats.get(self.name)
+        if cm is None:
+            return torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64)
+        return torch.as_tensor(cm).cpu().round().long()
+
+    def compute(self, stats: dict) -> dict[str, float]:
+        raise NotImplementedError
+
+
+class ClassificationMetrics(Confusion):
+    """``top1`` (trace / total) and ``mean_class_acc`` (mean per-class accuracy over the classes present)."""
+
+    def compute(self, stats: dict) -> dict[str, float]:
+        cm = self.matrix(stats)
+        return {"top1": accuracy_from_confusion(cm), "mean_class_acc": mean_class_accuracy_from_confusion(cm)}
+
+
+class SegmentationMetrics(Confusion):
+    """``mIoU``, ``mAcc``, ``aAcc`` and each class's ``iou/<class>`` (nan for a class neither true nor
+    predicted)."""
+
+    def __init__(self, num_classes: int, class_names=None, name: str = "confusion", ignore_index: int | None = None):
+        super().__init__(num_classes, name, ignore_index)
+        self.class_names = list(class_names or [])
+
+    def compute(self, stats: dict) -> dict[str, float]:
+        cm = self.matrix(stats)
+        names = [self.class_names[i] if i < len(self.class_names) else str(i) for i in range(self.num_classes)]
+        out = {"mIoU": mean_iou_from_confusion(cm), "mAcc": mean_class_accuracy_from_confusion(cm),
+               "aAcc": accuracy_from_confusion(cm)}
+        out.update({f"iou/{n}": float(v) for n, v in zip(names, iou_from_confusion(cm).tolist())})
+        return out

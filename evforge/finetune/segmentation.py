@@ -32,24 +32,10 @@ norm (``fresh``, the public code). Loss: CE (ignore 255) + Dice on the main logi
 times the same on the auxiliary logits (ECDDP's ``TaskLoss`` on both heads). ``optim.decay_all: true`` puts
 weight decay on every parameter (the public AdamW) instead of sparing norms, biases and position tables.
 
-Validation metrics and the trainer's reduction. ``Trainer.validate`` averages each returned scalar over all
-batches of all ranks (``sum / T``, ``T`` batches in all). mIoU is not a mean of per-batch values, so
-:meth:`SegmentationTask.validation_step` returns
-
-* ``mIoU``, ``mAcc``, ``aAcc`` (fractions) such that the trainer's mean *is* the split's value. The task keeps
-  the pass's confusion matrix (a pass is recognised by the ``state`` dict the trainer hands to every batch of
-  one ``validate()`` call) and batch ``i`` returns ``i * M_i - (i - 1) * M_{i-1}`` (``M_i``: the metric of the
-  first ``i`` batches): the values telescope to ``n * M_n``, so on one rank the mean is exactly ``M_n`` whatever
-  the batch sizes. On several ranks each rank's last batch (known from the trainer's unpadded sequential
-  sampler and ``limit_val_batches``) all-reduces the confusion matrices and the ranks' sums, and rank 0 adds
-  ``T * M_global - sum_r n_r M_r``: the mean is the global value (if some rank gets no batch, no collective
-  runs and the value is the ranks' batch-weighted mean);
-* the batch's per-class pixel counts ``seg/tp/<k>``, ``seg/gt/<k>``, ``seg/pred/<k>``: their trainer means are
-  the split's sums over one common ``T``, so :func:`metrics_from_counts` recovers every class's IoU / accuracy
-  exactly from a logged validation record.
-
-:meth:`SegmentationTask.confusion` / :meth:`SegmentationTask.validation_metrics` give the last pass's matrix
-and per-class metrics.
+Validation metrics: :meth:`SegmentationTask.validation_step` returns the batch's confusion matrix and loss sum;
+the trainer sums them over batches and ranks and :meth:`SegmentationTask.validation_metrics` turns the total
+into ``mIoU``, ``mAcc``, ``aAcc`` and each class's ``iou/<class>``: exact on any number of ranks.
+:meth:`SegmentationTask.confusion` gives the last pass's matrix.
 
 Evaluation (:mod:`evforge.finetune.evaluate`): :meth:`SegmentationTask.evaluate_split` (confusion over a split,
 ECDDP's flip x scale TTA by default through :func:`predict_logits`, example predictions) and
@@ -79,16 +65,18 @@ from ..models.swin import TINY_SWIN_KWARGS, PadFirstSwinBlock, use_pad_first_blo
 from ..representations import stacked_histograms
 from ..trainer.config import check_option_keys, merge
 from ..trainer.optim import default_param_groups
+from ..trainer.metrics import Mean, mean_metrics
 from ..trainer.sampler import mix_seed
+from ..trainer.task import Task
 from .backbones import ModelSpec, create_model, family, load_init, resolve_spec
 from .rectify import Rectifier
-from .metrics import (accuracy_from_confusion, class_accuracy_from_confusion, confusion_matrix, iou_from_confusion,
-                      mean_class_accuracy_from_confusion, mean_iou_from_confusion, nanmean)
+from .metrics import (SegmentationMetrics, accuracy_from_confusion, class_accuracy_from_confusion, confusion_matrix,
+                      iou_from_confusion, mean_class_accuracy_from_confusion, mean_iou_from_confusion)
 from .uper import FCNHead, UPerHead
 
 __all__ = ["DSEC_CLASSES", "IGNORE_INDEX", "TASK_DEFAULTS", "LabelWindowDataset", "SegCollate", "SwinFeatures",
            "ViTFeatures", "SegmentationModel", "build_backbone", "dice_loss", "segmentation_loss", "random_affine",
-           "warp_pair", "resize_sample", "predict_logits", "segmentation_metrics", "metrics_from_counts",
+           "warp_pair", "resize_sample", "predict_logits", "segmentation_metrics",
            "task_options", "SegmentationTask"]
 
 # DSEC-Semantic's 11 classes (the converter writes them into the manifest; this is the fallback without one)
@@ -538,38 +526,8 @@ def segmentation_metrics(cm: torch.Tensor, class_names: Sequence[str] | None = N
             "acc": dict(zip(names, acc.tolist())), "num_pixels": int(cm.sum()), "confusion": cm.tolist()}
 
 
-def metrics_from_counts(values: dict, num_classes: int, class_names: Sequence[str] | None = None) -> dict:
-    """Exact metrics from the trainer's validation record (means of the ``seg/{tp,gt,pred}/<k>`` counts over
-    batches and ranks: ratios of means are ratios of sums). Same keys as :func:`segmentation_metrics` minus
-    the confusion matrix."""
-    get = lambda kind: torch.tensor([float(values.get(f"seg/{kind}/{k}", 0.0)) for k in range(num_classes)],
-                                    dtype=torch.float64)
-    tp, gt, pred = get("tp"), get("gt"), get("pred")
-    union = gt + pred - tp
-    nan = torch.full_like(tp, math.nan)
-    iou = torch.where(union > 0, tp / union.clamp(min=1e-300), nan)
-    acc = torch.where(gt > 0, tp / gt.clamp(min=1e-300), nan)
-    names = list(class_names) if class_names else [str(k) for k in range(num_classes)]
-    total = float(gt.sum())
-    return {"mIoU": nanmean(iou), "mAcc": nanmean(acc), "aAcc": float(tp.sum()) / total if total else math.nan,
-            "iou": dict(zip(names, iou.tolist())), "acc": dict(zip(names, acc.tolist()))}
-
-
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum ``t`` over the ranks of the default process group (a collective: every rank must call it)."""
-    torch.distributed.all_reduce(t)
-    return t
-
-
-def _summary(cm: torch.Tensor) -> dict[str, float]:
-    """mIoU / mAcc / aAcc of ``cm`` with nan (nothing counted yet) as 0, for the telescoped validation sums."""
-    vals = {"mIoU": mean_iou_from_confusion(cm), "mAcc": mean_class_accuracy_from_confusion(cm),
-            "aAcc": accuracy_from_confusion(cm)}
-    return {k: 0.0 if math.isnan(v) else v for k, v in vals.items()}
-
-
 # ------------------------------------------------------------------------------------------------------- task
-class SegmentationTask:
+class SegmentationTask(Task):
     """Semantic segmentation finetuning (see the module docstring for data, model, loss and metrics)."""
 
     name = "segmentation"
@@ -586,8 +544,7 @@ class SegmentationTask:
         self.label_size: tuple[int, int] | None = None
         self.classes: list[str] = list(DSEC_CLASSES)
         self._spec: ModelSpec | None = None
-        self._val_len: int | None = None  # items of the validation split (the multi-rank plan)
-        self.reset_validation()
+        self._val_cm: torch.Tensor | None = None  # the last validation pass's confusion matrix
 
     # ---- config, model, data
     def opts(self, cfg: dict | None = None) -> dict:
@@ -645,7 +602,6 @@ class SegmentationTask:
                 ds = LabelWindowDataset(path, train_split, sequences=held_out, **common)
             else:
                 return None
-            self._val_len = len(ds)
         else:
             ds = LabelWindowDataset(path, d.get(f"{split}_split", split), **common)
         self._check_sizes(ds, o)
@@ -732,12 +688,6 @@ class SegmentationTask:
         logits, aux = out if isinstance(out, (tuple, list)) else (out, None)
         return self.loss(logits, target, aux)
 
-    def before_optimizer_step(self, model: nn.Module, state: dict) -> None:
-        pass
-
-    def after_optimizer_step(self, model: nn.Module, state: dict) -> None:
-        pass
-
     def predict(self, model: nn.Module, batch: dict, tta: dict | None = None):
         """(logits at the label size, labels, inputs) of a batch; ``tta`` as :func:`predict_logits`."""
         x, target = self.inputs(batch)
@@ -745,80 +695,31 @@ class SegmentationTask:
         return logits, target, x
 
     @torch.no_grad()
-    def validation_step(self, model: nn.Module, batch, state: dict) -> dict:
-        """Loss, the batch's per-class counts and the pass's mIoU / mAcc / aAcc (see the module docstring)."""
+    def validation_step(self, model: nn.Module, batch, state) -> dict:
+        """The batch's loss and confusion matrix (additive: the trainer sums them over batches and ranks)."""
         o = self.opts()
         k = int(o["num_classes"])
         logits, target, _ = self.predict(model, batch, tta=o["val_tta"])
         loss, _ = segmentation_loss(logits, target, k, int(o["ignore_index"]), float(o["loss"]["dice_weight"]))
-        cm = confusion_matrix(logits.argmax(1), target, k, ignore_index=int(o["ignore_index"]))
-        if state is not self._val_state:  # a new validate() call: the trainer passes one state dict per pass
-            self.reset_validation()
-            self._val_state = state
-        self._val_cm += cm
-        self._val_batches += 1
-        n, cur = self._val_batches, _summary(self._val_cm)
-        out = {"loss": float(loss)}
-        out.update({name: n * v - (n - 1) * self._val_prev[name] for name, v in cur.items()})  # telescoped
-        self._val_prev = cur
-        plan = self._rank_plan(state)
-        if plan is not None and n == plan[0]:  # this rank's last batch: make the ranks' total exact
-            for name, v in self._global_correction(cur, n, plan[1], state).items():
-                out[name] += v
-        tp, gt, pred = cm.diagonal(), cm.sum(1), cm.sum(0)
-        for c in range(k):
-            out[f"seg/tp/{c}"], out[f"seg/gt/{c}"], out[f"seg/pred/{c}"] = float(tp[c]), float(gt[c]), float(pred[c])
-        return out
+        stats = self._val_metrics().update({}, logits.argmax(1), target)
+        return Mean("loss").update(stats, loss, int(target.shape[0]))
 
-    def _rank_plan(self, state: dict) -> tuple[int, int] | None:
-        """(this rank's validation batches, all ranks' batches) when several ranks validate, from the trainer's
-        sampler (sequential, unpadded, ``limit_val_batches``); None on one rank or when a rank gets no batch."""
-        world = int(state.get("world_size", 1))
-        if world <= 1 or self._val_len is None:
-            return None
-        from ..trainer.sampler import ResumableBatchSampler
+    def _val_metrics(self) -> SegmentationMetrics:
+        o = self.opts()
+        return SegmentationMetrics(int(o["num_classes"]), self.classes, ignore_index=int(o["ignore_index"]))
 
-        d, t = self.cfg.get("data", {}), self.cfg.get("trainer", {})
-        bs = int(d.get("val_batch_size") or d.get("batch_size") or 1)
-        limit = t.get("limit_val_batches")
-        counts = [len(ResumableBatchSampler(self._val_len, bs, shuffle=False, rank=r, world_size=world,
-                                            drop_last=False, pad=False)) for r in range(world)]
-        counts = [c if limit is None else min(c, int(limit)) for c in counts]
-        if min(counts) == 0:  # a rank without batches would never join the collective: stay per-rank
-            return None
-        return counts[int(state.get("rank", 0))], sum(counts)
-
-    def _global_correction(self, cur: dict, n: int, total: int, state: dict) -> dict:
-        """At each rank's last batch: all-reduce the confusion matrices and the ranks' telescoped sums
-        ``n_r * M_r``. Rank 0 returns ``T * M_global - sum_r n_r * M_r`` to add, the others 0: the trainer's
-        mean over the ``T`` batches is then ``M_global``."""
-        names = list(cur)
-        k = self._val_cm.shape[0]
-        payload = torch.cat([self._val_cm.flatten().double(),
-                             torch.tensor([n * cur[name] for name in names], dtype=torch.float64)])
-        payload = _all_reduce_sum(payload.to(torch.device(state["device"]))).cpu()
-        self._val_global_cm = payload[: k * k].round().long().view(k, k)
-        if int(state.get("rank", 0)) != 0:
-            return {name: 0.0 for name in names}
-        glob = _summary(self._val_global_cm)
-        return {name: total * glob[name] - float(payload[k * k + i]) for i, name in enumerate(names)}
-
-    def reset_validation(self) -> None:
-        """Start a new running confusion matrix (done automatically at each trainer validation pass)."""
-        k = int(task_options(self.cfg)["num_classes"]) if self.cfg else int(TASK_DEFAULTS["num_classes"])
-        self._val_state = None
-        self._val_cm = torch.zeros(k, k, dtype=torch.int64)
-        self._val_global_cm = None
-        self._val_batches = 0
-        self._val_prev = {"mIoU": 0.0, "mAcc": 0.0, "aAcc": 0.0}
+    def validation_metrics(self, stats: dict) -> dict[str, float]:
+        """``mIoU``, ``mAcc``, ``aAcc``, ``iou/<class>`` of the split's confusion matrix, and ``loss``; the
+        matrix is kept (:meth:`confusion`)."""
+        metrics = self._val_metrics()
+        self._val_cm = metrics.matrix(stats)
+        return {**metrics.compute(stats), **mean_metrics(stats)}
 
     def confusion(self) -> torch.Tensor:
-        """The confusion matrix ``[true, pred]`` of the last validation pass (all ranks' when several ran)."""
-        return (self._val_cm if self._val_global_cm is None else self._val_global_cm).clone()
-
-    def validation_metrics(self) -> dict:
-        """:func:`segmentation_metrics` of the last validation pass (per-class IoU with class names)."""
-        return segmentation_metrics(self.confusion(), self.classes)
+        """The confusion matrix ``[true, pred]`` of the last validation pass (all ranks')."""
+        if self._val_cm is None:
+            raise RuntimeError("no validation pass yet")
+        return self._val_cm.clone()
 
     # ---- evaluation (evforge.finetune.evaluate)
     def test_split(self, cfg: dict) -> str:

@@ -1,4 +1,4 @@
-"""A tiny task implementing the :class:`~evforge.trainer.task.Task` protocol: tests and smoke runs of the trainer.
+"""A tiny :class:`~evforge.trainer.task.Task`: tests and smoke runs of the trainer.
 
 An MLP student (with LayerNorm and dropout, so RNG state matters) regresses fixed random targets from noisy
 inputs (noise drawn per item from the global RNG: a random augmentation), plus an auxiliary term towards an
@@ -13,7 +13,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .optim import default_param_groups
+from .metrics import Mean
+from .task import Task
 
 __all__ = ["ToyDataset", "ToyModel", "ToyTask", "toy_config"]
 
@@ -54,32 +55,31 @@ class ToyModel(nn.Module):
             t.mul_(momentum).add_(s.detach(), alpha=1.0 - momentum)
 
 
-class ToyTask:
+class ToyTask(Task):
     """The toy task; options under ``cfg["task"]`` (n, n_val, dim, hidden, dropout, noise). Records seen indices."""
 
+    name = "toy"
     # what it reads besides the trainer's keys (check_config): two scheduled scalars
     config_keys = {"schedules": {"ema_momentum": "number|dict", "aux_weight": "number|dict"}}
+    option_defaults = {"name": "toy", "n": 40, "n_val": 12, "dim": 8, "hidden": 16, "dropout": 0.1, "noise": 0.1}
 
     def __init__(self, fail_at_step: int | None = None):
         self.seen: list[list[int]] = []
         self.fail_at_step = fail_at_step  # raise in training_step at this step: a crash between checkpoints
 
     def build_model(self, cfg: dict) -> nn.Module:
-        o = cfg.get("task", {})
-        return ToyModel(o.get("dim", 8), o.get("hidden", 16), 2, o.get("dropout", 0.1))
+        self.cfg = cfg
+        o = self.options(cfg)
+        return ToyModel(o["dim"], o["hidden"], 2, o["dropout"])
 
     def build_dataset(self, cfg: dict, split: str):
-        o = cfg.get("task", {})
-        n = o.get("n", 40) if split == "train" else o.get("n_val", 12)
-        return ToyDataset(n, o.get("dim", 8), 2, seed=0 if split == "train" else 1, noise=o.get("noise", 0.1))
+        o = self.options(cfg)
+        n = o["n"] if split == "train" else o["n_val"]
+        return ToyDataset(n, o["dim"], 2, seed=0 if split == "train" else 1, noise=o["noise"])
 
     def collate(self, items: list) -> dict:
         return {"x": torch.stack([it["x"] for it in items]), "y": torch.stack([it["y"] for it in items]),
                 "index": torch.tensor([it["index"] for it in items])}
-
-    def param_groups(self, model: nn.Module, cfg: dict) -> list[dict]:
-        o = cfg["optim"]
-        return default_param_groups(model, o["weight_decay"], o["lr_scales"], o["no_decay"])
 
     def training_step(self, model, batch, state):
         if self.fail_at_step is not None and state["step"] == self.fail_at_step:
@@ -92,7 +92,8 @@ class ToyTask:
         model.update_teacher(state.get("ema_momentum", 0.99))
 
     def validation_step(self, model, batch, state) -> dict:
-        return {"mse": float(nn.functional.mse_loss(model.student(batch["x"]), batch["y"]))}
+        err = (model.student(batch["x"]) - batch["y"]).pow(2)
+        return Mean("mse").update({}, err, count=None)  # the mean over every value of the split
 
 
 def toy_config(**trainer) -> dict:

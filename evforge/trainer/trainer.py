@@ -22,7 +22,6 @@ batches in the sampler: a resumed run's losses equal the uninterrupted run's (bi
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import signal
@@ -35,7 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import DataLoader
 
 from ..errors import InputError, LockedError, OutputError
 from ..locks import FolderLock
@@ -43,9 +42,11 @@ from .checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_s
 from .config import ConfigError, check_config, config_hash, save_config, with_defaults
 from .launch import fabric_kwargs
 from .loggers import Loggers, Progress
-from .optim import apply_schedules, build_optimizer, default_param_groups
+from .metrics import accumulate, all_reduce_stats
+from .optim import apply_schedules, build_optimizer
 from .sampler import ResumableBatchSampler, SeededCollate, SeededDataset, mix_seed
 from .schedules import Schedules
+from .task import StepState
 
 __all__ = ["Trainer", "CHECKPOINT_FORMAT"]
 
@@ -103,10 +104,10 @@ class Trainer:
     that checkpoint, ``None`` starts fresh (overwriting the logs). Construction launches the processes
     (``fabric.launch()``), builds model, optimizer and loaders and restores the checkpoint; :meth:`fit` trains.
 
-    The task's ``training_step`` receives the Fabric-wrapped model: call ``model(...)`` (its ``forward``) so that
-    DDP synchronises gradients and autocast applies (other methods: ``model.mark_forward_method(name)``).
-    ``after_optimizer_step`` and ``validation_step`` receive the plain module. A task may also define
-    ``state_dict()`` / ``load_state_dict(d)`` for state outside the model (checkpointed with it).
+    ``task`` is a :class:`~evforge.trainer.task.Task`. Its ``training_step`` receives the Fabric-wrapped model:
+    call ``model(...)`` (its ``forward``) so that DDP synchronises gradients and autocast applies (other methods:
+    ``model.mark_forward_method(name)``). ``after_optimizer_step`` and ``validation_step`` receive the plain
+    module; ``state_dict()`` / ``load_state_dict(d)`` carry state outside the model (checkpointed with it).
     """
 
     def __init__(self, cfg: dict, task, *, out_dir, resume: str | os.PathLike | None = "auto",
@@ -114,7 +115,7 @@ class Trainer:
         from lightning_fabric import Fabric
 
         cfg = with_defaults(cfg)
-        check_config(cfg, getattr(task, "config_keys", None))  # typos and wrong types fail before any work
+        check_config(cfg, task.config_keys or None)  # typos and wrong types fail before any work
         self.cfg, self.task, self.out_dir = cfg, task, Path(out_dir)
         self._command = command
         t, d = cfg["trainer"], cfg["data"]
@@ -150,10 +151,7 @@ class Trainer:
         # model and optimizer (identical initialisation on every rank)
         _seed_all(seed)
         model = task.build_model(cfg)
-        groups = task.param_groups(model, cfg) if callable(getattr(task, "param_groups", None)) else None
-        if not groups:
-            o = cfg["optim"]
-            groups = default_param_groups(model, o["weight_decay"], o["lr_scales"], o["no_decay"])
+        groups = task.param_groups(model, cfg)
 
         # data
         train_set = task.build_dataset(cfg, "train")
@@ -240,7 +238,7 @@ class Trainer:
 
     def _make_loader(self, dataset, sampler, num_workers: int, generator: torch.Generator) -> DataLoader:
         d = self.cfg["data"]
-        collate = getattr(self.task, "collate", None) or default_collate
+        collate = self.task.collate
         if num_workers > 0 and callable(getattr(dataset, "close", None)):
             dataset.close()  # workers open their own file handles (EventDataset's HDF5 shards)
         if d["seed_items"]:
@@ -309,8 +307,7 @@ class Trainer:
             "config_hash": config_hash(self.cfg),
             "last_train": {k: v for k, v in self.last_train.items() if isinstance(v, (int, float, str))},
         }
-        if callable(getattr(self.task, "state_dict", None)):
-            state["task"] = self.task.state_dict()
+        state["task"] = self.task.state_dict()
         return state
 
     def save_checkpoint(self, keep: bool = False) -> Path:
@@ -350,7 +347,7 @@ class Trainer:
             self._loader_gen.set_state(ranks[self.rank]["loader"])
         else:
             _seed_all(mix_seed(self.seed, self.rank, self.step, 1))
-        if callable(getattr(self.task, "load_state_dict", None)) and "task" in ck:
+        if "task" in ck:
             self.task.load_state_dict(ck["task"])
         if notes and self.is_main:
             warnings.warn(f"resuming from {path} (step {self.step}): not an exact continuation: " + "; ".join(notes),
@@ -387,11 +384,11 @@ class Trainer:
         return bool(self.fabric.all_reduce(flag, reduce_op="sum").item() > 0)
 
     # --------------------------------------------------------------------------------------------- training
-    def _state(self, scalars: dict) -> dict:
-        return {"step": self.step, "epoch": self.epoch, "device": self.fabric.device, **scalars,
-                "rank": self.rank, "world_size": self.world_size, "global_batch": self.global_batch,
-                "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
-                "accumulate": self.accumulate, "micro_step": 0}
+    def _state(self, scalars: dict) -> StepState:
+        return StepState(step=self.step, epoch=self.epoch, device=self.fabric.device, rank=self.rank,
+                         world_size=self.world_size, global_batch=self.global_batch,
+                         steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps,
+                         accumulate=self.accumulate, micro_step=0, scalars=dict(scalars))
 
     def _train_step(self, it) -> tuple[dict, dict]:
         """One optimizer step over ``accumulate`` micro-batches: this rank's logs (tensors or floats), the scalars."""
@@ -406,7 +403,7 @@ class Trainer:
             except StopIteration:
                 raise RuntimeError("the training loader ran out of batches within an epoch") from None
             batch = fabric.to_device(batch)
-            state["micro_step"] = k
+            state.micro_step = k
             skip_sync = self.world_size > 1 and k < accum - 1
             with fabric.no_backward_sync(self.model, enabled=True) if skip_sync else nullcontext():
                 with fabric.autocast():
@@ -416,19 +413,17 @@ class Trainer:
                 v = v.detach().float() if torch.is_tensor(v) else float(v)
                 sums[name] = sums[name] + v if name in sums else v
         out = {name: v / accum for name, v in sums.items()}
-        before_clip = getattr(self.task, "before_gradient_clip", None)
-        if before_clip is not None:  # e.g. ECDDP's public order: prototype gradients dropped before clipping
-            before_clip(self.raw_model, state)
+        # e.g. ECDDP's public order: prototype gradients dropped before clipping
+        self.task.before_gradient_clip(self.raw_model, state)
         if self.grad_clip is not None:
             norm = fabric.clip_gradients(self.model, self.optimizer, max_norm=self.grad_clip,
                                          error_if_nonfinite=False)
             out["grad_norm"] = norm.detach().float()
-        before = getattr(self.task, "before_optimizer_step", None)
-        if before is not None:  # e.g. freezing prototype layers early on (after clipping, as DINO does)
-            before(self.raw_model, state)
+        # e.g. freezing prototype layers early on (after clipping, as DINO does)
+        self.task.before_optimizer_step(self.raw_model, state)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.task.after_optimizer_step(self.raw_model, {**state, "step": self.step + 1})
+        self.task.after_optimizer_step(self.raw_model, state.replace(step=self.step + 1))
         return out, scalars
 
     def _reduce_logs(self, logs: dict, scalars: dict) -> dict:
@@ -519,14 +514,15 @@ class Trainer:
     # ------------------------------------------------------------------------------------------- validation
     @torch.no_grad()
     def validate(self) -> dict:
-        """Mean of the task's per-batch metrics over the validation split, across ranks; logged as ``val``."""
+        """The task's metrics over the validation split: its per-batch statistics summed over batches and ranks
+        (:mod:`evforge.trainer.metrics`), turned into metrics once by ``task.validation_metrics``; logged as
+        ``val``. Exact whatever the batching and the number of ranks."""
         if self.val_loader is None:
             return {}
         fabric, model = self.fabric, self.raw_model
         was_training = model.training
         model.eval()
-        sums: dict[str, float] = {}
-        n = 0
+        total: dict = {}
         state = self._state(self.schedules.at(self.step))
         with _fork_rng(fabric.device):
             self.val_sampler.set_epoch(0)
@@ -534,19 +530,10 @@ class Trainer:
                 if self.limit_val is not None and i >= self.limit_val:
                     break
                 with fabric.autocast():
-                    metrics = self.task.validation_step(model, fabric.to_device(batch), state)
-                for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
-                n += 1
+                    accumulate(total, self.task.validation_step(model, fabric.to_device(batch), state))
         model.train(was_training)
-        names = sorted(sums)
-        if self.world_size > 1:
-            names = fabric.broadcast(names, src=0)  # rank 0 has the most batches (unpadded sharding)
-        vec = torch.tensor([sums.get(k, 0.0) for k in names] + [float(n)], dtype=torch.float64)
-        if self.world_size > 1:
-            vec = fabric.all_reduce(vec.to(fabric.device), reduce_op="sum").cpu()
-        count = float(vec[-1])
-        metrics = {k: float(vec[i]) / count if count else math.nan for i, k in enumerate(names)}
+        metrics = {k: float(v) for k, v in self.task.validation_metrics(
+            all_reduce_stats(total, fabric, self.world_size)).items()}
         self.last_val = metrics
         self._log("val", metrics)
         return metrics

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import threading
 from pathlib import Path
 
 import h5py
@@ -19,13 +18,14 @@ from torch import nn
 import evforge
 from evforge.dataset_builder.build import build_dataset
 from evforge.finetune import segmentation as seg
-from evforge.finetune.metrics import confusion_matrix
+from evforge.finetune.metrics import SegmentationMetrics, confusion_matrix
 from evforge.finetune.seg_report import DSEC_PALETTE, colorize, write_segmentation_report
 from evforge.finetune.segmentation import (SegCollate, SegmentationModel, SegmentationTask, dice_loss,
-                                           metrics_from_counts, predict_logits, random_affine,
+                                           predict_logits, random_affine,
                                            segmentation_loss, segmentation_metrics, warp_pair)
 from evforge.finetune.uper import FCNHead, UPerHead
 from evforge.trainer.config import load_config
+from evforge.trainer.metrics import accumulate
 from evforge.trainer.trainer import Trainer
 
 CONFIGS = Path(evforge.__file__).resolve().parent / "configs" / "finetune"
@@ -55,18 +55,14 @@ def test_miou_and_class_accuracy_exact_on_hand_made_masks():
     assert m["mAcc"] == pytest.approx(0.7, rel=1e-15)  # classes with truth only
     assert m["aAcc"] == 7 / 10 and m["num_pixels"] == 10
 
-    # the per-class counts of unequal "batches", averaged as the trainer does, give the same metrics
-    parts = [(PRED[:1], TARGET[:1]), (PRED[1:], TARGET[1:])]
-    means = {}
-    for p, t in parts:
-        c = confusion_matrix(p, t, 4, ignore_index=255)
-        for k in range(4):
-            for kind, v in (("tp", c[k, k]), ("gt", c[k].sum()), ("pred", c[:, k].sum())):
-                means[f"seg/{kind}/{k}"] = means.get(f"seg/{kind}/{k}", 0.0) + float(v) / len(parts)
-    r = metrics_from_counts(means, 4, ["a", "b", "c", "d"])
+    # the confusion statistics of unequal "batches", summed as the trainer does, give the same metrics
+    metric, total = SegmentationMetrics(4, ["a", "b", "c", "d"], ignore_index=255), {}
+    for p, t in [(PRED[:1], TARGET[:1]), (PRED[1:], TARGET[1:])]:
+        accumulate(total, metric.update({}, p, t))
+    r = metric.compute(total)
     for key in ("mIoU", "mAcc", "aAcc"):
         assert r[key] == pytest.approx(m[key], rel=1e-14)
-    assert r["iou"]["c"] == 0.0 and math.isnan(r["iou"]["d"]) and math.isnan(r["acc"]["c"])
+    assert r["iou/c"] == 0.0 and math.isnan(r["iou/d"])
 
     # everything ignored: nothing counted, every metric nan
     empty = segmentation_metrics(confusion_matrix(PRED, torch.full_like(TARGET, 255), 4, ignore_index=255))
@@ -93,12 +89,11 @@ def _mask_batch(masks):
     return SegCollate()(items)
 
 
-def _small_task(world_size=1, val_len=None):
+def _small_task():
     task = SegmentationTask()
     task.cfg = {"task": {"num_classes": 4, "crop_bottom": 1, "chunks": 1, "events_per_chunk": 1},
-                "data": {"batch_size": 2, "val_batch_size": 2}, "trainer": {"limit_val_batches": None}}
+                "data": {"batch_size": 2, "val_batch_size": 2}}
     task.sensor_size = (4, 4)
-    task._val_len = val_len
     return task
 
 
@@ -109,60 +104,26 @@ def _masks(seed, n):
     return t, torch.randint(0, 4, (n, 3, 4), generator=g)
 
 
-def test_validation_means_are_the_exact_split_metrics_for_unequal_batches():
-    task = _small_task()
-    target, pred = _masks(0, 5)
-    exact = segmentation_metrics(confusion_matrix(pred, target, 4, ignore_index=255))
-    for _ in range(2):  # two passes: the second starts a fresh confusion matrix
-        state = {"device": "cpu", "world_size": 1, "rank": 0}  # one dict per validate() call, as the trainer
-        batches = [(0, 2), (2, 3), (3, 5)]  # sizes 2, 1, 2
-        model = _Replay([pred[a:b] for a, b in batches], 4)
-        outs = [task.validation_step(model, _mask_batch(target[a:b]), state) for a, b in batches]
-        mean = {k: sum(o[k] for o in outs) / len(outs) for k in outs[0]}
-        for key in ("mIoU", "mAcc", "aAcc"):
-            assert mean[key] == pytest.approx(exact[key], rel=1e-12, abs=1e-15)
-            assert metrics_from_counts(mean, 4)[key] == pytest.approx(exact[key], rel=1e-12)
-        assert task.confusion().tolist() == exact["confusion"]
-
-
-def test_validation_means_are_exact_across_ranks(monkeypatch):
-    """Two ranks (threads) with the trainer's sharding: item i on rank i % 2, batches of 2; a fake all-reduce."""
-    world, n = 2, 7
+@pytest.mark.parametrize("world", [1, 2])
+def test_validation_statistics_give_the_exact_split_metrics_for_unequal_batches(world):
+    """The trainer's sharding (item i on rank i % world, batches of 2: unequal batches and batch counts); every
+    rank's statistics summed, as the trainer's all-reduce does, give the split's metrics."""
+    n = 7
     target, pred = _masks(1, n)
     exact = segmentation_metrics(confusion_matrix(pred, target, 4, ignore_index=255))
-    barrier, box, lock = threading.Barrier(world), {}, threading.Lock()
-
-    def fake_all_reduce(t):
-        with lock:
-            box[threading.current_thread().name] = t.clone()
-        barrier.wait()
-        total = sum(box.values())
-        barrier.wait()
-        return total
-
-    monkeypatch.setattr(seg, "_all_reduce_sum", fake_all_reduce)
-    outs = {}
-
-    def run(rank):
-        task = _small_task(world, n)
-        state = {"device": "cpu", "world_size": world, "rank": rank}
+    task, total = _small_task(), {}
+    for rank in range(world):
         idx = list(range(rank, n, world))
         batches = [idx[i:i + 2] for i in range(0, len(idx), 2)]
         model = _Replay([pred[b] for b in batches], 4)
-        outs[rank] = [task.validation_step(model, _mask_batch(target[b]), state) for b in batches]
-        outs[f"cm{rank}"] = task.confusion()
-
-    threads = [threading.Thread(target=run, args=(r,), name=f"rank{r}") for r in range(world)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    records = outs[0] + outs[1]
-    assert len(records) == 4  # 2 + 2 batches
+        for b in batches:
+            accumulate(total, task.validation_step(model, _mask_batch(target[b]), {"device": "cpu"}))
+    got = task.validation_metrics(total)
     for key in ("mIoU", "mAcc", "aAcc"):
-        mean = sum(o[key] for o in records) / len(records)
-        assert mean == pytest.approx(exact[key], rel=1e-12)
-    assert outs["cm0"].tolist() == outs["cm1"].tolist() == exact["confusion"]  # the global matrix on every rank
+        assert got[key] == pytest.approx(exact[key], rel=1e-12, abs=1e-15)
+    assert task.confusion().tolist() == exact["confusion"]
+    for c in range(3):
+        assert got[f"iou/{task.classes[c]}"] == pytest.approx(exact["iou"][str(c)], rel=1e-12)
 
 
 # ------------------------------------------------------------------------------------------------- heads
@@ -380,12 +341,11 @@ def test_dsec_fixture_through_training_evaluation_and_reports(dsec_dataset, tmp_
     val = [r for r in rows if r["split"] == "val"]
     assert [r["step"] for r in val] == [4, 8]
     last = val[-1]
-    exact = task.validation_metrics()  # the last pass's confusion matrix: 3 items in batches of 2 and 1
+    exact = segmentation_metrics(task.confusion())  # the last pass's matrix: 3 items in batches of 2 and 1
     assert exact["num_pixels"] == 3 * 436 * 640
     for key in ("mIoU", "mAcc", "aAcc"):
         assert 0.0 <= last[key] <= 1.0
-        assert last[key] == pytest.approx(exact[key], rel=1e-9)
-        assert metrics_from_counts(last, 11)[key] == pytest.approx(exact[key], rel=1e-9)
+        assert last[key] == pytest.approx(exact[key], rel=1e-12)
 
     # evaluation: the kept checkpoint with the best validation mIoU, rebuilt from its own task state (no
     # backbone file), on the test split with TTA (flip x 2 scales)

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -16,8 +13,6 @@ import torch
 from evforge.trainer import Trainer, load_checkpoint
 from evforge.trainer.toy import ToyTask, toy_config
 
-ROOT = Path(__file__).resolve().parents[2]
-TIMEOUT = 120
 
 SCRIPT = textwrap.dedent('''
     import json, sys
@@ -38,25 +33,6 @@ SCRIPT = textwrap.dedent('''
                    "history": tr.history, "summary": summary}, f)
     tr.close()
 ''')
-
-
-def _run(cmd: list[str], cwd: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1"}
-    for k in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS"):
-        env.pop(k, None)
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the whole group: rank 0 and the ranks it started
-        out, _ = proc.communicate()
-        pytest.fail(f"DDP run hung for {TIMEOUT} s:\n{out[-3000:]}")
-    if proc.returncode != 0:
-        clues = [line for line in out.splitlines()
-                 if any(w in line for w in ("Error", "error:", "Traceback", "terminate", "what()", "Signal"))]
-        pytest.fail(f"exit status {proc.returncode}; clues:\n" + "\n".join(clues[:40]) + f"\n...\n{out[-3000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -92,18 +68,18 @@ def _check(out: Path, reference: list[dict]) -> None:
     assert [x["step"] for x in lines if x["split"] == "train"] == list(range(1, 7))
 
 
-def test_ddp_fabric_launch(tmp_path, reference):
+def test_ddp_fabric_launch(tmp_path, reference, launch):
     """devices=2 on one machine: fabric.launch() starts the second process itself."""
     script = tmp_path / "ddp_run.py"
     script.write_text(SCRIPT)
-    _run([sys.executable, str(script), str(tmp_path / "fabric"), "2"], tmp_path)
+    launch([sys.executable, str(script), str(tmp_path / "fabric"), "2"], tmp_path)
     _check(tmp_path / "fabric", reference)
 
 
-def test_ddp_torchrun(tmp_path, reference):
+def test_ddp_torchrun(tmp_path, reference, launch):
     """torchrun --nproc_per_node 2: devices "auto" are read from torchrun's environment."""
     script = tmp_path / "ddp_run.py"
     script.write_text(SCRIPT)
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-          str(tmp_path / "torchrun"), "auto"], tmp_path)
+    launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(tmp_path / "torchrun"), "auto"], tmp_path)
     _check(tmp_path / "torchrun", reference)

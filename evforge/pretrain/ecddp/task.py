@@ -27,7 +27,9 @@ from ...augment import crop_events
 from ...dataset_builder.dataset import EventDataset, collate_events
 from ...representations import voxel_grid
 from ...trainer.config import check_option_keys, merge
+from ...trainer.metrics import Mean, batch_count
 from ...trainer.sampler import mix_seed
+from ...trainer.task import Task
 from .model import ECDDPConfig, ECDDPModel
 
 TASK_DEFAULTS: dict = {
@@ -58,7 +60,7 @@ def task_options(cfg: dict) -> dict:
     return opts
 
 
-class ECDDPTask:
+class ECDDPTask(Task):
     """Pretraining with ECDDP on event-stream windows."""
 
     name = "ecddp"
@@ -168,4 +170,7 @@ class ECDDPTask:
         g = self._generator(cfg, {**state, "step": 0, "micro_step": 0}, salt=2)  # same crops every time
         core = getattr(model, "module", model)
         loss, parts = model(self.inputs(core, batch, cfg, g), teacher_temp=float(state["teacher_temp"]), generator=g)
-        return {"loss": float(loss), **{k: float(parts[k]) for k in ("img_local", "img_global", "context", "patch")}}
+        n, stats = batch_count(batch), {}
+        for name, v in {"loss": loss, **{k: parts[k] for k in ("img_local", "img_global", "context", "patch")}}.items():
+            Mean(name).update(stats, v, n)  # batch means weighted by items: the split's mean
+        return stats

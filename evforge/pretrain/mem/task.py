@@ -17,11 +17,11 @@ seeded generator.
 its argmax codes of the same image are the targets (MEM's ``CreateTwoPic``: one image for both). Channel
 count, patch size = tokenizer stride, image size and vocabulary are checked against the tokenizer.
 
-Validation reports whole-split statistics besides the per-batch means: the tokenizer's ``codebook_used``
+Validation reports whole-split statistics besides the means over items: the tokenizer's ``codebook_used``
 (distinct codes over the whole split, MEM's ``evaluate``), ``codebook_usage`` (that / codebook size) and
 ``codebook_perplexity``; MEM's ``majority_share`` (share of the most frequent target code among the masked
-patches) next to ``mlm_acc``. With several processes these are the mean over the ranks of each rank's share
-of the split (the exact union would need a gather the trainer does not make).
+patches) next to ``mlm_acc``. They come from code histograms summed over the split's batches and ranks by
+the trainer (:mod:`evforge.trainer.metrics`): exact on any number of processes.
 """
 
 from __future__ import annotations
@@ -38,7 +38,9 @@ from ...dataset_builder.dataset import EventDataset, collate_events
 from ...errors import InputError
 from ...trainer.checkpoint import load_checkpoint
 from ...trainer.config import ConfigError, check_option_keys, merge
+from ...trainer.metrics import Histogram, Mean, batch_count, mean_metrics
 from ...trainer.sampler import mix_seed
+from ...trainer.task import Task
 from .dvae import DiscreteVAE, DVAEConfig
 from .inputs import INPUT_KEYS, REPRESENTATION_KEYS, MEMInputConfig, mem_inputs
 from .masking import make_mask_generator
@@ -64,44 +66,23 @@ def _key_seed(batch: dict) -> int:
     return zlib.crc32("\x00".join(batch["key"]).encode())
 
 
-class _WholeSplit:
-    """Whole-split statistics through the trainer's mean of per-batch values: a histogram is summed over one
-    validation pass and reported at the pass's last batch, scaled by (batches in the split) / (ranks), every
-    other batch reporting 0. The pass length per rank follows the trainer's validation sampler (rank ``r``
-    takes items ``r, r + w, ...`` in batches, unpadded, at most ``limit_val_batches``)."""
-
-    def __init__(self):
-        self.items = 0
-        self.calls = 0
-        self.hist: torch.Tensor | None = None
-
-    def batches(self, cfg: dict, world: int, rank: int) -> tuple[int, int]:
-        d, t = cfg["data"], cfg.get("trainer", {})
-        bs = int(d.get("val_batch_size") or d["batch_size"])
-        limit = t.get("limit_val_batches")
-        per = [-(-len(range(r, self.items, world)) // bs) for r in range(world)]
-        if limit is not None:
-            per = [min(p, int(limit)) for p in per]
-        return per[rank], sum(per)
-
-    def add(self, hist: torch.Tensor, cfg: dict, state: dict) -> float | None:
-        """Add a batch's histogram; at the pass's last batch return the scale for the whole-split values."""
-        world, rank = int(state.get("world_size", 1)), int(state.get("rank", 0))
-        mine, total = self.batches(cfg, world, rank)
-        if self.calls >= mine:  # a new pass
-            self.calls, self.hist = 0, None
-        self.hist = hist.double().cpu() if self.hist is None else self.hist + hist.double().cpu()
-        self.calls += 1
-        return total / world if self.calls == mine else None
-
-
 def _perplexity(hist: torch.Tensor) -> float:
     p = hist / hist.sum().clamp(min=1)
     p = p[p > 0]
     return float((-(p * p.log()).sum()).exp())
 
 
-class _MEMData:
+def _codebook_metrics(hist: torch.Tensor) -> dict[str, float]:
+    used = float((hist > 0).sum())
+    return {"codebook_used": used, "codebook_usage": used / len(hist), "codebook_perplexity": _perplexity(hist)}
+
+
+# whole-split histograms of the validation codes (tokenizer) and of the masked targets (MEM)
+_CODES = Histogram("codes", _codebook_metrics)
+_TARGETS = Histogram("targets", lambda h: {"majority_share": float(h.max() / h.sum().clamp(min=1))})
+
+
+class _MEMData(Task):
     """The data side shared by both tasks: options, dataset, collate, MEM's input pipeline, seeded generators."""
 
     name = ""
@@ -111,7 +92,6 @@ class _MEMData:
     def __init__(self):
         self.sensor_size: tuple[int, int] | None = None  # (W, H)
         self.cfg: dict = {}
-        self._val_items = 0
 
     def _opts(self, cfg: dict) -> dict:
         defaults = merge(_DATA_DEFAULTS, self._opt_defaults)
@@ -146,8 +126,6 @@ class _MEMData:
             raise ValueError(f"{data['path']}: split {name!r} has sensor size {size}, "
                              f"the train split {self.sensor_size}")
         self.sensor_size = size
-        if split != "train":
-            self._val_items = len(ds)
         return ds
 
     def collate(self, items: list):
@@ -216,7 +194,6 @@ class MEMDVAETask(_MEMData):
     def __init__(self):
         super().__init__()
         self.restarter: CodeRestarter | None = None
-        self._val = _WholeSplit()
 
     def build_model(self, cfg: dict) -> nn.Module:
         self.cfg = cfg
@@ -232,7 +209,7 @@ class MEMDVAETask(_MEMData):
         ``task.code_restart.logit_lr_scale`` scales the code-logit layer's lr (see :mod:`.restart`)."""
         scale = CodeRestartConfig.from_dict(self._opts(cfg)["code_restart"]).logit_lr_scale
         if scale == 1.0:
-            return []
+            return super().param_groups(model, cfg)
         conv = {id(p) for p in model.logit_conv.parameters()}
         rest = [p for p in model.parameters() if id(p) not in conv]
         return [{"name": "default", "params": rest, "lr_scale": 1.0},
@@ -279,15 +256,13 @@ class MEMDVAETask(_MEMData):
         img = self.images(batch, train=False, generator=self._generator(state, salt=2, batch=batch))
         loss, parts = model(img)  # eval mode: the argmax codes
         codes = model.get_codebook_indices(img)
-        self._val.items = self._val_items
-        scale = self._val.add(torch.bincount(codes.reshape(-1).cpu(), minlength=model.num_tokens), self.cfg, state)
-        out = {"loss": float(loss), "recon_mse": float(parts["recon_mse"]), "kl": float(parts["kl"])}
-        used = perplexity = 0.0
-        if scale is not None:
-            hist = self._val.hist
-            used, perplexity = float((hist > 0).sum()) * scale, _perplexity(hist) * scale
-        out.update(codebook_used=used, codebook_usage=used / model.num_tokens, codebook_perplexity=perplexity)
-        return out
+        n, stats = img.shape[0], {}
+        for name, v in (("loss", loss), ("recon_mse", parts["recon_mse"]), ("kl", parts["kl"])):
+            Mean(name).update(stats, v, n)
+        return _CODES.update(stats, torch.bincount(codes.reshape(-1), minlength=model.num_tokens))
+
+    def validation_metrics(self, stats: dict) -> dict[str, float]:
+        return {**mean_metrics(stats), **_CODES.compute(stats)}
 
 
 def load_tokenizer(path) -> tuple[DiscreteVAE, dict]:
@@ -343,7 +318,6 @@ class MEMTask(_MEMData):
         super().__init__()
         self.tokenizer: DiscreteVAE | None = None
         self.mask_generator = None
-        self._val = _WholeSplit()
 
     def build_model(self, cfg: dict) -> nn.Module:
         self.cfg = cfg
@@ -409,14 +383,12 @@ class MEMTask(_MEMData):
     def validation_step(self, model: nn.Module, batch, state: dict) -> dict:
         loss, logs, targets, mask = self._step(model, batch, train=False,
                                                generator=self._generator(state, salt=2, batch=batch))
-        out = {"loss": float(loss), **{k: float(v) for k, v in logs.items()}}
+        n, stats = batch_count(batch), {}
+        for name, v in {"loss": loss, **logs}.items():
+            Mean(name).update(stats, v, n)
         if targets is not None:
-            self._val.items = self._val_items
-            hist = torch.bincount(targets[mask.to(targets.device)].cpu(), minlength=self.tokenizer.num_tokens)
-            scale = self._val.add(hist, self.cfg, state)
-            share = 0.0
-            if scale is not None:
-                h = self._val.hist
-                share = float(h.max() / h.sum().clamp(min=1)) * scale
-            out["majority_share"] = share
-        return out
+            _TARGETS.update(stats, torch.bincount(targets[mask.to(targets.device)], minlength=self.tokenizer.num_tokens))
+        return stats
+
+    def validation_metrics(self, stats: dict) -> dict[str, float]:
+        return {**mean_metrics(stats), **_TARGETS.compute(stats)}
