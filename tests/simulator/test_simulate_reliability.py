@@ -203,3 +203,11 @@ def test_a_stream_longer_than_2_32_us_is_simulated_and_read_back_exactly(tmp_pat
         assert len(sf.ms_to_idx) == -(-(int(want["t"][-1]) - sf.t_offset) // 1000) + 1
     capsys.readouterr()
     assert main(["verify", str(path)]) == 0, capsys.readouterr()
+
+
+def test_a_frame_rate_of_less_than_one_frame_per_10_s_is_refused(tmp_path, capsys, monkeypatch):
+    folder = _image_folder(tmp_path / "seq", [0, 1, 2])
+    _no_simulation(monkeypatch)
+    assert main(["simulate", str(folder), "--out", str(tmp_path / "out"), "--fps", "0.05", *SIM]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "fps 0.05 is one frame per 20 s" in err, err
