@@ -1,3 +1,59 @@
-"""evforge: event-camera pretraining data, from RGB video to pretrained backbones."""
+"""evforge: event-camera pretraining data, from RGB video to pretrained backbones.
+
+The public API, importable from here (``from evforge import simulate_frames, EventDataset``). Names are
+loaded on first use, so ``import evforge`` stays cheap (no torch) and the command line starts fast.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
+
+# public name -> the module that defines it, in data-flow order
+_EXPORTS = {
+    # events as structured numpy arrays
+    "EVENT_DTYPE": "evforge.events",
+    "make_events": "evforge.events",
+    "slice_by_time": "evforge.events",
+    "slice_by_count": "evforge.events",
+    "validate_events": "evforge.events",
+    # stream files (one simulated or recorded sequence)
+    "StreamFile": "evforge.streamfile",
+    "StreamWriter": "evforge.streamfile",
+    "write_stream": "evforge.streamfile",
+    # the simulator
+    "DVSParams": "evforge.simulator.params",
+    "get_preset": "evforge.simulator.params",
+    "UpsampleConfig": "evforge.simulator.settings",
+    "SimulateConfig": "evforge.simulator.settings",
+    "BatchEngine": "evforge.simulator.engine",
+    "simulate_frames": "evforge.simulator.engine",
+    "discover_sequences": "evforge.simulator.sources",
+    "simulate_sequences": "evforge.simulator.pipeline",
+    # datasets: build, verify, read
+    "build_dataset": "evforge.dataset_builder.build",
+    "verify_dataset": "evforge.dataset_builder.inspect",
+    "EventDataset": "evforge.dataset_builder.dataset",
+    "make_loader": "evforge.dataset_builder.dataset",
+    # representations of a packed batch
+    "voxel_grid": "evforge.representations",
+    "histogram": "evforge.representations",
+    "stacked_histograms": "evforge.representations",
+    "mem_image": "evforge.representations",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'evforge' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # the next access skips this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
