@@ -144,7 +144,7 @@ def run_workers(todo: list, out_dir, cfg, devices: list[str], report, *, interpo
         while live:
             ready = connection.wait([w[1] for w in live] + [w[0].sentinel for w in live])
             for w in list(live):
-                proc, conn, device, held = w
+                proc, conn, device, held = w[:4]  # w[4]: why it ended, once known
                 gone = False
                 while not gone and (conn in ready or proc.sentinel in ready) and conn.poll():
                     try:
