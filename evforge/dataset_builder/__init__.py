@@ -1,1 +1,2 @@
-"""evforge.dataset_builder (see the open issues for what lands here next)."""
+"""Datasets from events: converters of real and simulated data into HDF5 shards with a manifest (build, resume,
+verify), and the training-side reader (EventDataset, make_loader)."""
