@@ -1,7 +1,7 @@
 """Converter registry: ``get_converter(name)`` returns a fresh converter (see :mod:`.base` for the protocol).
 
-``CONVERTERS`` maps names to classes imported here. Converters living in modules that may not exist yet (or are
-costly to import) are listed in ``_LAZY`` as ``"module:Class"`` and imported on first request; other code can
+``CONVERTERS`` maps names to classes imported here. Converters whose modules are costly to import (torch,
+video decoders) are listed in ``_LAZY`` as ``"module:Class"`` and imported on first request; other code can
 add converters at run time with :func:`register`. Workers resolve converters by name, so a converter must be
 importable in every worker process (``register`` only affects the process that calls it).
 """
