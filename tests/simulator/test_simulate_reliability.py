@@ -89,8 +89,11 @@ def test_write_error_in_simulate_is_one_line_exit_3_and_keeps_finished_files(tmp
         assert _same_stream(path, ref / rel)
 
 
-def test_simulate_into_a_real_full_file_system(tmp_path):
-    """A real small tmpfs (root with mount only): the process must not crash (it used to segfault, exit 139)."""
+@pytest.mark.parametrize("workers", [pytest.param([], id="one_process"),
+                                     pytest.param(["--devices", "cpu:2"], id="two_workers", marks=pytest.mark.slow)])
+def test_simulate_into_a_real_full_file_system(tmp_path, workers):
+    """A real small tmpfs (root with mount only): the process must not crash (it used to segfault, exit 139).
+    With worker processes the held sequences are listed as failed before the final line."""
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
     src = _trajectories(tmp_path / "in", n=2, size=(96, 72), frames=8)
@@ -103,11 +106,14 @@ def test_simulate_into_a_real_full_file_system(tmp_path):
                       capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here")
     try:
-        run = subprocess.run([sys.executable, "-m", "evforge.cli", "simulate", str(src), "--out", str(out), *SIM],
-                             capture_output=True, text=True, timeout=300)
+        run = subprocess.run([sys.executable, "-m", "evforge.cli", "simulate", str(src), "--out", str(out), *SIM,
+                              *workers], capture_output=True, text=True, timeout=300)
         lines = run.stderr.strip().splitlines()
         assert run.returncode == 3, run.stderr[-3000:]
-        assert len(lines) == 1 and "disk full (no space left on device)" in lines[0] and str(out) in lines[0]
+        assert len(lines) == 1 or workers, lines
+        assert re.fullmatch(rf"evforge: error: {re.escape(str(out))}/\S+\.h5: disk full \(no space left on device\)",
+                            lines[-1]), lines
+        assert "Traceback" not in run.stderr
         assert not _temps(out)
         done = _streams(out)
         assert len(done) == 1
