@@ -150,7 +150,7 @@ def _plot(report: dict, sources, path: Path) -> None:
         img = pixel_counts(sel[sel["p"] > 0], src.sensor_size) - pixel_counts(sel[sel["p"] < 0], src.sensor_size)
         lim = max(1, np.percentile(np.abs(img[img != 0]), 99)) if (img != 0).any() else 1
         axis.imshow(img, cmap="bwr", vmin=-lim, vmax=lim, interpolation="nearest")
-        axis.set(title=f"{st['label']}: first 20 ms (ON red, OFF blue)", xticks=[], yticks=[])
+        axis.set(title=f"{st['label']}: first 20 ms", xlabel="ON red, OFF blue", xticks=[], yticks=[])
     fig.suptitle(f"{a['label']} vs {b['label']}")
     fig.tight_layout()
     tmp = temp_path(path)

@@ -3,8 +3,9 @@
 Every number is defined here (``T`` = duration in s = (t_last - t_first + 1) us / 1e6; a pixel's count ``c`` =
 its number of events, ON and OFF):
 
-* **event rate over time**: events per ``rate_bin_us`` bin (default: T / 100, at least 1 ms) divided by the bin
-  length (the last bin's own length when partial); scalars ``event_rate_hz`` (N / T), ``rate_cv`` (std / mean of the binned series), ``peak_rate_hz``.
+* **event rate over time**: events per bin divided by the bin length; the duration is cut into equal bins of
+  about ``rate_bin_us`` (default: T / 100, at least 1 ms; ``rate_bin_us`` in the result is the exact width);
+  scalars ``event_rate_hz`` (N / T), ``rate_cv`` (std / mean of the binned series), ``peak_rate_hz``.
 * **ON fraction**: ON events / N.
 * **per-pixel rate**: ``c / T`` per pixel; ``active_pixel_fraction`` (c > 0), the mean over all pixels, the
   median and 99th percentile over active pixels, and a histogram over log-spaced bins (0.01 Hz .. 100 kHz).
@@ -77,11 +78,10 @@ def event_stats(events: np.ndarray, sensor_size, cfg: StatsConfig | None = None)
     out: dict = {"num_events": n, "duration_s": T, "sensor_size": [w, h], "config": asdict(cfg)}
 
     # rate over time
-    bin_us = int(cfg.rate_bin_us or max(1000, dur_us // 100))
-    nbins = max(1, -(-dur_us // bin_us))
-    lengths = np.full(nbins, bin_us, dtype=np.float64)
-    lengths[-1] = dur_us - (nbins - 1) * bin_us  # the last bin may be partial
-    series = np.bincount((t - t0) // bin_us, minlength=nbins) / (lengths / 1e6)
+    nbins = max(1, round(dur_us / (cfg.rate_bin_us or max(1000, dur_us // 100))))
+    bin_us = dur_us / nbins  # equal bins that tile the duration exactly (no short last bin)
+    idx = np.minimum(((t - t0) / bin_us).astype(np.int64), nbins - 1)
+    series = np.bincount(idx, minlength=nbins) / (bin_us / 1e6)
     out.update(event_rate_hz=n / T, rate_bin_us=bin_us, rate_series_hz=series.tolist(),
                rate_cv=float(series.std() / series.mean()) if series.mean() > 0 else 0.0,
                peak_rate_hz=float(series.max()))
