@@ -275,8 +275,12 @@ def _add_convert(sub) -> None:
     g.add_argument("--preset", help="tartanair --simulate: pixel-model preset")
     g.add_argument("--resolution", help="tartanair --simulate: output resolution")
     g.add_argument("--device", help="tartanair --simulate: device")
-    g.add_argument("--devices", help="tartanair --simulate: one worker per device (cuda:0,cuda:1 or cpu:N); with "
-                                     "--executor ray the simulation runs as Ray tasks too")
+    g.add_argument("--devices", help="tartanair --simulate: one worker process per device (cuda:0,cuda:1 or "
+                                     "cpu:N) for each unit's sequences; with --executor ray each unit is a Ray "
+                                     "task (with a GPU for --device cuda)")
+    g.add_argument("--keep-streams", action="store_const", const=True,
+                   help="tartanair --simulate: keep the stream files in OUT/_streams (default: each unit's streams "
+                        "are deleted once its shard is written)")
     g.add_argument("--sample-ms", type=float, help="recordings: sample window length in ms (100)")
     g.add_argument("--min-events", type=int, help="recordings: fewest events a window needs to be a sample (1000)")
     g.add_argument("--part-events", type=int, help="recordings: events per part of a long recording (2000000)")
@@ -289,7 +293,8 @@ def _add_convert(sub) -> None:
 
 _CONVERTER_FLAGS = ("val_fraction", "unsorted", "class_list", "mini", "mini_list", "train_list", "val_list",
                     "events_per_label", "rectify", "label_set", "test_envs", "recipe", "simulate", "preset",
-                    "resolution", "device", "devices", "sample_ms", "min_events", "part_events", "sensor_size")
+                    "resolution", "device", "devices", "keep_streams", "sample_ms", "min_events", "part_events",
+                    "sensor_size")
 
 
 def _cmd_convert(args) -> int:

@@ -148,12 +148,15 @@ class _PartialItem(Exception):
 
 # ---------------------------------------------------------------------------------------------- planning
 def plan_units(plan: DatasetPlan, *, samples_per_unit: int | None = None,
-               target_bytes: int = DEFAULT_TARGET_BYTES, size_factor: float = 1.0) -> list[WorkUnit]:
+               target_bytes: int = DEFAULT_TARGET_BYTES, size_factor: float = 1.0,
+               item_bytes: Callable[[SourceItem], int | None] | None = None) -> list[WorkUnit]:
     """Cut ``plan.items`` into work units (deterministic; see the module docstring).
 
     With ``samples_per_unit`` every unit holds that many items (the last of a split fewer); otherwise a unit
     grows until the next item would push its estimated raw shard bytes (file size x ``size_factor`` + one index
     row) past ``target_bytes`` (an item larger than that gets a unit of its own; missing files count 0 bytes).
+    ``item_bytes``: the converter's estimate of an item's raw bytes where its file does not exist yet (None:
+    use the file size).
     """
     if samples_per_unit is not None and samples_per_unit < 1:
         raise ValueError(f"samples_per_unit must be >= 1, got {samples_per_unit}")
@@ -177,7 +180,8 @@ def plan_units(plan: DatasetPlan, *, samples_per_unit: int | None = None,
         else:
             size = 0
             for item in items:
-                est = int(_file_size(item.path) * size_factor) + RAW_INDEX_BYTES
+                guess = item_bytes(item) if item_bytes is not None else None
+                est = (int(_file_size(item.path) * size_factor) if guess is None else int(guess)) + RAW_INDEX_BYTES
                 if groups and groups[-1] and size + est <= target_bytes:
                     groups[-1].append(item)
                     size += est
@@ -251,15 +255,20 @@ def run_unit(converter_name: str, converter_options: dict, unit: WorkUnit, out_d
     shard = Path(out_dir) / unit.shard
     converter = get_converter(converter_name)
     fingerprint = unit_fingerprint(converter_name, converter_options, plan_params, unit_sources(converter, unit))
-    reused = _reusable(unit, shard, fingerprint) if reuse else None
-    if reused is not None:
-        return reused
-    record_path(shard).unlink(missing_ok=True)  # the shard is about to change: no stale record may vouch for it
-
     params = dict(plan_params["params"])
     plan = DatasetPlan(name=plan_params["name"], kind=plan_params["kind"],
                        sensor_size=tuple(plan_params["sensor_size"]), classes=list(plan_params["classes"]),
                        items=[], params=params)
+    # converters that make their source files per unit (tartanair --simulate) make them first and drop them after
+    prepare, finish = getattr(converter, "prepare_unit", None), getattr(converter, "finish_unit", None)
+    reused = _reusable(unit, shard, fingerprint) if reuse else None
+    if reused is not None:
+        if finish is not None:
+            finish(unit.items, plan)  # e.g. the intermediate files of a unit killed after its record was written
+        return reused
+    record_path(shard).unlink(missing_ok=True)  # the shard is about to change: no stale record may vouch for it
+    if prepare is not None:
+        prepare(unit.items, plan)
     errors: dict[str, dict] = {}
     while True:
         try:
@@ -275,6 +284,8 @@ def run_unit(converter_name: str, converter_options: dict, unit: WorkUnit, out_d
     record = asdict(result)
     del record["skipped"]
     _atomic_write_text(record_path(shard), json.dumps(record, indent=1, ensure_ascii=False) + "\n")
+    if finish is not None:
+        finish(unit.items, plan)
     return result
 
 
@@ -352,7 +363,8 @@ def _ray_results(units, args, *, workers: int, address) -> Iterator[UnitResult]:
             ray.init(address=address, log_to_driver=False)
         started = True
     try:
-        task = ray.remote(num_cpus=1)(run_unit)
+        resources = getattr(get_converter(name), "unit_resources", lambda params: {})(plan_params["params"])
+        task = ray.remote(**{"num_cpus": 1, **resources})(run_unit)  # e.g. a GPU for units that simulate
         pending = [task.remote(name, options, u, out, plan_params, reuse) for u in units]
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
@@ -389,7 +401,7 @@ def build_dataset(name: str, src, out, *, workers: int = 1, executor: str = "loc
     converter = get_converter(name)
     out = Path(out).absolute()
     scan_kwargs, options = _scan_options(converter, converter_options, split_file=split_file, seed=seed, out=out,
-                                         progress=progress, executor=executor, address=address)
+                                         progress=progress)
     if command is None:
         command = _default_command(name, src, out, options, samples_per_unit, compression)
     # held from the scan on: a converter may write scratch files under OUT while scanning
@@ -415,7 +427,8 @@ def _build_locked(converter, name, src, out: Path, scan_kwargs, options, command
     _remove_temp_files(out)
     plan = converter.scan(Path(src), **scan_kwargs)
     units = plan_units(plan, samples_per_unit=samples_per_unit, target_bytes=target_bytes,
-                       size_factor=float(getattr(converter, "raw_bytes_per_file_byte", 1.0)))
+                       size_factor=float(getattr(converter, "raw_bytes_per_file_byte", 1.0)),
+                       item_bytes=getattr(converter, "item_bytes", None))
     plan_params = {"name": plan.name, "converter": name, "kind": plan.kind,
                    "sensor_size": [int(v) for v in plan.sensor_size], "classes": list(plan.classes),
                    "params": _jsonable(plan.params), "compression": compression}
@@ -469,17 +482,18 @@ def _build_locked(converter, name, src, out: Path, scan_kwargs, options, command
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-_EXECUTION = ("out", "progress", "executor", "address")  # given by the build itself, never recorded
-_EXECUTION_OPTIONS = ("devices",)  # converter options that say where work runs, not what it makes: not recorded
+_EXECUTION = ("out", "progress")  # given by the build itself, never recorded
+# converter options that say where work runs or what is kept on the side, not what a shard holds: not recorded
+_EXECUTION_OPTIONS = ("devices", "keep_streams")
 
 
-def _scan_options(converter, options: dict, *, split_file, seed: int, out: Path, progress: bool,
-                  executor: str = "local", address: str | None = None) -> tuple[dict, dict]:
+def _scan_options(converter, options: dict, *, split_file, seed: int, out: Path,
+                  progress: bool) -> tuple[dict, dict]:
     """``(keyword arguments for converter.scan, the part that is recorded)``; ValueError for an unknown option.
 
     ``split_file`` goes to a scan that takes it (an error otherwise); ``seed``, ``out`` (the dataset folder, for
-    converters that write scratch files there), ``progress``, ``executor`` and ``address`` go to a scan that takes
-    them. Those and the option ``devices`` are execution settings: they are left out of the record (fingerprint,
+    converters that write scratch files there) and ``progress`` go to a scan that takes them. Those and the
+    options ``devices`` and ``keep_streams`` are execution settings: they are left out of the record (fingerprint,
     provenance) so that the same build in another folder, on other machines or without a progress bar, records
     the same options.
     """
@@ -499,8 +513,8 @@ def _scan_options(converter, options: dict, *, split_file, seed: int, out: Path,
     if takes("seed"):
         kwargs["seed"] = seed
     recorded = {k: v for k, v in kwargs.items() if k not in _EXECUTION_OPTIONS}
-    for name, value in (("out", out), ("progress", progress), ("executor", executor), ("address", address)):
-        if takes(name):  # e.g. tartanair --simulate runs its simulation where the build runs its units
+    for name, value in (("out", out), ("progress", progress)):
+        if takes(name):
             kwargs[name] = value
     return kwargs, _jsonable(recorded)
 

@@ -16,6 +16,7 @@ batch, the device or the process, so every partition of a run writes the same ev
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -209,7 +210,8 @@ def simulate_sequences(sequences: list[FrameSequence], out_dir, cfg: SimulateCon
                        devices=None, executor: str = "local", address: str | None = None,
                        ray_gpus: float | None = None, progress: bool = True,
                        interpolator: FrameInterpolator | None = None, log=print,
-                       command: str | None = None) -> list[SequenceResult]:
+                       command: str | None = None, lock: bool = True,
+                       summary: bool = True) -> list[SequenceResult]:
     """Simulate ``sequences`` into ``out_dir/<name>.h5``; returns one result per sequence (input order).
 
     ``devices`` (default ``[cfg.device]``; see :func:`parse_devices`): one device runs in this process, several
@@ -218,7 +220,9 @@ def simulate_sequences(sequences: list[FrameSequence], out_dir, cfg: SimulateCon
     the GPUs a task asks for, default 1 when the device is CUDA). Failures are reported in the results (and
     through ``log``) rather than raised, so one bad sequence never stops the others. Raises
     :class:`~evforge.errors.LockedError` when another run writes into ``out_dir``, and :class:`InputError` when
-    a finished file was made with other settings (unless ``cfg.overwrite``). Writes ``out_dir/simulate.json``.
+    a finished file was made with other settings (unless ``cfg.overwrite``). Writes ``out_dir/simulate.json``
+    (unless ``summary=False``). ``lock=False``: the caller holds a lock over ``out_dir`` and may run several of
+    these into it at once (on other sequences), so neither the folder lock nor the temp-file cleanup is done.
     """
     from . import executor as executors
 
@@ -227,8 +231,9 @@ def simulate_sequences(sequences: list[FrameSequence], out_dir, cfg: SimulateCon
     device_list = parse_devices(devices, cfg.device) if executor == "local" else [str(devices or cfg.device)]
     out_dir = Path(out_dir)
     started = time.time()
-    with FolderLock(out_dir, command):
-        remove_temp_files(out_dir)  # left by killed runs; only the lock holder may do this
+    with FolderLock(out_dir, command) if lock else contextlib.nullcontext():
+        if lock:
+            remove_temp_files(out_dir)  # left by killed runs; only the lock holder may do this
         results, todo = plan_run(sequences, out_dir, cfg, log)
         total = sum(len(seq) for seq, _ in todo)
         report = _Progress(results, total, len(todo), progress)
@@ -244,14 +249,16 @@ def simulate_sequences(sequences: list[FrameSequence], out_dir, cfg: SimulateCon
         except BaseException:
             report.close()
             try:  # what finished is on record even when the run stops (Ctrl-C, a full disk)
-                write_summary(out_dir, [results[s.name] for s in sequences], cfg, started=started,
-                              executor=executor, devices=device_list, command=command)
+                if summary:
+                    write_summary(out_dir, [results[s.name] for s in sequences], cfg, started=started,
+                                  executor=executor, devices=device_list, command=command)
             except OSError:
                 pass
             raise
         report.close()
-        write_summary(out_dir, [results[s.name] for s in sequences], cfg, started=started, executor=executor,
-                      devices=device_list, command=command)
+        if summary:
+            write_summary(out_dir, [results[s.name] for s in sequences], cfg, started=started, executor=executor,
+                          devices=device_list, command=command)
     return [results[s.name] for s in sequences]
 
 

@@ -301,22 +301,28 @@ def test_tartanair_mismatched_sensor_sizes(tmp_path):
 
 
 def test_tartanair_simulate_on_procedural_scenes(tmp_path):
+    """The scan lists the frame sequences; a unit simulates its own when it runs (then reads them as streams)."""
     from evforge.simulator.scenes import SceneSpec, make_dataset
     make_dataset(tmp_path / "frames", envs=("hospital", "office"), trajectories=1,
                  spec=SceneSpec(width=32, height=24, frames=4, speed_px=2.0, seed=1))
     conv = TartanAirConverter()
     plan = conv.scan(tmp_path / "frames", simulate=True, out=tmp_path / "ds", device="cpu", batch=2)
     streams = tmp_path / "ds" / "_streams"
-    assert sorted(p.relative_to(streams).as_posix() for p in streams.rglob("*.h5")) == [
-        "hospital/Easy/P000.h5", "office/Easy/P000.h5"]
+    assert not streams.exists()  # nothing simulated yet
     assert [(it.key, it.split) for it in plan.items] == [("hospital/Easy/P000", "test"), ("office/Easy/P000", "train")]
+    assert [it.path for it in plan.items] == [str(streams / "hospital/Easy/P000.h5"), str(streams / "office/Easy/P000.h5")]
     assert plan.sensor_size == (32, 24) and plan.params["streams_dir"] == str(streams)
     assert plan.params["simulate_config"]["device"] == "cpu"
+    conv.prepare_unit(plan.items, plan)
+    assert sorted(p.relative_to(streams).as_posix() for p in streams.rglob("*.h5")) == [
+        "hospital/Easy/P000.h5", "office/Easy/P000.h5"]
     for it in plan.items:
         (s,) = conv.read(it, plan)
         assert len(s.events) > 0 and len(s.frame_times) == 4
         assert s.attrs["sequence"] == it.key and s.attrs["simulator"] == "evforge"
-    again = conv.scan(tmp_path / "frames", simulate=True, out=tmp_path / "ds", device="cpu")  # resumes: skipped
+    conv.finish_unit(plan.items, plan)
+    assert not list(streams.rglob("*.h5"))  # dropped once the shard is written (keep_streams keeps them)
+    again = conv.scan(tmp_path / "frames", simulate=True, out=tmp_path / "ds", device="cpu")
     assert [it.key for it in again.items] == [it.key for it in plan.items]
     with pytest.raises(ValueError, match="needs out="):
         conv.scan(tmp_path / "frames", simulate=True)

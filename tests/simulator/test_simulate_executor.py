@@ -270,16 +270,36 @@ def test_ray_with_fake_gpus_equals_one_process(frames, reference, tmp_path, fake
     assert summary["executor"] == "ray" and summary["totals"]["done"] == 4
 
 
-def test_convert_tartanair_simulate_on_two_workers(frames, tmp_path):
-    """convert tartanair --simulate runs its simulation on the workers too; where it ran is not recorded, so a
-    rerun elsewhere (here: in one process) reuses every unit."""
+def test_convert_tartanair_simulate_streams_into_shards(frames, reference, tmp_path):
+    """convert tartanair --simulate writes each unit's shard as soon as its sequences are simulated and drops
+    their streams (bounded disk); --keep-streams keeps them, equal to evforge simulate's; where the simulation
+    ran (--devices) is not recorded, so a rerun elsewhere reuses every unit."""
     from evforge.dataset_builder.build import build_dataset
 
-    opts = dict(simulate=True, device="cpu", resolution="32x24", preset="noisy", progress=False)
-    one = build_dataset("tartanair", frames, tmp_path / "one", **opts)
-    two = build_dataset("tartanair", frames, tmp_path / "two", devices="cpu:2", **opts)
-    assert _corpus(tmp_path / "two" / "_streams") == _corpus(tmp_path / "one" / "_streams")
-    assert two.num_samples == one.num_samples == 4 and two.num_events == one.num_events > 0
-    assert _summary(tmp_path / "two" / "_streams")["devices"] == ["cpu", "cpu"]
-    again = build_dataset("tartanair", frames, tmp_path / "two", **opts)
-    assert again.units_skipped == again.num_units
+    opts = dict(simulate=True, device="cpu", resolution="32x24", preset="noisy", overrides={"shot_noise_rate_hz": 5.0},
+                batch=2, progress=False)
+    seen = []
+    streamed = build_dataset("tartanair", frames, tmp_path / "a", samples_per_unit=1, **opts,
+                             on_unit_done=lambda r: seen.append((len(list((tmp_path / "a").rglob("*-0000?.h5"))),
+                                                                 list((tmp_path / "a" / "_streams").rglob("*.h5")))))
+    assert [n for n, _ in seen] == [1, 2, 3, 4] and all(streams == [] for _, streams in seen)
+    kept = build_dataset("tartanair", frames, tmp_path / "b", devices="cpu:2", keep_streams=True, **opts)
+    assert _corpus(tmp_path / "b" / "_streams") == reference[1]  # the same streams as evforge simulate's
+    assert kept.num_samples == streamed.num_samples == 4 and kept.num_events == streamed.num_events > 0
+    assert kept.num_units == 1  # the size estimate of 4 tiny trajectories: one shard (2 workers share it)
+    again = build_dataset("tartanair", frames, tmp_path / "b", keep_streams=True, **opts)
+    assert again.units_skipped == again.num_units == 1
+
+
+def test_convert_tartanair_simulate_bad_sequence_fails_alone(tmp_path):
+    from evforge.dataset_builder.build import build_dataset
+
+    src = _frames(tmp_path / "frames", (5, 4, 6))
+    bad = sorted((src / "env" / "Easy" / "P001" / "image_left").glob("*.png"))[2]
+    bad.write_bytes(bad.read_bytes()[:50])
+    report = build_dataset("tartanair", src, tmp_path / "ds", simulate=True, device="cpu", resolution="32x24",
+                           preset="ideal", progress=False)
+    assert report.num_samples == 2 and report.num_errors == 1 and report.exit_code == 1
+    (err,) = [json.loads(line) for line in report.errors_path.read_text().splitlines()]
+    assert err["key"] == "env/Easy/P001" and str(bad) in err["error"] and "simulation failed" in err["error"]
+    assert not list((tmp_path / "ds" / "_streams").rglob("*.h5*"))

@@ -2,9 +2,14 @@
 
 Source: a folder of stream files as ``evforge simulate`` writes them, ``<env>/<Easy|Hard>/<Pxxx>.h5`` (any folder
 above them works too; ``*.tmp-*`` leftovers of interrupted runs are not ``*.h5`` and are never picked up). With
-``simulate=True`` the source is a TartanAir frames root instead: :func:`simulate_sequences` first writes the
-stream files into ``<out>/_streams/`` (or ``streams_dir``), resuming where a previous run stopped, and those are
-converted. A failed sequence fails the scan with its error (the finished ones stay and are skipped on rerun).
+``simulate=True`` the source is a TartanAir frames root instead, streamed into shards: the scan lists the frame
+sequences (one item each, keyed by the sequence name), and each work unit simulates its own sequences when it
+runs (:func:`simulate_sequences`, batched, on ``devices``), writes its shard, then deletes their stream files
+from ``<out>/_streams/`` (or ``streams_dir``) unless ``keep_streams``. Shards thus appear as sequences finish,
+and the streams on disk are those of the units running, not the whole corpus. A unit's fingerprint covers its
+frame folders, so a rerun redoes only unfinished or changed units; with ``--executor ray`` each unit is a Ray
+task (with a GPU when the device is CUDA). A sequence that fails to simulate fails its item alone, listed in
+``errors.jsonl`` with the simulator's one-line error.
 
 One sample per stream file: all its events, ``frame_times`` = the source frame times, so ECDDP's sample (the
 events between two consecutive source frames) is ``ShardReader.frame_window(i, j)``; attrs = the simulator
@@ -31,8 +36,9 @@ events at most (a few hundred MB as EVENT_DTYPE), which a conversion worker can 
 
 from __future__ import annotations
 
+import pickle
 import re
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -80,14 +86,15 @@ class TartanAirConverter:
     def scan(self, src, *, test_envs=None, simulate: bool = False, out=None, streams_dir=None,
              preset: str | None = None, overrides: dict | None = None, resolution=None, device: str = "auto",
              batch: int = 4, seed: int = 0, progress: bool = False, recipe: str | None = None,
-             devices=None, executor: str = "local", address: str | None = None,
+             devices=None, keep_streams: bool = False,
              drop_first_interval: bool | None = None, drop_last_interval: bool | None = None,
              min_interval_bytes: int | None = None, min_interval_events: int | None = None,
              float32_time: bool | None = None) -> DatasetPlan:
-        """List the stream files (simulating them first with ``simulate=True``), check that their sensor sizes
-        (and, with a recipe, their time base) agree, and split them by environment. ``devices``, ``executor`` and
-        ``address`` say where the simulation runs (:func:`~evforge.simulator.pipeline.simulate_sequences`; the
-        build passes its own executor and address); they do not change the streams."""
+        """List the stream files, check that their sensor sizes (and, with a recipe, their time base) agree, and
+        split them by environment. With ``simulate=True`` list the frame sequences instead: each unit simulates
+        its own when it runs (:meth:`prepare_unit`), on ``devices`` (one worker process per device, see
+        :func:`~evforge.simulator.pipeline.parse_devices`; default ``device``), and drops the streams once its
+        shard is written unless ``keep_streams`` (:meth:`finish_unit`)."""
         rec = None
         if recipe is not None:
             from evforge.simulator.recipes import get_recipe
@@ -112,10 +119,14 @@ class TartanAirConverter:
                           sample_definition=f"recipe {rec.name}: one sample per source-frame interval "
                                             f"({rec.interval_s:g} s), selected by the recipe's rule")
         if simulate:
-            root, files, sim = self._simulate(src, out, streams_dir, preset, overrides, resolution, device, batch,
-                                              seed, progress, rec, dict(devices=devices, executor=executor,
-                                                                        address=address))
-            params.update(streams_dir=str(root), simulate_config=sim)
+            root, sequences, cfg = self._simulation(src, out, streams_dir, preset, overrides, resolution, device,
+                                                    batch, seed, rec)
+            config = {k: v for k, v in asdict(cfg).items() if k not in ("overwrite", "workers")}
+            params.update(streams_dir=str(root), simulate_config=_jsonable(config))
+            items, size = _simulation_items(sequences, cfg, root, test_set,
+                                            {"devices": devices, "keep_streams": bool(keep_streams)})
+            return DatasetPlan(name=self.name, kind=self.kind, sensor_size=size, classes=[], items=items,
+                               params=params)
         else:
             if not src.is_dir():
                 raise InputError(src, "not a folder of stream files (<env>/<Easy|Hard>/<Pxxx>.h5)")
@@ -142,14 +153,14 @@ class TartanAirConverter:
         return DatasetPlan(name=self.name, kind=self.kind, sensor_size=size, classes=[], items=items, params=params)
 
     @staticmethod
-    def _simulate(src, out, streams_dir, preset, overrides, resolution, device, batch, seed, progress, recipe,
-                  where: dict):
-        """Run the simulator into the streams folder; returns (folder, stream files, config as a dict).
+    def _simulation(src, out, streams_dir, preset, overrides, resolution, device, batch, seed, recipe):
+        """The streams folder, the frame sequences and the simulator settings of ``simulate=True``.
 
         With a recipe its settings (time base, preset, resolution, upsampling) are used; ``preset``,
         ``overrides`` and ``resolution`` given explicitly still replace them (e.g. a small resolution to try).
+        The temp files of killed units are removed here (the build holds the lock).
         """
-        from evforge.simulator.pipeline import SimulateConfig, simulate_sequences
+        from evforge.simulator.pipeline import SimulateConfig, remove_temp_files
         from evforge.simulator.sources import discover_sequences
 
         if streams_dir is None and out is None:
@@ -162,17 +173,64 @@ class TartanAirConverter:
         else:
             cfg = SimulateConfig(preset=preset or "default", resolution=resolution, **run)
             sequences = discover_sequences(src)
-        results = simulate_sequences(sequences, root, cfg, progress=progress, log=lambda message: None, **where)
-        for seq, r in zip(sequences, results):
-            if r.status == "failed":
-                raise InputError(seq.source, f"simulation failed: {r.error}")
-        config = {k: v for k, v in asdict(cfg).items() if k not in ("overwrite", "workers")}
-        return root, [r.path for r in results], _jsonable(config)
+        cfg.params()  # bad parameter values fail before any work
+        if root.is_dir():
+            remove_temp_files(root)
+        return root, sequences, cfg
+
+    def prepare_unit(self, items, plan: DatasetPlan) -> None:
+        """``simulate=True``: simulate the unit's sequences whose stream is missing or made otherwise, batched
+        on the devices; a sequence that fails is reported by :meth:`read` (its item fails alone)."""
+        self._failed = {}
+        if not plan.params.get("simulate"):
+            return
+        from evforge.simulator.pipeline import simulate_sequences, stored_differences
+        from evforge.streamfile import is_complete_stream
+
+        jobs = [pickle.loads(item.extra[2]) for item in items]
+        todo = [seq for item, (seq, cfg, size, _) in zip(items, jobs)
+                if not (is_complete_stream(item.path) and not stored_differences(item.path, cfg, seq, size)[0])]
+        if not todo:
+            return
+        cfg, where = jobs[0][1], jobs[0][3]
+        # several units may run at once (--workers, Ray) into the streams folder: the build's lock covers it
+        results = simulate_sequences(todo, plan.params["streams_dir"], replace(cfg, overwrite=True),
+                                     devices=where["devices"], progress=False, log=lambda message: None,
+                                     lock=False, summary=False)
+        self._failed = {r.name: r.error for r in results if r.status == "failed"}
+
+    def finish_unit(self, items, plan: DatasetPlan) -> None:
+        """``simulate=True``: the unit's shard is written, so its streams go (unless ``keep_streams``)."""
+        if plan.params.get("simulate") and not pickle.loads(items[0].extra[2])[3]["keep_streams"]:
+            for item in items:
+                Path(item.path).unlink(missing_ok=True)
+
+    def sources(self, item: SourceItem) -> list:
+        """The files a unit's shard is made from: the frame folder (or video) with ``simulate=True``."""
+        if len(item.extra) > 2:
+            return [pickle.loads(item.extra[2])[0].source]
+        return [item.path]
+
+    def item_bytes(self, item: SourceItem) -> int | None:
+        """An item's raw shard bytes before its stream exists: 1 event per 4 pixels per frame, 13 bytes each."""
+        if len(item.extra) <= 2:
+            return None
+        seq, _, (w, h), _ = pickle.loads(item.extra[2])
+        return len(seq) * w * h * 13 // 4
+
+    @staticmethod
+    def unit_resources(params: dict) -> dict:
+        """Ray resources of a unit: a GPU when it simulates on CUDA."""
+        device = str(params.get("simulate_config", {}).get("device", "")) if params.get("simulate") else ""
+        return {"num_gpus": 1} if device.startswith("cuda") else {}
 
     def read(self, item: SourceItem, plan: DatasetPlan) -> list[Sample]:
         """All events and frame times of one stream file (the file is checked against the plan's sensor), or,
         with a recipe, its kept intervals."""
-        env, rel = item.extra
+        env, rel = item.extra[:2]
+        failed = getattr(self, "_failed", {}).get(item.key)
+        if failed is not None:
+            raise InputError(pickle.loads(item.extra[2])[0].source, f"simulation failed: {failed}")
         with StreamFile(item.path) as sf:
             check_local(sf._file, item.path)
             if (sf.width, sf.height) != tuple(plan.sensor_size):
@@ -190,6 +248,31 @@ class TartanAirConverter:
             return _interval_samples(item, env, rel, events, frame_times, attrs, plan.params["recipe"])
         attrs.update(env=env, stream_file=rel)
         return [Sample(key=item.key, events=events, label=-1, frame_times=frame_times, attrs=attrs)]
+
+
+def _simulation_items(sequences, cfg, root: Path, test_set: set, where: dict) -> tuple[list, tuple]:
+    """One item per frame sequence (its stream file to be), and the sensor size they share."""
+    from evforge.simulator.params import parse_resolution
+
+    size = parse_resolution(cfg.resolution)
+    items, first = [], None
+    for seq in sequences:
+        out_size = tuple(size or seq.size)
+        if first is None:
+            first = (out_size, seq.source)
+        elif out_size != first[0]:
+            raise InputError(seq.source, f"frame size {out_size[0]}x{out_size[1]} differs from {first[0][0]}x"
+                                         f"{first[0][1]} of {first[1]} (give --resolution)")
+        rel = Path(seq.name + ".h5")
+        env = environment(rel, root)
+        split = "test" if env.lower() in test_set else "train"
+        # what a unit needs to simulate it, pickled (hashable; never part of a record or fingerprint)
+        job = pickle.dumps((seq, cfg, out_size, where))
+        items.append(SourceItem(key=seq.name, path=str(root / rel), label=-1, split=split,
+                                extra=(env, rel.as_posix(), job)))
+    if first is None:
+        raise InputError(root, "no frame sequences to simulate")
+    return items, first[0]
 
 
 def _check_time_base(path, frame_times: np.ndarray, recipe) -> None:
