@@ -11,8 +11,9 @@ more than the conversion. A repaired or replaced file changes at least one of th
 * :func:`differences` -- which keys of two parameter dicts differ, in words (for a refusal such as
   "made with preset 'noisy', asked for 'ecddp'").
 
-``convert`` stores ``digest({options, sources})`` in each unit's record; ``simulate`` is to store its parameters
-in the stream file and compare them with :func:`differences` before skipping a finished sequence.
+``convert`` stores ``digest({options, sources})`` in each unit's record; ``simulate`` stores its parameters in
+the stream file and compares them with :func:`differences` before skipping a finished sequence
+(:func:`evforge.simulator.pipeline.stored_differences`).
 """
 
 from __future__ import annotations

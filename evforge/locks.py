@@ -1,7 +1,7 @@
 """One lock per output folder: two evforge runs never write into the same folder at once.
 
-``convert``, ``pretrain`` and ``finetune`` hold ``OUT/.evforge.lock`` while they run (``simulate`` is to adopt it
-the same way: ``with FolderLock(out, "simulate"): ...``). The lock is an exclusive, non-blocking ``flock`` on
+``simulate``, ``convert``, ``pretrain`` and ``finetune`` hold ``OUT/.evforge.lock`` while they run
+(``with FolderLock(out, command): ...``). The lock is an exclusive, non-blocking ``flock`` on
 that file, so the operating system releases it on any exit, ``kill -9`` included: a lock can never outlive its
 process. The file also holds a line about the holder (pid, host, command, start time), which the refusal quotes
 and which names a dead holder as stale when its lock is taken over.
