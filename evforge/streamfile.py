@@ -143,7 +143,7 @@ class StreamWriter:
             self._file, self._guard = h5guard.create(self._tmp)
         except OSError as err:
             self.abort()
-            raise self._output_error(err) from err
+            self._raise_output_error(err)
         try:
             f = self._file
             f.attrs.update({"evforge_format": FORMAT, "format_version": FORMAT_VERSION,
@@ -166,7 +166,7 @@ class StreamWriter:
             self._guard.check()
         except OSError as err:
             self.abort()
-            raise self._output_error(err) from err
+            self._raise_output_error(err)
         except BaseException:
             self.abort()
             raise
@@ -258,17 +258,17 @@ class StreamWriter:
             self._guard.check()
         except OSError as err:
             self.abort()
-            raise self._output_error(err) from err
+            self._raise_output_error(err)
 
-    def _output_error(self, err: OSError) -> OutputError | OSError:
-        """``err`` as the OutputError for this file: every failed write of the temp file is the environment's
-        (a full disk, a read-only or failing device); other errors (an HDF5 bug) stay as they are."""
+    def _raise_output_error(self, err: OSError):
+        """Raise ``err`` as the OutputError for this file: every failed write of the temp file is the
+        environment's (a full disk, a read-only or failing device); other errors (an HDF5 bug) as they are."""
         if self._guard is not None and self._guard.error is not None:
             err = self._guard.error
         elif environment_problem(err) is None and err.errno is None:
-            return err
+            raise err
         problem = environment_problem(err) or " ".join((err.strerror or str(err)).split())
-        return OutputError(self.path, problem)
+        raise OutputError(self.path, problem) from err
 
     def _flush(self) -> None:
         """Write the pending event columns and ms_to_idx entries, one resize and one write per dataset."""
@@ -327,7 +327,7 @@ class StreamWriter:
             commit(self._tmp, self.path)
         except OSError as err:
             self.abort()
-            raise self._output_error(err) from err
+            self._raise_output_error(err)
         except BaseException:
             self.abort()
             raise
