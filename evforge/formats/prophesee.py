@@ -33,11 +33,22 @@ import numpy as np
 from evforge.errors import InputError
 from evforge.events import EVENT_DTYPE
 
-__all__ = ["RawHeader", "read_raw_header", "iter_evt2", "iter_evt3", "iter_dat", "TRIGGER_DTYPE"]
+__all__ = ["RawHeader", "Block", "read_raw_header", "iter_evt2", "iter_evt3", "iter_dat", "TRIGGER_DTYPE"]
 
 TRIGGER_DTYPE = np.dtype([("t", "<i8"), ("id", "u1"), ("value", "u1")])
 BLOCK_BYTES = 1 << 22  # bytes decoded at once (4 MiB: ~1M EVT2 events, up to ~24M EVT3 vector events)
 _MAX_HEADER = 1 << 20
+
+
+@dataclass
+class Block:
+    """One decoded block: events (file order, absolute us), triggers, and ``resume``: the byte offset and decoder
+    state before the block, which restarts decoding here (``resume=`` of the ``iter_*`` functions), so a reader
+    of a long recording's later part need not decode what comes before it."""
+
+    events: np.ndarray
+    triggers: np.ndarray
+    resume: tuple
 
 
 @dataclass
@@ -96,7 +107,8 @@ def _int(v):
 
 
 def _blocks(path, offset: int, word_bytes: int, block_bytes: int):
-    """The payload from ``offset`` in blocks of whole words; a trailing partial word is an error."""
+    """``(offset, bytes)`` of the payload from ``offset`` in blocks of whole words; a trailing partial word is an
+    error."""
     block_bytes -= block_bytes % word_bytes
     with open(path, "rb") as f:
         f.seek(offset)
@@ -108,7 +120,7 @@ def _blocks(path, offset: int, word_bytes: int, block_bytes: int):
             if len(data) % word_bytes:
                 raise InputError(path, f"truncated: {len(data) % word_bytes} trailing bytes at offset "
                                        f"{pos + len(data) - len(data) % word_bytes} (words are {word_bytes} bytes)")
-            yield data
+            yield pos, data
             pos += len(data)
 
 
@@ -129,11 +141,12 @@ def _events(x, y, t, p) -> np.ndarray:
     return ev
 
 
-def iter_evt2(path, header: RawHeader | None = None, *, block_bytes: int = BLOCK_BYTES):
-    """Yield ``(events, triggers)`` per block of an EVT 2.0 file (events in file order, absolute us)."""
+def iter_evt2(path, header: RawHeader | None = None, *, block_bytes: int = BLOCK_BYTES, resume: tuple | None = None):
+    """Yield a :class:`Block` per block of an EVT 2.0 file; ``resume``: a block's ``resume`` to start there."""
     header = header or read_raw_header(path)
-    high = None  # time high of the previous block (None: none seen yet)
-    for data in _blocks(path, header.data_offset, 4, block_bytes):
+    start, high = resume if resume is not None else (header.data_offset, None)  # high: last TIME_HIGH (None: none)
+    for pos, data in _blocks(path, start, 4, block_bytes):
+        checkpoint = (pos, high)
         w = np.frombuffer(data, dtype="<u4")
         typ = w >> 28
         is_high = typ == 0x8
@@ -150,7 +163,7 @@ def iter_evt2(path, header: RawHeader | None = None, *, block_bytes: int = BLOCK
         wt = w[trig]
         tr = np.empty(len(wt), dtype=TRIGGER_DTYPE)
         tr["t"], tr["id"], tr["value"] = t[trig], (wt >> 8) & 0x1F, wt & 1
-        yield ev, tr
+        yield Block(ev, tr, checkpoint)
 
 
 class _Evt3State:
@@ -163,11 +176,15 @@ class _Evt3State:
         self.pol = 0
 
 
-def iter_evt3(path, header: RawHeader | None = None, *, block_bytes: int = BLOCK_BYTES):
-    """Yield ``(events, triggers)`` per block of an EVT 3.0 file (events in file order, absolute us)."""
+def iter_evt3(path, header: RawHeader | None = None, *, block_bytes: int = BLOCK_BYTES, resume: tuple | None = None):
+    """Yield a :class:`Block` per block of an EVT 3.0 file; ``resume``: a block's ``resume`` to start there."""
     header = header or read_raw_header(path)
     s = _Evt3State()
-    for data in _blocks(path, header.data_offset, 2, block_bytes):
+    start = header.data_offset
+    if resume is not None:
+        start, (s.high, s.wraps, s.low, s.y, s.base, s.pol) = resume[0], resume[1:]
+    for pos, data in _blocks(path, start, 2, block_bytes):
+        checkpoint = (pos, s.high, s.wraps, s.low, s.y, s.base, s.pol)
         w = np.frombuffer(data, dtype="<u2").astype(np.int64)
         typ = w >> 12
         payload = w & 0xFFF
@@ -225,14 +242,15 @@ def iter_evt3(path, header: RawHeader | None = None, *, block_bytes: int = BLOCK
         s.low, s.y = int(low[-1]), int(y[-1])
         s.base = int(bx[-1] + before[-1] + width[-1])
         s.pol = int(pol_b[-1])
-        yield ev, tr
+        yield Block(ev, tr, checkpoint)
 
 
 _DAT_RAW = np.dtype([("t", "<u4"), ("w", "<u4")])
 
 
-def iter_dat(path, header: RawHeader | None = None, *, block_bytes: int = BLOCK_BYTES):
-    """Yield ``(events, no triggers)`` per block of a DAT file (2 type/size bytes follow the header lines)."""
+def iter_dat(path, header: RawHeader | None = None, *, block_bytes: int = BLOCK_BYTES, resume: tuple | None = None):
+    """Yield a :class:`Block` per block of a DAT file (no triggers; 2 type/size bytes follow the header lines);
+    ``resume``: a block's ``resume`` (its byte offset) to start there."""
     header = header or read_raw_header(path)
     try:
         with open(path, "rb") as f:
@@ -245,7 +263,9 @@ def iter_dat(path, header: RawHeader | None = None, *, block_bytes: int = BLOCK_
     if type_size[1] != 8:
         raise InputError(path, f"unsupported DAT event size {type_size[1]} (expected 8)")
     no_triggers = np.empty(0, dtype=TRIGGER_DTYPE)
-    for data in _blocks(path, header.data_offset + 2, 8, block_bytes):
+    start = header.data_offset + 2 if resume is None else resume[0]
+    for pos, data in _blocks(path, start, 8, block_bytes):
         raw = np.frombuffer(data, dtype=_DAT_RAW)
         w = raw["w"]
-        yield _events(w & 0x3FFF, (w >> 14) & 0x3FFF, raw["t"].astype(np.int64), (w >> 28) & 1), no_triggers
+        yield Block(_events(w & 0x3FFF, (w >> 14) & 0x3FFF, raw["t"].astype(np.int64), (w >> 28) & 1), no_triggers,
+                    (pos,))

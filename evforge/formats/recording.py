@@ -44,11 +44,14 @@ H5_CHUNK = 1 << 20  # events read at once from HDF5 sources
 
 @dataclass
 class Chunk:
-    """Events of one block in file order, plus the side data decoded with them (may be empty)."""
+    """Events of one block in file order, plus the side data decoded with them (may be empty), and where the
+    block starts (``resume``: pass it to :meth:`Recording.chunks` to read from here; None where the format
+    cannot resume: AEDAT4, whose decoder reads from the start, and HDF5, which seeks by time itself)."""
 
     events: np.ndarray
     triggers: np.ndarray  # TRIGGER_DTYPE
     imu: np.ndarray  # IMU_DTYPE
+    resume: tuple | None = None
 
 
 def _no_triggers() -> np.ndarray:
@@ -71,17 +74,18 @@ class Recording:
     def __repr__(self) -> str:
         return f"Recording({str(self.path)!r}, format={self.format}, sensor_size={self.sensor_size})"
 
-    def chunks(self, t_start: int | None = None, t_stop: int | None = None) -> Iterator[Chunk]:
+    def chunks(self, t_start: int | None = None, t_stop: int | None = None, *, resume: tuple | None = None
+               ) -> Iterator[Chunk]:
         """Stream the recording as :class:`Chunk` objects, keeping only ``t_start <= t < t_stop`` (events and
         side data). Stops reading once a block starts past ``t_stop`` (timestamps are non-decreasing; the
-        caller checks that)."""
-        for chunk in self._raw_chunks(t_start):
+        caller checks that). ``resume``: a chunk's ``resume`` from an earlier read, to start decoding there."""
+        for chunk in self._raw_chunks(t_start, resume):
             ev = chunk.events
             if t_start is not None or t_stop is not None:
                 lo = -np.inf if t_start is None else t_start
                 hi = np.inf if t_stop is None else t_stop
                 keep = lambda a: a[(a["t"] >= lo) & (a["t"] < hi)] if len(a) else a
-                chunk = Chunk(keep(ev), keep(chunk.triggers), keep(chunk.imu))
+                chunk = Chunk(keep(ev), keep(chunk.triggers), keep(chunk.imu), chunk.resume)
                 if len(ev) and t_stop is not None and int(ev["t"][0]) >= t_stop:
                     return
             yield chunk
@@ -92,12 +96,12 @@ class Recording:
         return np.concatenate(parts) if parts else np.empty(0, dtype=EVENT_DTYPE)
 
     # ---- per format
-    def _raw_chunks(self, t_start) -> Iterator[Chunk]:
+    def _raw_chunks(self, t_start, resume) -> Iterator[Chunk]:
         try:
             if self.format in ("evt2", "evt3", "dat"):
                 decode = {"evt2": iter_evt2, "evt3": iter_evt3, "dat": iter_dat}[self.format]
-                for ev, tr in decode(self.path, self._header):
-                    yield Chunk(ev, tr, _no_imu())
+                for block in decode(self.path, self._header, resume=None if resume is None else tuple(resume)):
+                    yield Chunk(block.events, block.triggers, _no_imu(), block.resume)
             elif self.format == "aedat4":
                 yield from self._aedat4_chunks()
             else:

@@ -60,10 +60,14 @@ def test_decoder_state_carries_across_tiny_blocks(tmp_path, decode, enc):
     path = tmp_path / "rec.raw"
     path.write_bytes(enc(x, y, t, p, width=1280, height=720))
     header = read_raw_header(path)
-    whole = np.concatenate([e for e, _ in decode(path, header)])
-    tiny = np.concatenate([e for e, _ in decode(path, header, block_bytes=12 if decode is iter_evt2 else 6)])
+    whole = np.concatenate([b.events for b in decode(path, header)])
+    tiny = list(decode(path, header, block_bytes=12 if decode is iter_evt2 else 6))
     _same(whole, x, y, t, p)
-    np.testing.assert_array_equal(whole, tiny)
+    np.testing.assert_array_equal(whole, np.concatenate([b.events for b in tiny]))
+    # resuming at any block's checkpoint decodes exactly the rest
+    for k in (1, len(tiny) // 3, len(tiny) - 1):
+        rest = np.concatenate([b.events for b in decode(path, header, resume=tiny[k].resume)])
+        np.testing.assert_array_equal(rest, np.concatenate([b.events for b in tiny[k:]]))
 
 
 def test_evt3_vectors_and_single_events(tmp_path):

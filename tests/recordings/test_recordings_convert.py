@@ -93,6 +93,39 @@ def test_long_recording_is_cut_into_bounded_parts(tmp_path):
     np.testing.assert_array_equal(np.concatenate([got[k] for k in sorted(got)]), ev)
 
 
+@pytest.mark.parametrize("fmt", ["evt2", "evt3", "dat"])
+def test_later_parts_resume_mid_file(tmp_path, monkeypatch, fmt):
+    """A part's read starts at the decoded block before its time range (not at the file's start), and the
+    samples are the same as when every part decodes from the start."""
+    import evforge.formats.prophesee as prophesee
+
+    monkeypatch.setattr(prophesee, "BLOCK_BYTES", 4096)
+    for name in ("iter_evt2", "iter_evt3", "iter_dat"):  # the default block size is bound at definition
+        fn = getattr(prophesee, name)
+        monkeypatch.setattr(fn, "__kwdefaults__", {**fn.__kwdefaults__, "block_bytes": 4096})
+    src = tmp_path / "recs"
+    src.mkdir()
+    x, y, t, p = random_events(20000, 64, 48, seed=4, t0=0, span_us=30_000_000 if fmt == "evt3" else 2_000_000)
+    enc = {"evt2": encode_evt2, "evt3": encode_evt3, "dat": encode_dat}[fmt]
+    (src / f"long.{'dat' if fmt == 'dat' else 'raw'}").write_bytes(enc(x, y, t, p, width=64, height=48))
+    starts = []
+    real = prophesee._blocks
+
+    def spy(path, offset, *args):
+        starts.append(offset)
+        return real(path, offset, *args)
+
+    monkeypatch.setattr(prophesee, "_blocks", spy)
+    kw = dict(progress=False, sample_ms=20 if fmt != "evt3" else 300, min_events=1, part_events=3000,
+              val_fraction=0, target_bytes=50_000)
+    build_dataset("recordings", src, tmp_path / "out", **kw)
+    header_end = min(starts)
+    assert sum(s > header_end + 8 for s in starts) >= 5  # later parts started mid-file
+    got = _all_samples(tmp_path / "out")
+    ev = open_recording(next(src.iterdir())).events()
+    np.testing.assert_array_equal(np.concatenate([got[k] for k in sorted(got)]), ev)
+
+
 def test_bad_recording_is_reported_and_the_rest_converted(tmp_path):
     src = tmp_path / "recs"
     src.mkdir()

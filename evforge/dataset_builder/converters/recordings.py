@@ -12,8 +12,11 @@
 * **Bounded parts.** Each recording is split into parts of consecutive windows holding about ``part_events``
   events each (default 2M, ~18 MB of raw shard columns); a part is one build item, so one shard never holds
   more than one part of a long recording and memory stays bounded by a part. The scan streams every recording
-  once (bounded memory) to count its events and find its time range; a part's read streams the recording again
-  and keeps its time range.
+  once (bounded memory) to count its events and find its time range, noting where each decoded block starts
+  (byte offset and decoder state, Prophesee formats); a part's read resumes at the last block before its time
+  range, so a long recording is decoded about twice in all. HDF5 sources seek by time (``ms_to_idx``); AEDAT4
+  parts are decoded from the file's start (the ``aedat`` decoder cannot seek), so a long AEDAT4 recording
+  costs one decode per part up to it: raise ``part_events`` for those.
 * **Splits.** Every ``round(1 / val_fraction)``-th window goes to ``val`` (default ``val_fraction`` 0.1; 0: all
   ``train``), so a single recording gives both splits; a part's train and val windows are separate items.
 * **Side data** (``side=True``): a sample's attrs hold the recording's triggers (``[[t, id, value], ...]``,
@@ -44,14 +47,18 @@ __all__ = ["RecordingsConverter", "scan_recording"]
 
 
 def scan_recording(path) -> dict:
-    """One streaming pass: ``{format, sensor_size, num_events, t_first, t_last, max_x, max_y}``; InputError for
-    an unreadable file or timestamps that decrease (named by event index)."""
+    """One streaming pass: ``{format, sensor_size, num_events, t_first, t_last, max_x, max_y, checkpoints}``
+    (``checkpoints``: ``(first t, resume)`` of every decoded block that can be resumed); InputError for an
+    unreadable file or timestamps that decrease (named by event index)."""
     rec = open_recording(path)
     n, first, last, mx, my = 0, None, None, -1, -1
+    checkpoints = []
     for chunk in rec.chunks():
         ev = chunk.events
         if not len(ev):
             continue
+        if chunk.resume is not None:
+            checkpoints.append((int(ev["t"][0]), chunk.resume))
         t = ev["t"]
         if last is not None and t[0] < last:
             raise InputError(path, f"timestamps go back at event {n} ({last} > {int(t[0])} us)")
@@ -64,7 +71,18 @@ def scan_recording(path) -> dict:
         mx, my = max(mx, int(ev["x"].max())), max(my, int(ev["y"].max()))
         n += len(ev)
     return {"format": rec.format, "sensor_size": rec.sensor_size, "num_events": n, "t_first": first,
-            "t_last": last, "max_x": mx, "max_y": my}
+            "t_last": last, "max_x": mx, "max_y": my, "checkpoints": checkpoints}
+
+
+def _resume_before(checkpoints, t: int):
+    """The resume point of the last block that starts strictly before ``t`` (its predecessors hold only events
+    at or before its first one, so nothing at or after ``t`` is skipped), or None: from the start."""
+    best = None
+    for t_first, resume in checkpoints:
+        if t_first >= t:
+            break
+        best = resume
+    return best
 
 
 class RecordingsConverter:
@@ -112,10 +130,11 @@ class RecordingsConverter:
             per_part = math.ceil(windows / parts)
             for j in range(math.ceil(windows / per_part)):
                 k0, k1 = j * per_part, min(windows, (j + 1) * per_part)
+                resume = _resume_before(info["checkpoints"], info["t_first"] + k0 * sample_us) if k0 else None
                 for split in ("train", "val") if val_every else ("train",):
                     items.append(SourceItem(key=f"{rel}/part{j:05d}" + ("" if split == "train" else "-val"),
                                             path=os.path.abspath(path), split=split,
-                                            extra=("part", rel, info["format"], info["t_first"], k0, k1)))
+                                            extra=("part", rel, info["format"], info["t_first"], k0, k1, resume)))
         params = {"sensor_size": list(size), "sample_us": sample_us, "min_events": int(min_events),
                   "part_events": int(part_events), "val_every": val_every, "side": bool(side)}
         return DatasetPlan(name=self.name, kind="samples", sensor_size=size, classes=[], items=items, params=params)
@@ -149,13 +168,13 @@ class RecordingsConverter:
     def read(self, item: SourceItem, plan: DatasetPlan) -> list[Sample]:
         if item.extra[0] == "error":
             raise InputError(item.path, item.extra[1].removeprefix(f"{item.path}: "))
-        _, rel, fmt, t_first, k0, k1 = item.extra
+        _, rel, fmt, t_first, k0, k1, resume = item.extra
         p = plan.params
         sample_us, val_every = int(p["sample_us"]), int(p["val_every"])
         lo, hi = t_first + k0 * sample_us, t_first + k1 * sample_us
         rec = open_recording(item.path)
         ev_parts, trig_parts, imu_parts, last = [], [], [], None
-        for chunk in rec.chunks(lo, hi):
+        for chunk in rec.chunks(lo, hi, resume=resume):
             t = chunk.events["t"]
             if len(t):
                 if (last is not None and t[0] < last) or (t[1:] < t[:-1]).any():
