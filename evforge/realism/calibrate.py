@@ -41,6 +41,10 @@ Notation: ``T`` the recording's duration; per pixel, ``N_on`` / ``N_off`` its ON
   events per active pixel, added linearly). Not determined without enough signal (fewer than 200 signal
   events of either polarity) or when the uncertainty exceeds 25 %. ``pos_thres`` keeps the base preset's value
   (the absolute threshold needs the brightness change, i.e. frames); ``neg_thres = pos_thres / ratio``.
+* **Shot noise against brightness** (frames given, quiet pixels spanning >= 40 of 255): the quiet pixels are
+  binned by brightness quartile; a weighted line through the bins' OFF rates against ``(I + 20) / 275`` gives
+  the rate of a white pixel over a dark one (``shot_noise_white_to_dark``; the model fixes it at 0.25), with the
+  fit's covariance as uncertainty. Reported (``measured.shot_intensity``), not simulated.
 * **Hot pixels**: ``count > mean + 10 std`` over all pixels (the rule of :mod:`.stats`); reported with their
   rates under ``measured``: the pixel model has no hot pixels, so ``simulate`` does not use them.
 
@@ -204,6 +208,21 @@ def calibrate_events(src: EventSource, *, frames=None, base: str = "default") ->
                                                          f"floor to measure; kept the preset's values")
         quiet_counts = None
 
+    # the shot noise's brightness dependence, where frames show quiet pixels of different brightness
+    if quiet_counts is not None and frames is not None:
+        dep = _shot_intensity(np.asarray(frames, np.float64).mean(0), off, quiet, T)
+        measured_dep = dep
+        if dep.get("determined"):
+            est["shot_noise_white_to_dark"] = Estimate(
+                dep["white_to_dark"], dep["sd"], True, "weighted line fit of the OFF rate of quiet pixels against "
+                "(I + 20) / 275, in 4 brightness bins: rate at 1 over rate at 0",
+                f"the pixel model's value is fixed at 0.25 (f = 1 - 0.75 (I + 20) / 275): reported, not simulated")
+        else:
+            nd["shot_noise_white_to_dark"] = dep["reason"]
+    else:
+        measured_dep = None
+        nd["shot_noise_white_to_dark"] = "needs frames (the brightness of each pixel) and a quiet region"
+
     # ON/OFF threshold ratio from the signal events
     active = ~quiet & ~hot
     if quiet_counts is not None and active.any():
@@ -243,10 +262,45 @@ def calibrate_events(src: EventSource, *, frames=None, base: str = "default") ->
     ys, xs = np.nonzero(hot)
     measured = {"duration_s": T, "num_events": int(len(ev)), "sensor_size": [w, h], "quiet_pixels": nq,
                 "quiet_fraction": nq / (w * h), "brightness_mean": brightness, "shot_factor_range": f_range,
+                "shot_intensity": measured_dep,
                 "hot_pixels": {"count": int(hot.sum()), "fraction": float(hot.mean()),
                                "pixels": [[int(x), int(y), float(total[y, x] / T)] for x, y in list(zip(xs, ys))[:1000]]},
                 "base_preset": base}
     return Calibration(source=src.name, estimates=est, dvs_params=params, not_determined=nd, measured=measured)
+
+
+def _shot_intensity(brightness: np.ndarray, off: np.ndarray, quiet: np.ndarray, T: float) -> dict:
+    """OFF rate of quiet pixels in 4 brightness-quantile bins and the line through them (see the docstring)."""
+    b, n_off = brightness[quiet], off[quiet]
+    if b.max() - b.min() < 40 or len(b) < 64:
+        return {"determined": False, "reason": f"the quiet pixels span only {b.max() - b.min():.0f} of 255 in "
+                                                f"brightness (40 needed) or are too few ({len(b)})"}
+    edges = np.quantile(b, [0, 0.25, 0.5, 0.75, 1])
+    which = np.clip(np.searchsorted(edges, b, "right") - 1, 0, 3)
+    x, r, sd, rows = [], [], [], []
+    for k in range(4):
+        sel = which == k
+        if sel.sum() < 8:
+            continue
+        cnt, expo = n_off[sel].sum(), sel.sum() * T
+        x.append(((b[sel] + 20) / 275).mean())
+        r.append(cnt / expo)
+        sd.append(max(math.sqrt(cnt), 1.0) / expo)
+        rows.append([float(b[sel].mean()), float(r[-1]), float(sd[-1])])
+    if len(x) < 3:
+        return {"determined": False, "reason": "fewer than 3 brightness bins with 8 quiet pixels", "bins": rows}
+    x, r, wgt = np.array(x), np.array(r), 1 / np.array(sd) ** 2
+    A = np.stack([np.ones_like(x), x], 1)
+    cov = np.linalg.inv(A.T @ (A * wgt[:, None]))
+    c0, c1 = cov @ (A.T @ (wgt * r))
+    if c0 <= 0:
+        return {"determined": False, "reason": "the fitted dark rate is not positive", "bins": rows}
+    ratio = (c0 + c1) / c0
+    grad = np.array([-c1 / c0**2, 1 / c0])  # d ratio / d (c0, c1)
+    ratio_sd = float(math.sqrt(grad @ cov @ grad))
+    ok = ratio_sd < 0.5
+    return {"determined": ok, "white_to_dark": float(ratio), "sd": ratio_sd, "model_value": 0.25, "bins": rows,
+            "reason": "" if ok else f"too uncertain ({ratio_sd:.2f})"}
 
 
 def _quiet_pixels(total: np.ndarray, hot: np.ndarray) -> np.ndarray:

@@ -150,3 +150,23 @@ def test_self_consistency_at_a_larger_size():
     for name, true in (("leak_rate_hz", 0.2), ("shot_noise_rate_hz", 1.0), ("refractory_period_s", 0.002),
                        ("pos_neg_threshold_ratio", 1.5)):
         assert cal.estimates[name].value == pytest.approx(true, rel=0.10), name
+
+
+def test_shot_noise_brightness_dependence_from_frames():
+    """A static brightness ramp (60..200): the OFF noise falls with brightness as the model's f(I); the fitted
+    white-to-dark ratio is the model's 0.25 within its uncertainty."""
+    params = DVSParams(pos_thres=0.2, neg_thres=0.2, sigma_thres=0.0, cutoff_hz=0.0, leak_rate_hz=0.2,
+                       shot_noise_rate_hz=4.0, refractory_period_s=0.001)
+    ramp = np.repeat(np.linspace(60, 200, 48)[:, None], 48, 1)
+    scene = np.repeat(np.rint(ramp)[None].astype(np.uint8), 201, 0)
+    ev = simulate_frames(scene, np.arange(201) * 50_000, params, seed=3)
+    cal = calibrate_events(EventSource("ramp", "sim", ev, (48, 48)), frames=scene[:5])
+    est = cal.estimates["shot_noise_white_to_dark"]
+    assert est.determined and abs(est.value - 0.25) <= 3 * est.uncertainty and est.uncertainty < 0.1
+    bins = cal.measured["shot_intensity"]["bins"]
+    assert [b[1] for b in bins] == sorted((b[1] for b in bins), reverse=True)  # brighter: less noise
+    _close(cal.estimates["shot_noise_rate_hz"], 4.0, "shot noise on a ramp")
+    _close(cal.estimates["leak_rate_hz"], 0.2, "leak on a ramp")
+    # without frames it cannot be told
+    blind = calibrate_events(EventSource("ramp", "sim", ev, (48, 48)))
+    assert "shot_noise_white_to_dark" in blind.not_determined
