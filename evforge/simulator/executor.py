@@ -170,7 +170,7 @@ def run_workers(todo: list, out_dir, cfg, devices: list[str], report, *, interpo
                         report.finish(result)
                     elif msg[0] == "output_error":
                         environment = environment or OutputError(msg[1], msg[2])
-                        w.append(f"{msg[1]}: {msg[2]}")
+                        w.append(None)  # not its sequences' fault: they stay pending, the run ends in one line
                     elif msg[0] == "crash":
                         log(f"worker on {device} failed: {msg[1]}")
                         w.append(msg[1])
@@ -179,7 +179,7 @@ def run_workers(todo: list, out_dir, cfg, devices: list[str], report, *, interpo
                 if gone or proc.sentinel in ready:
                     proc.join()
                     why = w[4] if len(w) > 4 else f"exit status {proc.exitcode}"
-                    for name in sorted(held):  # the sequences it was simulating: failed with its reason
+                    for name in sorted(held) if why is not None else ():  # failed with its reason
                         seq = next(s for s, _ in todo if s.name == name)
                         r = SequenceResult(name, output_path(out_dir, name), "pending", device=device)
                         _fail(r, RuntimeError(f"the worker on {device} ended ({why}) while simulating it"), log)
