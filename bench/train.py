@@ -198,10 +198,8 @@ class BenchTask(ECDDPTask):
         self.want: set[int] = set()
         self.marks: dict[int, float] = {}
 
-    def _generator(self, cfg, state, salt):
-        if self.cpu_generator:
-            state = {**state, "device": "cpu"}
-        return super()._generator(cfg, state, salt)
+    def step_generator(self, state, salt, device="cpu"):
+        return super().step_generator(state, salt, "cpu" if self.cpu_generator else device)
 
     def after_optimizer_step(self, model, state):
         super().after_optimizer_step(model, state)
@@ -814,7 +812,7 @@ class FinetuneGroup(FamilyGroup):
         self.seg_task = SegmentationTask()
         torch.manual_seed(args.seed)
         self.seg = self.seg_task.build_model(scfg).to(dev).train()
-        o = self.seg_task.opts(scfg)
+        o = self.seg_task.options(scfg)
         h, w = (int(v) for v in o["train_size"])
         g = torch.Generator().manual_seed(args.seed)
         self.seg_x = (torch.rand(seg_batch, 2 * int(o["chunks"]), h, w, generator=g) * 4).floor().to(dev)

@@ -35,7 +35,7 @@ from torch import nn
 
 from .atomic import atomic_output
 from .errors import InputError, OutputError, output_error
-from .trainer.checkpoint import pickled_object
+from .trainer.checkpoint import load_checkpoint
 
 __all__ = ["FORMAT", "export_backbone", "import_checkpoint", "read_backbone", "load_backbone", "backbone_weights",
            "IMPORTERS"]
@@ -47,18 +47,11 @@ NON_TIMM_PREFIXES = ("ecddp_neck.", "stage_norms.")  # keys of a backbone file t
 
 # ------------------------------------------------------------------------------------------------- reading
 def _torch_load(path):
-    """``torch.load(path, weights_only=True)`` on CPU, any failure as one :class:`InputError` line."""
+    """:func:`~evforge.trainer.checkpoint.load_checkpoint` (``weights_only=True``, one-line errors) of a file."""
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "no such checkpoint")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets one line naming it
-        if pickled_object(e):  # not torch's advice to run the file's pickled code
-            raise InputError(path, "holds pickled Python objects, which evforge does not load (checkpoints are "
-                                   "read with weights_only=True)") from None
-        detail = " ".join(str(e).split()).split(". ")[0][:100]
-        raise InputError(path, f"not a readable checkpoint ({type(e).__name__}: {detail})") from None
+    return load_checkpoint(path)
 
 
 def _looks_public_ecddp(ckpt) -> bool:

@@ -35,7 +35,6 @@ which the trainer adds up before :meth:`ClassificationTask.validation_metrics`.
 from __future__ import annotations
 
 import math
-import zlib
 
 import numpy as np
 import torch
@@ -48,10 +47,10 @@ from ..dataset_builder.dataset import EventDataset, collate_events, resolve_mani
 from ..dataset_builder.manifest import Manifest, read_subset_file, stratified_split
 from ..pretrain.mem.inputs import MEMInputConfig, mem_inputs
 from ..representations import histogram, voxel_grid
-from ..trainer.config import ConfigError, check_option_keys, merge
+from ..trainer.config import ConfigError, merge
 from ..trainer.metrics import Mean, mean_metrics
 from ..trainer.sampler import mix_seed
-from ..trainer.task import Task
+from ..trainer.task import Task, keys_generator
 from .backbones import ModelSpec, build_classifier
 from .beit import block_dropout, per_layer_rel_pos_bias, reset_fc_norm
 from .ema import ModelEMA
@@ -160,11 +159,6 @@ def holdout_indices(full: EventDataset, manifest: Manifest, split: str, fraction
     return pool[parts["holdout"]]
 
 
-def _key_seed(batch: dict) -> int:
-    """A seed from a batch's sample keys (stable across processes and passes)."""
-    return zlib.crc32("\x00".join(batch["key"]).encode())
-
-
 class _Items(Dataset):
     """Some items of an :class:`EventDataset`, by index (keeps ``close``, ``labels`` and the sensor size)."""
 
@@ -224,6 +218,8 @@ class ClassificationTask(Task):
     """Finetuning or linear probing of a ViT / Swin on event classification (see the module docstring)."""
 
     name = "classification"
+    option_defaults = TASK_DEFAULTS
+    open_options = OPEN_KEYS
     default_metric = "top1"  # what checkpoint selection maximises
     # data keys read besides the trainer's (trainer.config.check_config refuses any other)
     config_keys = {"data": {"path": "str", "train_split": "str", "subset": "str|null", "subset_file": "str|null",
@@ -239,24 +235,14 @@ class ClassificationTask(Task):
         self._manifest_cache: tuple | None = None
 
     # ----------------------------------------------------------------------------------------- options
-    def options(self, cfg: dict) -> dict:
-        """``cfg["task"]`` over :data:`TASK_DEFAULTS`, checked."""
-        check_option_keys(cfg.get("task", {}), TASK_DEFAULTS, "task", OPEN_KEYS)
-        o = merge(TASK_DEFAULTS, cfg.get("task", {}))
-        if o["mode"] not in MODES:
-            raise ConfigError(f"task.mode: expected one of {MODES}, got {o['mode']!r}")
-        if o["representation"]["name"] not in REPRESENTATIONS:
-            raise ConfigError(f"task.representation.name: expected one of {REPRESENTATIONS}, "
-                              f"got {o['representation']['name']!r}")
-        if o["val_window"]["position"] not in WINDOW_POSITIONS:
-            raise ConfigError(f"task.val_window.position: expected one of {WINDOW_POSITIONS}")
-        if o["model"]["rel_pos_bias"] not in ("shared", "per_layer"):
-            raise ConfigError(f"task.model.rel_pos_bias: expected shared or per_layer, got {o['model']['rel_pos_bias']!r}")
-        if o["model"]["fc_norm"] not in ("from_norm", "fresh"):
-            raise ConfigError(f"task.model.fc_norm: expected from_norm or fresh, got {o['model']['fc_norm']!r}")
+    def check_options(self, o: dict) -> None:
+        """Values of :data:`TASK_DEFAULTS`'s keys (the keys are checked by :meth:`Task.options`)."""
+        for key, allowed in (("mode", MODES), ("representation.name", REPRESENTATIONS),
+                             ("val_window.position", WINDOW_POSITIONS), ("model.rel_pos_bias", ("shared", "per_layer")),
+                             ("model.fc_norm", ("from_norm", "fresh"))):
+            self.require_choice(o, key, allowed)
         if not 0 <= float(o["label_smoothing"]) < 1:
             raise ConfigError(f"task.label_smoothing: expected a number in [0, 1), got {o['label_smoothing']!r}")
-        return o
 
     @staticmethod
     def data_options(cfg: dict) -> dict:
@@ -391,7 +377,7 @@ class ClassificationTask(Task):
         W, H = self.sensor_size
         if not train and o["val_window"]["position"] == "random":
             # a window drawn as MEM draws it, from the batch's keys: the same for every validation pass
-            generator = torch.Generator().manual_seed(mix_seed(int(cfg.get("seed", 0)), 0x5A1, _key_seed(batch)))
+            generator = keys_generator(int(cfg.get("seed", 0)), 0x5A1, batch)
         if o["representation"]["name"] == "mem_image":
             return mem_inputs(batch, self.mem_input_config(o), (W, H), train=train, generator=generator)
         if train:
@@ -441,15 +427,11 @@ class ClassificationTask(Task):
         return voxel_grid(batch, bins=int(rep["bins"]), height=height, width=width,
                           polarity_split=bool(rep.get("polarity_split")), normalize=norm)
 
-    def _generator(self, cfg: dict, state: dict, salt: int) -> torch.Generator:
-        # a CPU generator: the same augmentation on CPU and GPU (augment.py draws on the generator's device)
-        return torch.Generator().manual_seed(mix_seed(int(cfg.get("seed", 0)), salt, state["step"],
-                                                      state.get("micro_step", 0), state.get("rank", 0)))
-
     # ------------------------------------------------------------------------------------------- training
     def training_step(self, model: nn.Module, batch, state: dict):
         cfg = self.cfg
-        x = self.inputs(batch, cfg, train=True, generator=self._generator(cfg, state, salt=1))
+        # a CPU generator: the same augmentation on CPU and GPU (augment.py draws on the generator's device)
+        x = self.inputs(batch, cfg, train=True, generator=self.step_generator(state, salt=1))
         logits = model(x).float()
         label = batch["label"]
         loss = F.cross_entropy(logits, label, label_smoothing=float(self.options(cfg)["label_smoothing"]))

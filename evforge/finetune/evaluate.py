@@ -9,9 +9,10 @@ deterministically through the task's ``evaluate_split`` and writes into ``out_di
 * ``confusion.png``: the confusion matrix, rows normalised (class names on the axes up to 50 classes);
 * whatever the task's optional ``write_reports(out, out_dir, split=)`` adds.
 
-A task is evaluable when it has ``load_state_dict`` (its checkpointed state, read before ``build_model``),
-``test_split(cfg)``, ``default_metric`` and ``evaluate_split(model, cfg, split, device=, batch_size=)``
-returning ``{"metrics", "num_samples"}`` and optionally ``"confusion"``, ``"class_names"``, ``"per_class"``.
+A task (:class:`~evforge.trainer.task.Task`) is evaluable when it has ``evaluate_split(model, cfg, split,
+device=, batch_size=)`` returning ``{"metrics", "num_samples"}`` and optionally ``"confusion"``,
+``"class_names"``, ``"per_class"``; its ``load_state_dict`` (the checkpointed state, read before
+``build_model``), ``test_split``, ``default_metric`` and ``write_reports`` are the base's or its own.
 
 Model selection (:func:`select_best`) uses only what the trainer leaves in a run folder: the ``val`` records
 of ``log.jsonl`` and the kept checkpoints (``checkpoints/step-<N>.ckpt`` and ``last.ckpt``); a checkpoint
@@ -31,12 +32,12 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
-from ..trainer.checkpoint import CheckpointManager, load_checkpoint
+from ..trainer.checkpoint import TRAINER_FORMAT, CheckpointManager, load_checkpoint, read_trainer_checkpoint
 
 __all__ = ["evaluate", "select_best", "checkpoint_scores", "load_for_eval", "load_checkpoint_config",
            "write_reports", "plot_confusion", "markdown_report", "run_dir_of"]
 
-FORMAT = "evforge-trainer/1"
+FORMAT = TRAINER_FORMAT
 MAX_NAMED_CLASSES = 50  # class names on the confusion matrix axes up to this many classes
 MAX_ANNOTATED_CLASSES = 20  # counts written in the cells up to this many
 
@@ -58,18 +59,9 @@ def _task_of(cfg: dict):
 
 def load_for_eval(ckpt) -> tuple:
     """``(task, model, cfg, checkpoint dict)`` of a trainer checkpoint, the model with the checkpoint's weights."""
-    ckpt = Path(ckpt)
-    if not ckpt.is_file():
-        raise InputError(ckpt, "no such checkpoint")
-    try:
-        ck = load_checkpoint(ckpt)
-    except Exception as e:  # noqa: BLE001 - an unreadable file gets one line naming it
-        raise InputError(ckpt, f"not a readable checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ck, dict) or ck.get("format") != FORMAT:
-        raise InputError(ckpt, "not an evforge trainer checkpoint")
-    cfg = json.loads(ck["config"]) if isinstance(ck["config"], str) else ck["config"]
+    ck, cfg = read_trainer_checkpoint(ckpt)
     task = _task_of(cfg)
-    if ck.get("task") and callable(getattr(task, "load_state_dict", None)):
+    if ck.get("task"):
         task.load_state_dict(ck["task"])  # the resolved network spec: build_model reads no backbone file
     model = task.build_model(cfg)
     model.load_state_dict(ck["model"])
@@ -78,8 +70,7 @@ def load_for_eval(ckpt) -> tuple:
 
 
 def _load_step(path: Path) -> int:
-    ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return int(ck["progress"]["step"])
+    return int(load_checkpoint(path, mmap=True)["progress"]["step"])
 
 
 def _val_records(run_dir: Path, metric: str) -> dict[int, float]:
@@ -139,14 +130,14 @@ def evaluate(ckpt, *, split: str | None = None, out_dir=None, device=None, batch
     ckpt = Path(ckpt)
     if ckpt.is_dir():
         task = _task_of(json.loads(load_checkpoint_config(ckpt)))
-        metric = metric or getattr(task, "default_metric", "top1")
+        metric = metric or task.default_metric
         best = select_best(ckpt, metric)
         value = next(s["value"] for s in checkpoint_scores(ckpt, metric) if s["path"] == best)
         selected = {"metric": metric, "value": value, "run_dir": str(ckpt)}
         ckpt = best
     task, model, cfg, ck = load_for_eval(ckpt)
     if split is None:
-        split = task.test_split(cfg) if callable(getattr(task, "test_split", None)) else "test"
+        split = task.test_split(cfg)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     out = task.evaluate_split(model, cfg, split, device=device, batch_size=batch_size)
@@ -164,8 +155,8 @@ def evaluate(ckpt, *, split: str | None = None, out_dir=None, device=None, batch
         result["selected"] = selected
     out_dir = Path(out_dir) if out_dir is not None else run_dir_of(ckpt) / "eval" / f"{ckpt.stem}-{split}"
     result["files"] = write_reports(result, out_dir)
-    if callable(getattr(task, "write_reports", None)):  # the task's own extra reports (e.g. segmentation figures)
-        extra = task.write_reports(out, out_dir, split=split) or []
+    extra = task.write_reports(out, out_dir, split=split) or []  # the task's own (e.g. segmentation figures)
+    if extra:
         result["files"]["task"] = [str(p) for p in extra]
     return result
 
@@ -176,7 +167,7 @@ def load_checkpoint_config(run_dir) -> str:
     path = manager.latest()
     if path is None:
         raise InputError(run_dir, "no checkpoints in the run folder")
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["config"]
+    return load_checkpoint(path, mmap=True)["config"]
 
 
 # -------------------------------------------------------------------------------------------------- reports

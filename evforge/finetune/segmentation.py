@@ -63,10 +63,8 @@ from ..dataset_builder.shards import ShardReader
 from ..export import read_backbone
 from ..models.swin import TINY_SWIN_KWARGS, PadFirstSwinBlock, use_pad_first_blocks
 from ..representations import stacked_histograms
-from ..trainer.config import check_option_keys, merge
 from ..trainer.optim import default_param_groups
 from ..trainer.metrics import Mean, mean_metrics
-from ..trainer.sampler import mix_seed
 from ..trainer.task import Task
 from .backbones import ModelSpec, create_model, family, load_init, resolve_spec
 from .rectify import Rectifier
@@ -126,9 +124,7 @@ OPEN_KEYS = ("task.model.kwargs",)  # free-form (timm keyword arguments)
 
 def task_options(cfg: dict) -> dict:
     """``cfg["task"]`` over :data:`TASK_DEFAULTS` (unknown keys raise :class:`ConfigError`)."""
-    t = cfg.get("task", {}) or {}
-    check_option_keys(t, TASK_DEFAULTS, "task", OPEN_KEYS)
-    return merge(TASK_DEFAULTS, t)
+    return SegmentationTask().options(cfg)
 
 
 # ------------------------------------------------------------------------------------------------------ data
@@ -531,6 +527,8 @@ class SegmentationTask(Task):
     """Semantic segmentation finetuning (see the module docstring for data, model, loss and metrics)."""
 
     name = "segmentation"
+    option_defaults = TASK_DEFAULTS
+    open_options = OPEN_KEYS
     default_metric = "mIoU"  # what evforge.finetune.evaluate.select_best picks checkpoints by
     # keys read besides the trainer's (trainer.config.check_config refuses any other)
     config_keys = {"data": {"path": "str", "train_split": "str", "val_split": "str|null", "test_split": "str|null",
@@ -547,12 +545,9 @@ class SegmentationTask(Task):
         self._val_cm: torch.Tensor | None = None  # the last validation pass's confusion matrix
 
     # ---- config, model, data
-    def opts(self, cfg: dict | None = None) -> dict:
-        return task_options(self.cfg if cfg is None else cfg)
-
     def build_model(self, cfg: dict) -> nn.Module:
         self.cfg = cfg
-        o, m = self.opts(cfg), self.opts(cfg)["model"]
+        o, m = self.options(cfg), self.options(cfg)["model"]
         size = o["train_size"] or o["data_resize"] or [SENSOR_SIZE[1] - int(o["crop_bottom"]), SENSOR_SIZE[0]]
         model = SegmentationModel(m["arch"], in_chans=2 * int(o["chunks"]), num_classes=int(o["num_classes"]),
                                   init=o["init"], tiny=bool(m["tiny"]), channels=int(m["channels"]),
@@ -582,7 +577,7 @@ class SegmentationTask(Task):
         ``val``: the manifest split ``data.val_split`` when it exists, else ``data.val_sequences`` held out of
         the train split, else None (no validation); any other name: ``data.<name>_split`` or that split."""
         self.cfg = self.cfg or cfg
-        d, o = cfg["data"], self.opts(cfg)
+        d, o = cfg["data"], self.options(cfg)
         path = d["path"]
         train_split = d.get("train_split", "train")
         held_out = list(d.get("val_sequences") or [])
@@ -635,7 +630,7 @@ class SegmentationTask(Task):
     def inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(stacked histograms ``(B, 2 * chunks, H - crop_bottom, W)``, labels ``(B, H', W')`` int64), both
         resized to ``data_resize`` when set (:func:`resize_sample`)."""
-        o = self.opts()
+        o = self.options()
         W, H = self.sensor_size or SENSOR_SIZE
         x = stacked_histograms(batch, chunks=int(o["chunks"]), events_per_chunk=int(o["events_per_chunk"]),
                                height=H, width=W, neg_first=bool(o["neg_first"]),
@@ -651,7 +646,7 @@ class SegmentationTask(Task):
 
     def augment(self, x: torch.Tensor, target: torch.Tensor, generator: torch.Generator):
         """The training views: :func:`random_affine` + :func:`warp_pair` to ``train_size``."""
-        o = self.opts()
+        o = self.options()
         a = o["augment"]
         out_hw = tuple(o["train_size"] or x.shape[-2:])
         theta = random_affine(x.shape[0], x.shape[-2:], out_hw, generator=generator, scale=a["scale"],
@@ -661,15 +656,8 @@ class SegmentationTask(Task):
         return warp_pair(x, target, theta, out_hw, mode=a["mode"], ignore_index=int(o["ignore_index"]),
                          border=a["border"])
 
-    def _generator(self, state: dict, salt: int) -> torch.Generator:
-        device = torch.device(state["device"])
-        g = torch.Generator(device=device)
-        g.manual_seed(mix_seed(int(self.cfg.get("seed", 0)), salt, state["step"], state.get("micro_step", 0),
-                               state.get("rank", 0)))
-        return g
-
     def loss(self, logits, target, aux=None) -> tuple[torch.Tensor, dict]:
-        o = self.opts()
+        o = self.options()
         k, ig, dw = int(o["num_classes"]), int(o["ignore_index"]), float(o["loss"]["dice_weight"])
         main, parts = segmentation_loss(logits, target, k, ig, dw)
         logs = {"loss_main": main.detach(), **parts}
@@ -683,7 +671,7 @@ class SegmentationTask(Task):
     # ---- steps
     def training_step(self, model: nn.Module, batch, state: dict):
         x, target = self.inputs(batch)
-        x, target = self.augment(x, target, self._generator(state, salt=1))
+        x, target = self.augment(x, target, self.step_generator(state, salt=1, device=state["device"]))
         out = model(x)
         logits, aux = out if isinstance(out, (tuple, list)) else (out, None)
         return self.loss(logits, target, aux)
@@ -691,13 +679,13 @@ class SegmentationTask(Task):
     def predict(self, model: nn.Module, batch: dict, tta: dict | None = None):
         """(logits at the label size, labels, inputs) of a batch; ``tta`` as :func:`predict_logits`."""
         x, target = self.inputs(batch)
-        logits = predict_logits(model, x, out_size=target.shape[-2:], resize=self.opts()["resize"], tta=tta)
+        logits = predict_logits(model, x, out_size=target.shape[-2:], resize=self.options()["resize"], tta=tta)
         return logits, target, x
 
     @torch.no_grad()
     def validation_step(self, model: nn.Module, batch, state) -> dict:
         """The batch's loss and confusion matrix (additive: the trainer sums them over batches and ranks)."""
-        o = self.opts()
+        o = self.options()
         k = int(o["num_classes"])
         logits, target, _ = self.predict(model, batch, tta=o["val_tta"])
         loss, _ = segmentation_loss(logits, target, k, int(o["ignore_index"]), float(o["loss"]["dice_weight"]))
@@ -705,7 +693,7 @@ class SegmentationTask(Task):
         return Mean("loss").update(stats, loss, int(target.shape[0]))
 
     def _val_metrics(self) -> SegmentationMetrics:
-        o = self.opts()
+        o = self.options()
         return SegmentationMetrics(int(o["num_classes"]), self.classes, ignore_index=int(o["ignore_index"]))
 
     def validation_metrics(self, stats: dict) -> dict[str, float]:
@@ -732,7 +720,7 @@ class SegmentationTask(Task):
         """(confusion matrix ``[true, pred]``, examples) over ``loader`` (batches of :meth:`collate`), the model
         in eval mode. ``tta``: True = ``task.tta`` (flip x scales), False/None = none, or a dict; ``examples``:
         up to ``num_examples`` ``(input (C, H, W), prediction (H, W) uint8, label (H, W))`` CPU tensors."""
-        o = self.opts()
+        o = self.options()
         tta = o["tta"] if tta is True else (tta or None)
         k, ig = int(o["num_classes"]), int(o["ignore_index"])
         device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -765,7 +753,7 @@ class SegmentationTask(Task):
             raise ValueError(f"no {split!r} split: set data.val_split or data.val_sequences")
         bs = int(batch_size or cfg["data"].get("val_batch_size") or cfg["data"]["batch_size"])
         loader = DataLoader(ds, batch_size=bs, shuffle=False, collate_fn=self.collate, num_workers=0)
-        tta = self.opts()["tta"] if tta is True else (tta or None)
+        tta = self.options()["tta"] if tta is True else (tta or None)
         cm, examples = self.evaluate(model.to(device), loader, device=device, tta=tta, num_examples=num_examples)
         seg = segmentation_metrics(cm, self.classes)
         seg["tta"] = tta
@@ -785,4 +773,4 @@ class SegmentationTask(Task):
         if split is not None:
             metrics["split"] = split
         return write_segmentation_report(metrics, out_dir, out["class_names"], examples=out.get("examples") or (),
-                                         ignore_index=int(self.opts()["ignore_index"]))
+                                         ignore_index=int(self.options()["ignore_index"]))

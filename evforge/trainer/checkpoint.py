@@ -7,6 +7,7 @@ progress counters (ints), every rank's RNG states (:func:`rng_state`) and the co
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import random
@@ -21,9 +22,10 @@ import torch
 from ..atomic import atomic_output
 from ..errors import InputError
 
-__all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "CheckpointManager", "LAST"]
+__all__ = ["save_checkpoint", "load_checkpoint", "read_trainer_checkpoint", "TRAINER_FORMAT", "rng_state", "set_rng_state", "CheckpointManager", "LAST"]
 
 LAST = "last.ckpt"
+TRAINER_FORMAT = "evforge-trainer/1"  # the "format" entry of the trainer's checkpoints
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
@@ -47,25 +49,36 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """A checkpoint written by :func:`save_checkpoint`, loaded with ``weights_only=True`` (no code runs).
+def load_checkpoint(path: str | os.PathLike, map_location="cpu", *, mmap: bool = False, hint: str = "") -> dict:
+    """A checkpoint file (evforge's or another's) loaded with ``weights_only=True`` (no code runs): the one reader.
 
     Any failure is one :class:`InputError` line naming the file: missing, truncated or damaged, or holding pickled
     Python objects (evforge never runs code from a checkpoint; torch's advice to pass ``weights_only=False`` is
-    not passed on)."""
+    not passed on). ``hint`` ends the line of an unreadable file (what to do instead); ``mmap`` maps the file
+    rather than reading it (a quick look at the progress or config of a large checkpoint)."""
     path = Path(path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise InputError(path, "no such checkpoint") from None
     except pickle.UnpicklingError as err:
         if pickled_object(err):
             raise InputError(path, "holds pickled Python objects, which evforge does not load (checkpoints are "
                                    "read with weights_only=True); it was not written by evforge's trainer") from None
-        raise InputError(path, f"unreadable checkpoint, truncated or damaged ({_first_line(err)})") from None
+        raise InputError(path, f"not a readable checkpoint: truncated or damaged ({_first_line(err)}){hint}") from None
     except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as err:
-        raise InputError(path, f"unreadable checkpoint, truncated or damaged ({_first_line(err)}); delete it or "
-                               f"resume from another (checkpoints/step-*.ckpt)") from None
+        raise InputError(path, f"not a readable checkpoint: truncated or damaged ({_first_line(err)}){hint}") from None
+
+
+def read_trainer_checkpoint(path: str | os.PathLike, *, mmap: bool = False, hint: str = "") -> tuple[dict, dict]:
+    """``(checkpoint, config)`` of a trainer checkpoint (:data:`TRAINER_FORMAT`; the config parsed from its JSON),
+    or an :class:`InputError` naming the file when it is another kind of file."""
+    ck = load_checkpoint(path, mmap=mmap, hint=hint)
+    fmt = ck.get("format") if isinstance(ck, dict) else None
+    if fmt != TRAINER_FORMAT or "config" not in ck:
+        raise InputError(path, f"not an evforge trainer checkpoint (format {fmt!r})")
+    cfg = json.loads(ck["config"]) if isinstance(ck["config"], str) else ck["config"]
+    return ck, cfg
 
 
 def pickled_object(err: BaseException) -> str | None:

@@ -10,6 +10,7 @@ overrides what differs from the defaults (at least ``build_model``, ``build_data
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,7 +23,7 @@ from .metrics import mean_metrics
 from .optim import default_param_groups
 from .sampler import mix_seed
 
-__all__ = ["Task", "StepState", "step_generator"]
+__all__ = ["Task", "StepState", "step_generator", "keys_generator", "key_seed"]
 
 
 @dataclasses.dataclass
@@ -70,6 +71,19 @@ def step_generator(seed: int, salt: int, state: Mapping, device: torch.device | 
     g = torch.Generator(device=torch.device(device))
     g.manual_seed(mix_seed(int(seed), salt, int(state["step"]), int(state.get("micro_step", 0)),
                            int(state.get("rank", 0))))
+    return g
+
+
+def key_seed(batch: Mapping) -> int:
+    """A seed from a batch's sample keys (``batch["key"]``; stable across processes and passes, unlike ``hash``)."""
+    return zlib.crc32("\x00".join(batch["key"]).encode())
+
+
+def keys_generator(seed: int, salt: int, batch: Mapping, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded by ``(seed, salt, the batch's sample keys)``: validation draws (a random window) that are
+    the same in every pass, whatever the batching of the other samples."""
+    g = torch.Generator(device=torch.device(device))
+    g.manual_seed(mix_seed(int(seed), salt, key_seed(batch)))
     return g
 
 

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 
 from ..errors import InputError, LockedError, OutputError
 from ..locks import FolderLock
-from .checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
+from .checkpoint import TRAINER_FORMAT, CheckpointManager, read_trainer_checkpoint, rng_state, set_rng_state
 from .config import ConfigError, check_config, config_hash, save_config, with_defaults
 from .launch import fabric_kwargs
 from .loggers import Loggers, Progress
@@ -50,7 +50,7 @@ from .task import StepState
 
 __all__ = ["Trainer", "CHECKPOINT_FORMAT"]
 
-CHECKPOINT_FORMAT = "evforge-trainer/1"
+CHECKPOINT_FORMAT = TRAINER_FORMAT
 # Config keys that may change between a run and its resume without changing the math.
 _RESUME_IGNORED = ("trainer.devices", "trainer.num_nodes", "trainer.accelerator", "trainer.strategy",
                    "trainer.log_every_n_steps", "trainer.val_every_n_steps", "trainer.val_every_n_epochs",
@@ -319,9 +319,7 @@ class Trainer:
 
     def load_checkpoint(self, path) -> None:
         """Restore model, optimizer, scaler, progress, this rank's RNG states and the loader's generator."""
-        ck = load_checkpoint(path)
-        if ck.get("format") != CHECKPOINT_FORMAT:
-            raise InputError(path, f"not an evforge trainer checkpoint (format {ck.get('format')!r})")
+        ck, _ = read_trainer_checkpoint(path, hint="; delete it or resume from another (checkpoints/step-*.ckpt)")
         self.raw_model.load_state_dict(ck["model"])
         self.raw_optimizer.load_state_dict(ck["optimizer"])
         scaler = self._scaler()

@@ -131,7 +131,7 @@ def test_truncated_checkpoint_on_resume_is_one_line_naming_it(tmp_path):
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
     with pytest.raises(InputError) as info:
         Trainer(_cfg(), ToyTask(), out_dir=tmp_path / "run", resume="auto")
-    assert str(info.value).startswith(f"{last}: unreadable checkpoint, truncated or damaged")
+    assert str(info.value).startswith(f"{last}: not a readable checkpoint: truncated or damaged")
     assert "\n" not in str(info.value) and len(str(info.value)) < 400
 
 

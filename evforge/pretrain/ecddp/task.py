@@ -26,9 +26,7 @@ from torch import nn
 from ...augment import crop_events
 from ...dataset_builder.dataset import EventDataset, collate_events
 from ...representations import voxel_grid
-from ...trainer.config import check_option_keys, merge
 from ...trainer.metrics import Mean, batch_count
-from ...trainer.sampler import mix_seed
 from ...trainer.task import Task
 from .model import ECDDPConfig, ECDDPModel
 
@@ -51,19 +49,15 @@ CHOICES = {"time_norm": ("window", "crop"), "input_crop": ("uniform", "reference
 
 def task_options(cfg: dict) -> dict:
     """``cfg["task"]`` over :data:`TASK_DEFAULTS`; unknown keys and values outside :data:`CHOICES` are errors."""
-    t = dict(cfg.get("task", {}) or {})
-    check_option_keys(t, TASK_DEFAULTS, "task", OPEN_KEYS)
-    opts = merge(TASK_DEFAULTS, t)
-    for key, allowed in CHOICES.items():
-        if opts[key] not in allowed:
-            raise ValueError(f"task.{key}: {opts[key]!r} is not one of {allowed}")
-    return opts
+    return ECDDPTask().options(cfg)
 
 
 class ECDDPTask(Task):
     """Pretraining with ECDDP on event-stream windows."""
 
     name = "ecddp"
+    option_defaults = TASK_DEFAULTS
+    open_options = OPEN_KEYS
     config_keys = {"data": {"path": "str", "window": "int", "min_events": "int"}, "schedules": {"ema_momentum": "any", "teacher_temp": "any"}}  # noqa: E501 (read besides the trainer's keys: trainer.config.check_config)
 
     def __init__(self):
@@ -71,8 +65,12 @@ class ECDDPTask(Task):
         self.cfg: dict = {}
         self.opts: dict = dict(TASK_DEFAULTS)
 
+    def check_options(self, opts: dict) -> None:
+        for key, allowed in CHOICES.items():
+            self.require_choice(opts, key, allowed)
+
     def build_model(self, cfg: dict) -> nn.Module:
-        self.cfg, self.opts = cfg, task_options(cfg)
+        self.cfg, self.opts = cfg, self.options(cfg)  # self.opts: the resolved options the steps read
         return ECDDPModel(ECDDPConfig.from_dict(self.opts["model"]))
 
     def build_dataset(self, cfg: dict, split: str):
@@ -129,19 +127,12 @@ class ECDDPTask(Task):
             vox = vox.masked_fill(few[:, None, None, None], 0.0)
         return vox
 
-    def _generator(self, cfg: dict, state: dict, salt: int) -> torch.Generator:
-        device = torch.device(state["device"])
-        g = torch.Generator(device=device)
-        g.manual_seed(mix_seed(int(cfg.get("seed", 0)), salt, state["step"], state.get("micro_step", 0),
-                               state.get("rank", 0)))
-        return g
-
     def training_step(self, model: nn.Module, batch, state: dict):
         cfg = self.cfg
         core = getattr(model, "module", model)
         if self.opts["ema_timing"] == "before_forward" and state.get("micro_step", 0) == 0:
             core.ema_update(float(state["ema_momentum"]))  # public: update_teacher(m) opens each step
-        g = self._generator(cfg, state, salt=1)
+        g = self.step_generator(state, salt=1, device=state["device"])
         vox = self.inputs(core, batch, cfg, g)
         loss, parts = model(vox, teacher_temp=float(state["teacher_temp"]), generator=g)
         return loss, {k: v for k, v in parts.items() if k in ("img_local", "img_global", "context", "patch")}
@@ -167,7 +158,7 @@ class ECDDPTask(Task):
     @torch.no_grad()
     def validation_step(self, model: nn.Module, batch, state: dict) -> dict:
         cfg = self.cfg
-        g = self._generator(cfg, {**state, "step": 0, "micro_step": 0}, salt=2)  # same crops every time
+        g = self.step_generator({**state, "step": 0, "micro_step": 0}, salt=2, device=state["device"])  # same crops
         core = getattr(model, "module", model)
         loss, parts = model(self.inputs(core, batch, cfg, g), teacher_temp=float(state["teacher_temp"]), generator=g)
         n, stats = batch_count(batch), {}

@@ -26,9 +26,7 @@ the trainer (:mod:`evforge.trainer.metrics`): exact on any number of processes.
 
 from __future__ import annotations
 
-import json
 import math
-import zlib
 from pathlib import Path
 
 import torch
@@ -36,11 +34,10 @@ from torch import nn
 
 from ...dataset_builder.dataset import EventDataset, collate_events
 from ...errors import InputError
-from ...trainer.checkpoint import load_checkpoint
-from ...trainer.config import ConfigError, check_option_keys, merge
+from ...trainer.checkpoint import read_trainer_checkpoint
+from ...trainer.config import ConfigError, merge
 from ...trainer.metrics import Histogram, Mean, batch_count, mean_metrics
-from ...trainer.sampler import mix_seed
-from ...trainer.task import Task
+from ...trainer.task import Task, keys_generator
 from .dvae import DiscreteVAE, DVAEConfig
 from .inputs import INPUT_KEYS, REPRESENTATION_KEYS, MEMInputConfig, mem_inputs
 from .masking import make_mask_generator
@@ -59,11 +56,6 @@ _DATA_DEFAULTS: dict = {
     "model": {},
 }
 _OPEN = ("task.model", "task.representation.rand_augment", "task.representation.color_jitter", "task.code_restart")
-
-
-def _key_seed(batch: dict) -> int:
-    """A seed from the batch's sample keys (stable across processes, unlike ``hash``)."""
-    return zlib.crc32("\x00".join(batch["key"]).encode())
 
 
 def _perplexity(hist: torch.Tensor) -> float:
@@ -86,21 +78,16 @@ class _MEMData(Task):
     """The data side shared by both tasks: options, dataset, collate, MEM's input pipeline, seeded generators."""
 
     name = ""
-    _opt_defaults: dict = {}
+    option_defaults: dict = _DATA_DEFAULTS
+    open_options = _OPEN
     config_keys = {"data": {"path": "str", "val_split": "str", "subset": "str|null", "min_events": "int"}, "schedules": {"gumbel_tau": "any"}}  # noqa: E501 (read besides the trainer's keys: trainer.config.check_config)
 
     def __init__(self):
         self.sensor_size: tuple[int, int] | None = None  # (W, H)
         self.cfg: dict = {}
 
-    def _opts(self, cfg: dict) -> dict:
-        defaults = merge(_DATA_DEFAULTS, self._opt_defaults)
-        given = cfg.get("task", {})
-        check_option_keys(given, defaults, "task", _OPEN)
-        return merge(defaults, given)
-
     def input_config(self, cfg: dict | None = None) -> MEMInputConfig:
-        o = self._opts(self.cfg if cfg is None else cfg)
+        o = self.options(cfg)
         rep = o["representation"]
         if rep.get("name", "mem_image") != "mem_image":
             raise ConfigError(f"task.representation.name: MEM takes mem_image, got {rep['name']!r}")
@@ -136,17 +123,6 @@ class _MEMData(Task):
         if self.sensor_size is None:
             raise RuntimeError("build_dataset must run before images (the sensor size comes from the data)")
         return mem_inputs(batch, self.input_config(), self.sensor_size, train=train, generator=generator)
-
-    # ---- seeding
-    def _generator(self, state: dict, salt: int, batch: dict | None = None,
-                   device: torch.device | str = "cpu") -> torch.Generator:
-        """Training: seeded by (seed, salt, step, micro-step, rank); validation (``batch`` given): by the keys."""
-        seed = int(self.cfg.get("seed", 0))
-        parts = (seed, salt, _key_seed(batch)) if batch is not None else (
-            seed, salt, state["step"], state.get("micro_step", 0), state.get("rank", 0))
-        g = torch.Generator(device=device)
-        g.manual_seed(mix_seed(*parts))
-        return g
 
     def after_optimizer_step(self, model: nn.Module, state: dict) -> None:
         """Nothing to do after a step (no EMA teacher in MEM)."""
@@ -189,7 +165,7 @@ class MEMDVAETask(_MEMData):
     """
 
     name = "mem_dvae"
-    _opt_defaults = {"legacy_tau_anneal": None, "code_restart": {}}
+    option_defaults = merge(_DATA_DEFAULTS, {"legacy_tau_anneal": None, "code_restart": {}})
 
     def __init__(self):
         super().__init__()
@@ -197,7 +173,7 @@ class MEMDVAETask(_MEMData):
 
     def build_model(self, cfg: dict) -> nn.Module:
         self.cfg = cfg
-        o = self._opts(cfg)
+        o = self.options(cfg)
         mcfg = _dvae_config(o)
         _check_channels(mcfg.channels, "task.model.channels")
         rc = CodeRestartConfig.from_dict(o["code_restart"])
@@ -207,7 +183,7 @@ class MEMDVAETask(_MEMData):
     def param_groups(self, model: nn.Module, cfg: dict) -> list[dict]:
         """The trainer's default groups (MEM: Adam without weight decay, optim.weight_decay 0), except that
         ``task.code_restart.logit_lr_scale`` scales the code-logit layer's lr (see :mod:`.restart`)."""
-        scale = CodeRestartConfig.from_dict(self._opts(cfg)["code_restart"]).logit_lr_scale
+        scale = CodeRestartConfig.from_dict(self.options(cfg)["code_restart"]).logit_lr_scale
         if scale == 1.0:
             return super().param_groups(model, cfg)
         conv = {id(p) for p in model.logit_conv.parameters()}
@@ -216,7 +192,7 @@ class MEMDVAETask(_MEMData):
                 {"name": "code_logits", "params": list(model.logit_conv.parameters()), "lr_scale": float(scale)}]
 
     def _tau(self, state: dict) -> float:
-        legacy = self._opts(self.cfg)["legacy_tau_anneal"]
+        legacy = self.options(self.cfg)["legacy_tau_anneal"]
         if legacy:
             unknown = set(legacy) - {"start", "rate", "min"}
             if unknown:
@@ -230,8 +206,8 @@ class MEMDVAETask(_MEMData):
 
     def training_step(self, model: nn.Module, batch, state: dict):
         tau = self._tau(state)
-        img = self.images(batch, train=True, generator=self._generator(state, salt=1))
-        noise = self._generator(state, salt=3, device=img.device)
+        img = self.images(batch, train=True, generator=self.step_generator(state, salt=1))
+        noise = self.step_generator(state, salt=3, device=img.device)
         if self.restarter is None:
             loss, parts = model(img, tau=tau, generator=noise)
         else:
@@ -253,7 +229,7 @@ class MEMDVAETask(_MEMData):
 
     @torch.no_grad()
     def validation_step(self, model: nn.Module, batch, state: dict) -> dict:
-        img = self.images(batch, train=False, generator=self._generator(state, salt=2, batch=batch))
+        img = self.images(batch, train=False, generator=keys_generator(self.cfg.get("seed", 0), 2, batch))
         loss, parts = model(img)  # eval mode: the argmax codes
         codes = model.get_codebook_indices(img)
         n, stats = img.shape[0], {}
@@ -271,13 +247,7 @@ def load_tokenizer(path) -> tuple[DiscreteVAE, dict]:
     if not path.is_file():
         raise InputError(path, "no such tokenizer checkpoint (train one with configs/pretrain/mem_dvae.yaml "
                                "and point task.tokenizer at its checkpoints/last.ckpt)")
-    try:
-        ck = load_checkpoint(path)  # weights_only=True
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets one line naming it
-        raise InputError(path, f"not a readable checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ck, dict) or "model" not in ck or "config" not in ck:
-        raise InputError(path, "not an evforge trainer checkpoint (no model/config)")
-    cfg = json.loads(ck["config"]) if isinstance(ck["config"], str) else ck["config"]
+    ck, cfg = read_trainer_checkpoint(path)  # weights_only=True
     task = cfg.get("task", {})
     if task.get("name") != MEMDVAETask.name:
         raise InputError(path, f"not a tokenizer checkpoint: its task is {task.get('name')!r}, not 'mem_dvae'")
@@ -310,9 +280,9 @@ class MEMTask(_MEMData):
     """
 
     name = "mem"
-    _opt_defaults = {"tokenizer": None, "mask": {"kind": "block", "ratio": None, "num_patches": None,
-                                                 "min_num_patches": 16, "max_num_patches": None,
-                                                 "legacy_skip_last": False}}
+    option_defaults = merge(_DATA_DEFAULTS, {"tokenizer": None, "mask": {
+        "kind": "block", "ratio": None, "num_patches": None, "min_num_patches": 16, "max_num_patches": None,
+        "legacy_skip_last": False}})
 
     def __init__(self):
         super().__init__()
@@ -321,7 +291,7 @@ class MEMTask(_MEMData):
 
     def build_model(self, cfg: dict) -> nn.Module:
         self.cfg = cfg
-        o = self._opts(cfg)
+        o = self.options(cfg)
         mcfg = mem_model_config(cfg)
         if mcfg.objective == "beit":
             if not o["tokenizer"]:
@@ -376,13 +346,13 @@ class MEMTask(_MEMData):
         return loss, logs, targets, mask
 
     def training_step(self, model: nn.Module, batch, state: dict):
-        loss, logs, _, _ = self._step(model, batch, train=True, generator=self._generator(state, salt=1))
+        loss, logs, _, _ = self._step(model, batch, train=True, generator=self.step_generator(state, salt=1))
         return loss, logs
 
     @torch.no_grad()
     def validation_step(self, model: nn.Module, batch, state: dict) -> dict:
         loss, logs, targets, mask = self._step(model, batch, train=False,
-                                               generator=self._generator(state, salt=2, batch=batch))
+                                               generator=keys_generator(self.cfg.get("seed", 0), 2, batch))
         n, stats = batch_count(batch), {}
         for name, v in {"loss": loss, **logs}.items():
             Mean(name).update(stats, v, n)
