@@ -7,11 +7,18 @@
   (pol in 11, x in 10..0), VECT_BASE_X 0x3 (pol in 11, x in 10..0), VECT_12 0x4 (12-bit mask), VECT_8 0x5 (8-bit
   mask), EVT_TIME_LOW 0x6 (t bits 11..0), EVT_TIME_HIGH 0x8 (t bits 23..12), EXT_TRIGGER 0xA; t wraps at 2**24.
 * Prophesee DAT: ``% `` header lines, then bytes (event type 0, event size 8), then (u32 t, u32 x|y<<14|p<<28).
+* iniVation AEDAT 4.0 with uncompressed packets (``NONE``; LZ4/Zstd are what cameras write, covered by the real
+  sample): ``#!AER-DAT4.0\r\n``, an i32 size and the IOHeader FlatBuffer (``IOHE``: compression, data-table
+  position -1, the XML info node naming stream 0 ``EVTS`` with sizeX/sizeY), then per packet i32 stream id,
+  i32 size and a size-prefixed ``EVTS`` FlatBuffer (an EventPacket: a vector of 16-byte structs i64 t, i16 x,
+  i16 y, bool on), hand-built here (vector data 8-byte aligned, as FlatBuffers' verifier requires).
 
 Importable by name from the tests in this folder (pytest puts it on sys.path).
 """
 
 from __future__ import annotations
+
+import struct
 
 import numpy as np
 
@@ -117,3 +124,48 @@ def random_events(n: int, width: int, height: int, *, seed: int = 0, t0: int = 0
             x[k : k + 20] = (x[k] % max(1, width - 40)) + np.arange(20) + (np.arange(20) >= 10) * 3
     order = np.lexsort((x, p, y, t))
     return x[order], y[order], t[order], p[order]
+
+
+_AEDAT4_XML = """<dv version="2.0">
+    <node name="outInfo" path="/mainloop/Recorder/outInfo/">
+        <node name="0" path="/mainloop/Recorder/outInfo/0/">
+            <attr key="compression" type="string">NONE</attr>
+            <attr key="typeIdentifier" type="string">EVTS</attr>
+            <node name="info" path="/mainloop/Recorder/outInfo/0/info/">
+                <attr key="sizeX" type="int">{width}</attr>
+                <attr key="sizeY" type="int">{height}</attr>
+            </node>
+        </node>
+    </node>
+</dv>
+"""
+
+
+def _aedat4_header(xml: str) -> bytes:
+    text = xml.encode() + b"\0"
+    buf = struct.pack("<I4s", 20, b"IOHE")  # root table at 20, file identifier
+    buf += struct.pack("<HHHHH", 10, 20, 4, 12, 8) + b"\0\0"  # vtable: compression +4, data table +12, info +8
+    buf += struct.pack("<iiIq", 12, 0, 12, -1)  # table: vtable 12 back, NONE, string 12 ahead, no data table
+    buf += struct.pack("<I", len(text) - 1) + text
+    return buf + b"\0" * (-len(buf) % 4)
+
+
+def _aedat4_events(t, x, y, on) -> bytes:
+    ev = np.zeros(len(t), dtype=[("t", "<i8"), ("x", "<i2"), ("y", "<i2"), ("on", "u1"), ("pad", "V3")])
+    ev["t"], ev["x"], ev["y"], ev["on"] = t, x, y, on
+    buf = struct.pack("<I4s", 16, b"EVTS")  # root table at 16
+    buf += struct.pack("<HHH", 6, 8, 4) + b"\0\0"  # vtable: elements at +4
+    buf += struct.pack("<iI", 8, 12) + b"\0" * 8  # table: vtable 8 back, vector 12 ahead (at 32)
+    buf += struct.pack("<I", len(t)) + ev.tobytes()  # data at 36: 40 after the size prefix, 8-aligned
+    return struct.pack("<I", len(buf)) + buf
+
+
+def encode_aedat4(x, y, t, p, *, width: int, height: int, packet_events: int = 500) -> bytes:
+    """AEDAT 4.0 bytes: the events in packets of ``packet_events`` on stream 0 (uncompressed)."""
+    head = _aedat4_header(_AEDAT4_XML.format(width=width, height=height))
+    out = b"#!AER-DAT4.0\r\n" + struct.pack("<i", len(head)) + head
+    for a in range(0, len(t), packet_events):
+        s = slice(a, a + packet_events)
+        body = _aedat4_events(np.asarray(t)[s], np.asarray(x)[s], np.asarray(y)[s], np.asarray(p)[s] > 0)
+        out += struct.pack("<ii", 0, len(body)) + body
+    return out

@@ -13,7 +13,7 @@ from evforge.errors import InputError
 from evforge.formats import find_recordings, open_recording
 from evforge.formats.prophesee import iter_evt2, iter_evt3, read_raw_header
 from evforge.streamfile import write_stream
-from raw_encoders import encode_dat, encode_evt2, encode_evt3, random_events
+from raw_encoders import encode_aedat4, encode_dat, encode_evt2, encode_evt3, random_events
 
 REAL = Path(__file__).resolve().parents[3] / "shared" / "realdata"  # /work/shared from /work/main/tests/recordings
 if not REAL.is_dir():
@@ -91,6 +91,25 @@ def test_evt2_triggers_are_side_data_not_events(tmp_path):
     _same(np.concatenate([c.events for c in chunks]), x, y, t, p)
     trig = np.concatenate([c.triggers for c in chunks])
     assert trig.tolist() == [(500, 3, 1), (9000, 3, 0)]
+
+
+def test_exactly_encoded_aedat4(tmp_path):
+    """Uncompressed AEDAT4 packets written here from the format (LZ4 packets: the real sample below)."""
+    x, y, t, p = random_events(2300, 346, 260, seed=6, t0=1_605_537_493_718_345, span_us=300_000)
+    path = tmp_path / "rec.aedat4"
+    path.write_bytes(encode_aedat4(x, y, t, p, width=346, height=260, packet_events=500))
+    rec = open_recording(path)
+    assert rec.format == "aedat4" and rec.sensor_size == (346, 260)
+    chunks = [c for c in rec.chunks() if len(c.events)]
+    assert [len(c.events) for c in chunks] == [500, 500, 500, 500, 300]  # one chunk per packet
+    _same(rec.events(), x, y, t, p)
+    lo, hi = int(t[700]), int(t[1900])
+    sel = (t >= lo) & (t < hi)
+    _same(rec.events(lo, hi), x[sel], y[sel], t[sel], p[sel])
+    cut = tmp_path / "cut.aedat4"
+    cut.write_bytes(path.read_bytes()[:-100])  # the last packet cut short
+    with pytest.raises(InputError, match=r"cut\.aedat4"):
+        open_recording(cut).events()
 
 
 def test_bad_files_name_the_file(tmp_path):

@@ -16,7 +16,7 @@ from evforge.dataset_builder.manifest import verify
 from evforge.dataset_builder.shards import ShardReader
 from evforge.formats import open_recording
 from evforge.pretrain.mem.inputs import MEMInputConfig, mem_inputs
-from raw_encoders import encode_dat, encode_evt2, encode_evt3, random_events
+from raw_encoders import encode_aedat4, encode_dat, encode_evt2, encode_evt3, random_events
 
 REAL = Path("/work/shared/realdata")
 
@@ -51,10 +51,13 @@ def test_folder_of_recordings_becomes_windows(tmp_path):
     (src / "day1" / "a.raw").write_bytes(encode_evt2(x, y, t, p, width=320, height=240))
     x3, y3, t3, p3 = random_events(4000, 320, 240, seed=2, t0=7_000, span_us=400_000)
     (src / "b.raw").write_bytes(encode_evt3(x3, y3, t3, p3, width=320, height=240))
+    xa, ya, ta, pa = random_events(3000, 320, 240, seed=3, t0=epoch + 10**9, span_us=300_000)
+    (src / "day1" / "c.aedat4").write_bytes(encode_aedat4(xa, ya, ta, pa, width=320, height=240))
     report = build_dataset("recordings", src, tmp_path / "out", progress=False, sample_ms=50, min_events=100)
     assert report.exit_code == 0 and report.num_errors == 0
     got = _all_samples(tmp_path / "out")
-    for rel, path in (("day1/a.raw", src / "day1" / "a.raw"), ("b.raw", src / "b.raw")):
+    for rel, path in (("day1/a.raw", src / "day1" / "a.raw"), ("b.raw", src / "b.raw"),
+                      ("day1/c.aedat4", src / "day1" / "c.aedat4")):
         ev = open_recording(path).events()
         want = _expected_windows(ev, 50_000, 100)
         assert want, "the test recording must give windows"
