@@ -128,3 +128,23 @@ def test_a_converted_dataset_is_a_source(tmp_path):
     assert a["kind"] == "dataset" and a["num_events"] == b["num_events"] == 111_954
     assert a["on_fraction"] == b["on_fraction"] and a["hot_pixels"] == b["hot_pixels"]
     assert report["difference"]["pixel_rate_hist"]["tv_distance"] < 0.05  # same counts, durations within 1 %
+
+
+def test_a_simulation_compared_with_itself_shows_no_difference(tmp_path):
+    from evforge.simulator.engine import simulate_frames
+    from evforge.simulator.params import get_preset
+    from evforge.streamfile import write_stream
+
+    frames = np.zeros((21, 24, 32), np.uint8)
+    for i in range(21):
+        frames[i] = np.rint(100 + 60 * np.sin(2 * np.pi * (np.arange(32) / 8 - i / 10)))[None]
+    ev = simulate_frames(frames, np.arange(21) * 20_000, get_preset("noisy"), seed=0)
+    path = write_stream(tmp_path / "sim.h5", ev, np.arange(21) * 20_000, width=32, height=24)
+    assert main(["compare", str(path), str(path), "--out", str(tmp_path / "r")]) == 0
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["difference"]["identical"] is True and report["a"]["num_events"] == len(ev) > 1000
+    # one event moved: no longer identical
+    other = ev.copy()
+    other["x"][0] = (other["x"][0] + 1) % 32
+    path2 = write_stream(tmp_path / "sim2.h5", other, np.arange(21) * 20_000, width=32, height=24)
+    assert compare_sources(path, path2, tmp_path / "r2")["difference"]["identical"] is False

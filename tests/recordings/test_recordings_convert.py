@@ -167,3 +167,20 @@ def test_real_dvxplorer_recording(tmp_path):
     attrs = reader.sample_attrs(0)
     assert attrs["format"] == "aedat4" and len(attrs["imu"]) > 0  # IMU rows of the window kept as attrs
     assert all(1605537493718345 <= row[0] < 1605537493768345 for row in attrs["imu"])
+
+
+def test_cli_convert_recordings(tmp_path, capsys):
+    from evforge.cli import main
+
+    src = tmp_path / "recs"
+    src.mkdir()
+    x, y, t, p = random_events(3000, 64, 48, seed=3, span_us=300_000)
+    (src / "a.dat").write_bytes(encode_dat(x, y, t, p))  # no size in the header
+    args = ["convert", "recordings", str(src), "--out", str(tmp_path / "out"), "--sample-ms", "50",
+            "--min-events", "10", "--sensor-size", "80x60", "--split-copy-dir", str(tmp_path / "splits"), "--quiet"]
+    assert main(args) == 0
+    assert EventDataset(tmp_path / "out", "train").sensor_size == (80, 60)
+    assert "samples" in capsys.readouterr().out
+    (src / "b.raw").write_bytes(b"% evt 2.0\n% end\n" + b"\x01\x00\x00\x10")  # an event before any time word
+    assert main(args) == 1
+    assert "b.raw" in (tmp_path / "out" / "errors.jsonl").read_text()
