@@ -44,7 +44,6 @@ from pathlib import Path
 import numpy as np
 
 from evforge.errors import InputError
-from evforge.h5local import check_local
 from evforge.streamfile import StreamFile
 
 from .base import DatasetPlan, Sample, SourceItem
@@ -137,7 +136,6 @@ class TartanAirConverter:
         items, size, first = [], None, None
         for path in files:
             with StreamFile(path) as sf:
-                check_local(sf._file, path)  # no data from outside the file (until StreamFile checks it)
                 if size is None:
                     size, first = (sf.width, sf.height), path
                 elif (sf.width, sf.height) != size:
@@ -232,7 +230,6 @@ class TartanAirConverter:
         if failed is not None:
             raise InputError(pickle.loads(item.extra[2])[0].source, f"simulation failed: {failed}")
         with StreamFile(item.path) as sf:
-            check_local(sf._file, item.path)
             if (sf.width, sf.height) != tuple(plan.sensor_size):
                 raise InputError(item.path, f"sensor size {sf.width}x{sf.height} differs from the dataset's "
                                             f"{plan.sensor_size[0]}x{plan.sensor_size[1]}")
