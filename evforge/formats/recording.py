@@ -110,8 +110,7 @@ class Recording:
             raise InputError(self.path, f"cannot read ({err.strerror or err})") from None
 
     def _aedat4_chunks(self) -> Iterator[Chunk]:
-        import aedat  # the iniVation AEDAT4 decoder (pinned in requirements.txt)
-
+        aedat = _aedat(self.path)
         try:
             decoder = aedat.Decoder(os.fspath(self.path))
         except Exception as err:  # aedat raises plain exceptions for bad headers
@@ -200,9 +199,17 @@ def open_recording(path) -> Recording:
     raise InputError(path, f"unknown recording format {suffix or '(no suffix)'}; known: {', '.join(SUFFIXES)}")
 
 
-def _open_aedat4(path: Path) -> Recording:
-    import aedat
+def _aedat(path):
+    """The ``aedat`` package (AEDAT4 decoder, pinned in requirements.txt), or InputError naming the file."""
+    try:
+        import aedat
+    except ImportError:
+        raise InputError(path, "reading AEDAT4 needs the 'aedat' package (pip install aedat==2.3.0)") from None
+    return aedat
 
+
+def _open_aedat4(path: Path) -> Recording:
+    aedat = _aedat(path)
     try:
         streams = aedat.Decoder(os.fspath(path)).id_to_stream()
     except Exception as err:
