@@ -18,7 +18,7 @@ from evforge.errors import InputError, LockedError
 from evforge.locks import FolderLock
 from evforge.simulator.pipeline import SUMMARY_NAME, SimulateConfig, parse_devices, simulate_sequences
 from evforge.simulator.scenes import SceneSpec, make_sequence
-from evforge.simulator.sources import discover_sequences
+from evforge.simulator.sources import TartanAirV1Sequence, discover_sequences
 from evforge.streamfile import is_complete_stream
 
 CFG = dict(preset="noisy", overrides={"shot_noise_rate_hz": 5.0}, device="cpu", resolution="32x24", batch=2)
@@ -115,6 +115,35 @@ def test_bad_sequence_fails_alone_on_workers_with_exit_1(frames, reference, tmp_
     assert not list(out.rglob("*.tmp-*"))
     row = next(r for r in _summary(out)["sequences"] if r["sequence"] == "env/Easy/P002")
     assert row["status"] == "failed" and str(bad) in row["error"] and "\n" not in row["error"]
+
+
+class KillsItsWorker(TartanAirV1Sequence):
+    """A trajectory whose frame ``kill_at`` kills the process decoding it (a worker dying mid-sequence)."""
+
+    kill_at = 3
+
+    def read_frame(self, i):
+        if i == self.kill_at and os.environ.get("EVFORGE_TEST_PARENT") != str(os.getpid()):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().read_frame(i)
+
+
+def test_a_worker_that_dies_fails_its_sequence_and_the_rerun_completes(frames, reference, tmp_path, monkeypatch):
+    monkeypatch.setenv("EVFORGE_TEST_PARENT", str(os.getpid()))  # only a worker process dies
+    seqs = discover_sequences(frames)
+    seqs[2].__class__ = KillsItsWorker  # the longest: the first one handed out
+    out = tmp_path / "out"
+    # batch 1: the dead worker held that one sequence only (with batch B it fails the B it held)
+    results = simulate_sequences(seqs, out, SimulateConfig(**{**CFG, "batch": 1}), devices="cpu:2",
+                                 progress=False, log=lambda m: None)
+    assert [r.status for r in results] == ["done", "done", "failed", "done"]
+    assert "the worker on cpu ended (exit status -9) while simulating it" in results[2].error
+    assert len(list(out.rglob("*.h5.tmp-*"))) == 1  # what the dead worker was writing
+    assert _summary(out)["totals"] == {"sequences": 4, "done": 3, "skipped": 0, "failed": 1, "pending": 0,
+                                       "events": sum(r.events for r in results), "frames_simulated": 6 + 4 + 5}
+    again = simulate_sequences(discover_sequences(frames), out, SimulateConfig(**CFG), progress=False)
+    assert [r.status for r in again] == ["skipped", "skipped", "done", "skipped"]
+    assert _corpus(out) == reference[1] and not list(out.rglob("*.tmp-*"))
 
 
 def _run_cli(args, **kw):
