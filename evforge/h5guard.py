@@ -27,7 +27,7 @@ class GuardedFile:
     def __init__(self, path):
         self.path = os.fspath(path)
         self.error: OSError | None = None
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o644)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o666)
         self._pos = 0
         self._spill: list[tuple[int, bytes]] = []  # (offset, bytes) written after the first error, in order
         self._size = 0  # the file's size as HDF5 sees it, once writes spill
