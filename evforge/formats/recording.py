@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -32,7 +32,8 @@ from evforge.events import EVENT_DTYPE
 
 from .prophesee import TRIGGER_DTYPE, iter_dat, iter_evt2, iter_evt3, read_raw_header
 
-__all__ = ["FORMATS", "SUFFIXES", "Recording", "Chunk", "open_recording", "find_recordings", "IMU_DTYPE"]
+__all__ = ["FORMATS", "SUFFIXES", "Recording", "Chunk", "open_recording", "find_recordings", "sorted_chunks",
+           "IMU_DTYPE"]
 
 FORMATS = ("aedat4", "evt2", "evt3", "dat", "dsec", "stream")
 SUFFIXES = (".aedat4", ".raw", ".dat", ".h5", ".hdf5")
@@ -171,6 +172,31 @@ class Recording:
                     raise InputError(self.path, f"events/p holds {int(p.max())}: expected 0 or 1")
                 ev["p"] = p.astype(np.int8) * 2 - 1
                 yield Chunk(ev, _no_triggers(), _no_imu())
+
+
+def sorted_chunks(chunks: Iterable[Chunk], window_us: int, path) -> Iterator[Chunk]:
+    """``chunks`` with their events in time order, for sources whose timestamps go back by at most ``window_us``
+    (a sensor's readout order): events are held back until no later block can come before them (memory: one
+    window of events). A larger step back is an InputError naming ``path``. Side data passes through as is."""
+    held = np.empty(0, dtype=EVENT_DTYPE)
+    final = None  # the largest t emitted: nothing later may come before it
+    for c in chunks:
+        ev = c.events
+        if not len(ev):
+            yield c
+            continue
+        if final is not None and int(ev["t"].min()) < final:
+            raise InputError(path, f"timestamps go back by more than {window_us} us (to {int(ev['t'].min())} after "
+                                   f"{final}): outside the sort window")
+        both = np.concatenate([held, ev]) if len(held) else ev
+        both = both[np.argsort(both["t"], kind="stable")]
+        cut = int(np.searchsorted(both["t"], int(ev["t"].max()) - window_us, "right"))
+        out, held = both[:cut], both[cut:]
+        if len(out):
+            final = int(out["t"][-1])
+        yield Chunk(out, c.triggers, c.imu, c.resume)
+    if len(held):
+        yield Chunk(held, _no_triggers(), _no_imu(), None)
 
 
 def open_recording(path) -> Recording:

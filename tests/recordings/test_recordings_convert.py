@@ -184,3 +184,29 @@ def test_cli_convert_recordings(tmp_path, capsys):
     (src / "b.raw").write_bytes(b"% evt 2.0\n% end\n" + b"\x01\x00\x00\x10")  # an event before any time word
     assert main(args) == 1
     assert "b.raw" in (tmp_path / "out" / "errors.jsonl").read_text()
+
+
+def test_bounded_disorder_is_sorted_on_request(tmp_path, monkeypatch):
+    """A readout order that steps back up to 0.5 ms: refused by default, sorted exactly with unsorted='sort'
+    (across decoder blocks and parts that resume mid-file), and a larger step back than the window refused."""
+    import evforge.formats.prophesee as prophesee
+
+    monkeypatch.setattr(prophesee.iter_dat, "__kwdefaults__", {**prophesee.iter_dat.__kwdefaults__,
+                                                              "block_bytes": 4096})
+    rng = np.random.default_rng(7)
+    x, y, t, p = random_events(20000, 64, 48, seed=5, t0=0, span_us=2_000_000, runs=False)
+    jittered = t + rng.integers(0, 500, len(t))  # file order = t order, stamps late by up to 0.5 ms
+    src = tmp_path / "recs"
+    src.mkdir()
+    (src / "r.dat").write_bytes(encode_dat(x, y, jittered, p, width=64, height=48))
+    kw = dict(progress=False, sample_ms=20, min_events=1, part_events=3000, val_fraction=0, target_bytes=50_000)
+    strict = build_dataset("recordings", src, tmp_path / "strict", **kw)
+    assert strict.num_errors == 1 and "unsorted='sort'" in (tmp_path / "strict" / "errors.jsonl").read_text()
+    report = build_dataset("recordings", src, tmp_path / "sorted", unsorted="sort", sort_window_ms=1, **kw)
+    assert report.num_errors == 0 and report.num_units >= 6
+    got = _all_samples(tmp_path / "sorted")
+    order = np.argsort(jittered, kind="stable")
+    ev = open_recording(src / "r.dat").events()[order]
+    np.testing.assert_array_equal(np.concatenate([got[k] for k in sorted(got)]), ev)
+    narrow = build_dataset("recordings", src, tmp_path / "narrow", unsorted="sort", sort_window_ms=0.1, **kw)
+    assert narrow.num_errors == 1 and "outside the sort window" in (tmp_path / "narrow" / "errors.jsonl").read_text()

@@ -25,6 +25,9 @@
 * **Sensor size.** ``sensor_size`` when given, else the size most headers state (DAT files without
   ``% Width``/``% Height``: the largest x/y seen + 1). A recording whose stated size differs, or with events
   outside the size, is reported in ``errors.jsonl`` (pass ``sensor_size`` or convert it separately).
+* **Time order.** Timestamps must not go back (``unsorted="error"``, the default); with ``unsorted="sort"`` a
+  disorder of up to ``sort_window_ms`` (10 ms: a sensor's readout order) is sorted while streaming, a larger
+  one is an error.
 * **Bad input** (an undecodable file, timestamps that go back) is one ``errors.jsonl`` line for that recording;
   the other recordings are converted.
 """
@@ -40,32 +43,42 @@ import numpy as np
 
 from evforge.errors import InputError
 from evforge.formats import find_recordings, open_recording
+from evforge.formats.recording import Chunk, sorted_chunks
 
 from .base import DatasetPlan, Sample, SourceItem
 
 __all__ = ["RecordingsConverter", "scan_recording"]
 
 
-def scan_recording(path) -> dict:
+def scan_recording(path, *, sort_window_us: int | None = None) -> dict:
     """One streaming pass: ``{format, sensor_size, num_events, t_first, t_last, max_x, max_y, checkpoints}``
-    (``checkpoints``: ``(first t, resume)`` of every decoded block that can be resumed); InputError for an
-    unreadable file or timestamps that decrease (named by event index)."""
+    (``checkpoints``: ``(smallest t, resume)`` of every decoded block that can be resumed); InputError for an
+    unreadable file or timestamps that decrease (named by event index; with ``sort_window_us``: by more than
+    that)."""
     rec = open_recording(path)
     n, first, last, mx, my = 0, None, None, -1, -1
     checkpoints = []
-    for chunk in rec.chunks():
+
+    def raw():
+        for chunk in rec.chunks():
+            if len(chunk.events) and chunk.resume is not None:
+                checkpoints.append((int(chunk.events["t"].min()), chunk.resume))
+            yield chunk
+
+    chunks = raw() if sort_window_us is None else sorted_chunks(raw(), sort_window_us, path)
+    for chunk in chunks:
         ev = chunk.events
         if not len(ev):
             continue
-        if chunk.resume is not None:
-            checkpoints.append((int(ev["t"][0]), chunk.resume))
         t = ev["t"]
         if last is not None and t[0] < last:
-            raise InputError(path, f"timestamps go back at event {n} ({last} > {int(t[0])} us)")
+            raise InputError(path, f"timestamps go back at event {n} ({last} > {int(t[0])} us); convert with "
+                                   f"unsorted='sort' to accept a bounded disorder")
         bad = np.flatnonzero(t[1:] < t[:-1])
         if bad.size:
             i = int(bad[0]) + 1
-            raise InputError(path, f"timestamps go back at event {n + i} ({int(t[i - 1])} > {int(t[i])} us)")
+            raise InputError(path, f"timestamps go back at event {n + i} ({int(t[i - 1])} > {int(t[i])} us); "
+                                   f"convert with unsorted='sort' to accept a bounded disorder")
         first = int(t[0]) if first is None else first
         last = int(t[-1])
         mx, my = max(mx, int(ev["x"].max())), max(my, int(ev["y"].max()))
@@ -75,8 +88,9 @@ def scan_recording(path) -> dict:
 
 
 def _resume_before(checkpoints, t: int):
-    """The resume point of the last block that starts strictly before ``t`` (its predecessors hold only events
-    at or before its first one, so nothing at or after ``t`` is skipped), or None: from the start."""
+    """The resume point of the last block whose smallest timestamp is below ``t`` (in time-ordered data its
+    predecessors hold only events at or before it, so nothing at or after ``t`` is skipped; callers pass ``t``
+    less the sort window for bounded disorder), or None: from the start."""
     best = None
     for t_first, resume in checkpoints:
         if t_first >= t:
@@ -93,7 +107,8 @@ class RecordingsConverter:
     raw_bytes_per_file_byte = 1.0
 
     def scan(self, src, *, sample_ms: float = 100.0, min_events: int = 1000, part_events: int = 2_000_000,
-             val_fraction: float = 0.1, sensor_size=None, side: bool = True) -> DatasetPlan:
+             val_fraction: float = 0.1, sensor_size=None, side: bool = True, unsorted: str = "error",
+             sort_window_ms: float = 10.0) -> DatasetPlan:
         src = Path(src)
         if sample_ms <= 0 or part_events < 1 or min_events < 1:
             raise ValueError("sample_ms must be > 0, part_events and min_events >= 1")
@@ -104,12 +119,15 @@ class RecordingsConverter:
         files = find_recordings(src)
         if not files:
             raise InputError(src, "no recordings (.aedat4, .raw, .dat, DSEC events.h5, evforge stream .h5) found")
+        if unsorted not in ("error", "sort"):
+            raise ValueError(f"unsorted must be 'error' or 'sort', got {unsorted!r}")
+        window = int(round(sort_window_ms * 1000)) if unsorted == "sort" else None
         root = src if src.is_dir() else src.parent
         infos, failed = {}, {}
         for path in files:
             rel = path.relative_to(root).as_posix()
             try:
-                infos[rel] = (path, scan_recording(path))
+                infos[rel] = (path, scan_recording(path, sort_window_us=window))
             except InputError as err:
                 failed[rel] = (path, str(err))
         size = self._sensor_size(sensor_size, [info for _, info in infos.values()])
@@ -130,13 +148,15 @@ class RecordingsConverter:
             per_part = math.ceil(windows / parts)
             for j in range(math.ceil(windows / per_part)):
                 k0, k1 = j * per_part, min(windows, (j + 1) * per_part)
-                resume = _resume_before(info["checkpoints"], info["t_first"] + k0 * sample_us) if k0 else None
+                resume = (_resume_before(info["checkpoints"], info["t_first"] + k0 * sample_us - (window or 0))
+                          if k0 else None)
                 for split in ("train", "val") if val_every else ("train",):
                     items.append(SourceItem(key=f"{rel}/part{j:05d}" + ("" if split == "train" else "-val"),
                                             path=os.path.abspath(path), split=split,
                                             extra=("part", rel, info["format"], info["t_first"], k0, k1, resume)))
         params = {"sensor_size": list(size), "sample_us": sample_us, "min_events": int(min_events),
-                  "part_events": int(part_events), "val_every": val_every, "side": bool(side)}
+                  "part_events": int(part_events), "val_every": val_every, "side": bool(side),
+                  "sort_window_us": window}
         return DatasetPlan(name=self.name, kind="samples", sensor_size=size, classes=[], items=items, params=params)
 
     @staticmethod
@@ -173,8 +193,15 @@ class RecordingsConverter:
         sample_us, val_every = int(p["sample_us"]), int(p["val_every"])
         lo, hi = t_first + k0 * sample_us, t_first + k1 * sample_us
         rec = open_recording(item.path)
+        window = p.get("sort_window_us")
+        if window is None:
+            chunks = rec.chunks(lo, hi, resume=resume)
+        else:  # sort first, then keep [lo, hi): a block may still hold events up to a window before hi
+            keep = lambda a: a[(a["t"] >= lo) & (a["t"] < hi)] if len(a) else a
+            chunks = (Chunk(keep(c.events), keep(c.triggers), keep(c.imu)) for c in
+                      sorted_chunks(rec.chunks(None, hi + window, resume=resume), window, item.path))
         ev_parts, trig_parts, imu_parts, last = [], [], [], None
-        for chunk in rec.chunks(lo, hi, resume=resume):
+        for chunk in chunks:
             t = chunk.events["t"]
             if len(t):
                 if (last is not None and t[0] < last) or (t[1:] < t[:-1]).any():
