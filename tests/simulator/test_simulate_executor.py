@@ -289,6 +289,19 @@ def fake_gpu_ray(monkeypatch):
     ray.shutdown()
 
 
+class KillsItsRayWorker(TartanAirV1Sequence):
+    """A trajectory that kills the Ray worker simulating it, noting each attempt in ``attempts``."""
+
+    attempts = None
+
+    def read_frame(self, i):
+        if i == 2:
+            with open(self.attempts, "a") as f:
+                f.write(f"{os.getpid()}\n")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().read_frame(i)
+
+
 def test_ray_with_fake_gpus_equals_one_process(frames, reference, tmp_path, fake_gpu_ray):
     out = tmp_path / "ray"
     results = simulate_sequences(discover_sequences(frames), out, SimulateConfig(**CFG), executor="ray",
@@ -297,6 +310,27 @@ def test_ray_with_fake_gpus_equals_one_process(frames, reference, tmp_path, fake
     assert _corpus(out) == reference[1]
     summary = _summary(out)
     assert summary["executor"] == "ray" and summary["totals"]["done"] == 4
+
+
+@pytest.mark.slow  # ~25 s: three Ray workers started and killed one after the other
+def test_ray_task_whose_worker_dies_is_retried_then_fails_alone(frames, reference, tmp_path, fake_gpu_ray):
+    """A task whose worker dies is run again, RAY_RETRIES times, then its sequence fails alone."""
+    from ray import cloudpickle
+
+    from evforge.simulator.executor import RAY_RETRIES
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import this test module
+    seqs = discover_sequences(frames)
+    seqs[1].__class__ = KillsItsRayWorker
+    seqs[1].attempts = str(tmp_path / "attempts.txt")
+    out = tmp_path / "retried"
+    results = simulate_sequences(seqs, out, SimulateConfig(**{**CFG, "batch": 1}), executor="ray", devices="cpu",
+                                 ray_gpus=1, progress=False, log=lambda m: None)
+    assert [r.status for r in results] == ["done", "failed", "done", "done"]
+    assert results[1].error.startswith("env/Easy/P001: RuntimeError: Ray task failed")
+    assert len((tmp_path / "attempts.txt").read_text().split()) == 1 + RAY_RETRIES
+    good = {k: v for k, v in reference[1].items() if k != "env/Easy/P001.h5"}
+    assert _corpus(out) == good
 
 
 def test_convert_tartanair_simulate_streams_into_shards(frames, reference, tmp_path):
