@@ -14,7 +14,8 @@ Notation: ``T`` the recording's duration; per pixel, ``N_on`` / ``N_off`` its ON
 * **Shot noise.** The model's shot noise is a pair of Poisson processes, ON and OFF, each at ``rate / 2 *
   f(I)`` with ``f(I) = 1 - 0.75 (I + 20) / 275`` (``I`` the pixel's brightness, 0..255). Leak events are ON
   only, so on quiet pixels the OFF rate is shot noise alone: ``shot_noise_rate_hz = 2 r_off / mean f(I)``.
-  With frames (a stream file's gray frames, or ``frames=``) ``mean f(I)`` is taken over the quiet pixels and
+  Fewer than 10 OFF events leave it not determined (an upper bound). With frames (a stream file's gray
+  frames, or ``frames=``) ``mean f(I)`` is taken over the quiet pixels and
   frames; without, the brightness is unknown and ``f = 1`` (the dark rate) is used, the uncertainty then
   spanning ``f`` from 1 to 0.25 (a white scene). Threshold mismatch raises each polarity's rate by
   ``E[nominal / actual threshold] ~ 1 + (sigma_thres / neg_thres)^2`` (2 % for v2e's 0.03 / 0.2): divided out
@@ -191,8 +192,12 @@ def calibrate_events(src: EventSource, *, frames=None, base: str = "default") ->
                     f"{shot / 0.25:.4g} Hz")
         else:
             note = f"mean f(I) = {f_mean:.3f} over the quiet pixels (brightness {brightness:.1f} of 255)"
-        est["shot_noise_rate_hz"] = Estimate(shot, shot_sd, True, "2 x OFF rate of quiet pixels / mean f(I)",
+        enough = n_off >= 10
+        est["shot_noise_rate_hz"] = Estimate(shot, shot_sd, enough, "2 x OFF rate of quiet pixels / mean f(I)",
                                              f"{nq} quiet pixels, {int(n_off)} OFF events; " + note)
+        if not enough:
+            nd["shot_noise_rate_hz"] = (f"only {int(n_off)} OFF noise events on the quiet pixels: the rate is below "
+                                        f"about {shot + 2 * shot_sd:.3g} Hz; kept the preset's value")
         if frames is None:
             est["shot_noise_rate_hz"].uncertainty = float(max(shot_sd, shot * (1 / 0.25 - 1) / 2))
         leak = (r_on - r_off) * dead / mean_r

@@ -170,3 +170,12 @@ def test_shot_noise_brightness_dependence_from_frames():
     # without frames it cannot be told
     blind = calibrate_events(EventSource("ramp", "sim", ev, (48, 48)))
     assert "shot_noise_white_to_dark" in blind.not_determined
+
+
+def test_real_nmnist_without_noise_events_leaves_shot_noise_open():
+    path = Path("/work/shared/realdata/sample_nmnist.bin")
+    if not path.is_file():
+        pytest.skip(f"{path} absent (real camera samples are in ../shared/realdata)")
+    cal = calibrate(path)
+    assert not cal.estimates["shot_noise_rate_hz"].determined and "shot_noise_rate_hz" in cal.not_determined
+    assert cal.dvs_params["shot_noise_rate_hz"] == DVSParams().shot_noise_rate_hz  # the preset's, not 0
