@@ -176,73 +176,172 @@ class _Evt3State:
         self.pol = 0
 
 
-def iter_evt3(path, header: RawHeader | None = None, *, block_bytes: int = BLOCK_BYTES, resume: tuple | None = None):
-    """Yield a :class:`Block` per block of an EVT 3.0 file; ``resume``: a block's ``resume`` to start there."""
+def iter_evt3(path, header: RawHeader | None = None, *, block_bytes: int = BLOCK_BYTES, resume: tuple | None = None,
+              kernel: str = "auto"):
+    """Yield a :class:`Block` per block of an EVT 3.0 file; ``resume``: a block's ``resume`` to start there.
+    ``kernel``: "numba" (one pass over the words), "numpy" (vectorised; the fallback without numba) or "auto"."""
     header = header or read_raw_header(path)
+    if kernel not in ("auto", "numba", "numpy"):
+        raise ValueError(f"kernel must be auto, numba or numpy, got {kernel!r}")
+    use_numba = kernel == "numba" or (kernel == "auto" and _evt3_numba is not None)
+    if use_numba and _evt3_numba is None:
+        raise RuntimeError("kernel='numba' needs numba")
     s = _Evt3State()
     start = header.data_offset
     if resume is not None:
         start, (s.high, s.wraps, s.low, s.y, s.base, s.pol) = resume[0], resume[1:]
     for pos, data in _blocks(path, start, 2, block_bytes):
         checkpoint = (pos, s.high, s.wraps, s.low, s.y, s.base, s.pol)
-        w = np.frombuffer(data, dtype="<u2").astype(np.int64)
-        typ = w >> 12
-        payload = w & 0xFFF
-        # time high with wraps: a value below the previous one adds 2**24
-        is_high = typ == 0x8
-        hv = payload[is_high]
-        prev = np.concatenate(([s.high], hv[:-1]))
-        wraps = s.wraps + np.cumsum((hv < prev) & (prev >= 0))
-        full_high = np.zeros(len(w), np.int64)
-        full_high[is_high] = (wraps << 12) | hv  # high in units of 4096 us, wraps included
-        init_high = (s.wraps << 12) | s.high if s.high >= 0 else -1
-        high, _ = _ffill(is_high, full_high, init_high)
-        if hv.size:
-            s.high, s.wraps = int(hv[-1]), int(wraps[-1])
-        low, _ = _ffill(typ == 0x6, payload, s.low)
-        y, _ = _ffill(typ == 0x0, payload & 0x7FF, s.y)
-        t = (high << 12) | low
-        # single events
-        single = typ == 0x2
-        # vectors: base x and polarity from the last VECT_BASE_X, advanced by the widths since
-        is_base = typ == 0x3
-        width = np.where(typ == 0x4, 12, np.where(typ == 0x5, 8, 0))
-        before = np.cumsum(width) - width  # widths of the vector words before each word (this block)
-        base_val = np.where(is_base, (payload & 0x7FF) - before, 0)  # base minus the widths before it
-        bx, bidx = _ffill(is_base, base_val, None)
-        bx = np.where(bidx >= 0, bx, s.base)
-        x0 = bx + before  # a vector word's first x
-        pol_b, _ = _ffill(is_base, (payload >> 11) & 1, s.pol)
-        vec = width > 0
-        parts_i, parts_x, parts_p = [np.flatnonzero(single)], [payload[single] & 0x7FF], [(payload[single] >> 11) & 1]
-        order_key = [np.flatnonzero(single) * 16]
-        vi = np.flatnonzero(vec)
-        if vi.size:
-            bits = (payload[vi, None] >> np.arange(12)) & 1
-            bits[width[vi] == 8, 8:] = 0
-            r, k = np.nonzero(bits)
-            parts_i.append(vi[r])
-            parts_x.append(x0[vi[r]] + k)
-            parts_p.append(pol_b[vi[r]])
-            order_key.append(vi[r] * 16 + k)
-        idx = np.concatenate(parts_i)
-        key = np.concatenate(order_key)
-        o = np.argsort(key, kind="stable")
-        idx = idx[o]
-        xs, ps = np.concatenate(parts_x)[o], np.concatenate(parts_p)[o]
-        if idx.size and (high[idx] < 0).any():
-            raise InputError(path, "EVT3 event before the first EVT_TIME_HIGH word (corrupt or not EVT3)")
-        if idx.size and xs.max(initial=0) >= 1 << 11:
-            raise InputError(path, "EVT3 vector runs past x = 2047 (corrupt VECT_BASE_X/VECT words)")
-        ev = _events(xs, y[idx], t[idx], ps)
-        trig = typ == 0xA
-        tr = np.empty(int(trig.sum()), dtype=TRIGGER_DTYPE)
-        tr["t"], tr["id"], tr["value"] = t[trig], (payload[trig] >> 8) & 0xF, payload[trig] & 1
-        # carry the state into the next block
-        s.low, s.y = int(low[-1]), int(y[-1])
-        s.base = int(bx[-1] + before[-1] + width[-1])
-        s.pol = int(pol_b[-1])
+        w = np.frombuffer(data, dtype="<u2")
+        ev, tr = (_evt3_block_numba if use_numba else _evt3_block_numpy)(path, w, s)
         yield Block(ev, tr, checkpoint)
+
+
+def _evt3_block_numba(path, w: np.ndarray, s: "_Evt3State"):
+    state = np.array([s.high, s.wraps, s.low, s.y, s.base, s.pol], dtype=np.int64)
+    n, nt = _evt3_numba(w, state.copy(), None, None, None, None, None, None, None)  # count
+    _evt3_problem(path, n)
+    x, y, t, p = (np.empty(n, dt) for dt in (np.int64, np.int64, np.int64, np.int8))
+    tt, tid, tv = np.empty(nt, np.int64), np.empty(nt, np.uint8), np.empty(nt, np.uint8)
+    _evt3_numba(w, state, x, y, t, p, tt, tid, tv)
+    s.high, s.wraps, s.low, s.y, s.base, s.pol = (int(v) for v in state)
+    ev = np.empty(n, dtype=EVENT_DTYPE)
+    ev["x"], ev["y"], ev["t"], ev["p"] = x, y, t, p
+    tr = np.empty(nt, dtype=TRIGGER_DTYPE)
+    tr["t"], tr["id"], tr["value"] = tt, tid, tv
+    return ev, tr
+
+
+def _evt3_problem(path, code: int) -> None:
+    if code == -1:
+        raise InputError(path, "EVT3 event before the first EVT_TIME_HIGH word (corrupt or not EVT3)")
+    if code == -2:
+        raise InputError(path, "EVT3 vector runs past x = 2047 (corrupt VECT_BASE_X/VECT words)")
+
+
+def _evt3_kernel(w, state, x, y, t, p, tt, tid, tv):
+    """One pass over EVT3 words with the state (high, wraps, low, y, base, pol) in ``state`` (updated); with
+    ``x is None`` it only counts. Returns (events, triggers), or (-1 | -2, 0) for corrupt input."""
+    high, wraps, low, row, base, pol = state[0], state[1], state[2], state[3], state[4], state[5]
+    n = 0
+    nt = 0
+    for i in range(w.shape[0]):
+        v = np.int64(w[i])
+        typ = v >> 12
+        pl = v & 0xFFF
+        if typ == 0x8:
+            if high >= 0 and pl < high:
+                wraps += 1
+            high = pl
+        elif typ == 0x6:
+            low = pl
+        elif typ == 0x0:
+            row = pl & 0x7FF
+        elif typ == 0x2:
+            if high < 0:
+                return -1, 0
+            if x is not None:
+                x[n] = pl & 0x7FF
+                y[n] = row
+                t[n] = (((wraps << 12) | high) << 12) | low
+                p[n] = 1 if (pl >> 11) & 1 else -1
+            n += 1
+        elif typ == 0x3:
+            base = pl & 0x7FF
+            pol = (pl >> 11) & 1
+        elif typ == 0x4 or typ == 0x5:
+            width = 12 if typ == 0x4 else 8
+            mask = pl if typ == 0x4 else pl & 0xFF
+            if mask and high < 0:
+                return -1, 0
+            for k in range(width):
+                if (mask >> k) & 1:
+                    if base + k >= 2048:
+                        return -2, 0
+                    if x is not None:
+                        x[n] = base + k
+                        y[n] = row
+                        t[n] = (((wraps << 12) | high) << 12) | low
+                        p[n] = 1 if pol else -1
+                    n += 1
+            base += width
+        elif typ == 0xA:
+            if tt is not None:
+                tt[nt] = (((wraps << 12) | high) << 12) | low
+                tid[nt] = (pl >> 8) & 0xF
+                tv[nt] = pl & 1
+            nt += 1
+    state[0], state[1], state[2], state[3], state[4], state[5] = high, wraps, low, row, base, pol
+    return n, nt
+
+
+try:  # numba is a dependency; without it the vectorised numpy decoder is used
+    from numba import njit
+
+    _evt3_numba = njit(cache=True, nogil=True)(_evt3_kernel)
+except ImportError:  # pragma: no cover
+    _evt3_numba = None
+
+
+def _evt3_block_numpy(path, w16: np.ndarray, s: "_Evt3State"):
+    w = w16.astype(np.int64)
+    typ = w >> 12
+    payload = w & 0xFFF
+    # time high with wraps: a value below the previous one adds 2**24
+    is_high = typ == 0x8
+    hv = payload[is_high]
+    prev = np.concatenate(([s.high], hv[:-1]))
+    wraps = s.wraps + np.cumsum((hv < prev) & (prev >= 0))
+    full_high = np.zeros(len(w), np.int64)
+    full_high[is_high] = (wraps << 12) | hv  # high in units of 4096 us, wraps included
+    init_high = (s.wraps << 12) | s.high if s.high >= 0 else -1
+    high, _ = _ffill(is_high, full_high, init_high)
+    if hv.size:
+        s.high, s.wraps = int(hv[-1]), int(wraps[-1])
+    low, _ = _ffill(typ == 0x6, payload, s.low)
+    y, _ = _ffill(typ == 0x0, payload & 0x7FF, s.y)
+    t = (high << 12) | low
+    # single events
+    single = typ == 0x2
+    # vectors: base x and polarity from the last VECT_BASE_X, advanced by the widths since
+    is_base = typ == 0x3
+    width = np.where(typ == 0x4, 12, np.where(typ == 0x5, 8, 0))
+    before = np.cumsum(width) - width  # widths of the vector words before each word (this block)
+    base_val = np.where(is_base, (payload & 0x7FF) - before, 0)  # base minus the widths before it
+    bx, bidx = _ffill(is_base, base_val, None)
+    bx = np.where(bidx >= 0, bx, s.base)
+    x0 = bx + before  # a vector word's first x
+    pol_b, _ = _ffill(is_base, (payload >> 11) & 1, s.pol)
+    vec = width > 0
+    parts_i, parts_x, parts_p = [np.flatnonzero(single)], [payload[single] & 0x7FF], [(payload[single] >> 11) & 1]
+    order_key = [np.flatnonzero(single) * 16]
+    vi = np.flatnonzero(vec)
+    if vi.size:
+        bits = (payload[vi, None] >> np.arange(12)) & 1
+        bits[width[vi] == 8, 8:] = 0
+        r, k = np.nonzero(bits)
+        parts_i.append(vi[r])
+        parts_x.append(x0[vi[r]] + k)
+        parts_p.append(pol_b[vi[r]])
+        order_key.append(vi[r] * 16 + k)
+    idx = np.concatenate(parts_i)
+    key = np.concatenate(order_key)
+    o = np.argsort(key, kind="stable")
+    idx = idx[o]
+    xs, ps = np.concatenate(parts_x)[o], np.concatenate(parts_p)[o]
+    if idx.size and (high[idx] < 0).any():
+        raise InputError(path, "EVT3 event before the first EVT_TIME_HIGH word (corrupt or not EVT3)")
+    if idx.size and xs.max(initial=0) >= 1 << 11:
+        raise InputError(path, "EVT3 vector runs past x = 2047 (corrupt VECT_BASE_X/VECT words)")
+    ev = _events(xs, y[idx], t[idx], ps)
+    trig = typ == 0xA
+    tr = np.empty(int(trig.sum()), dtype=TRIGGER_DTYPE)
+    tr["t"], tr["id"], tr["value"] = t[trig], (payload[trig] >> 8) & 0xF, payload[trig] & 1
+    # carry the state into the next block
+    s.low, s.y = int(low[-1]), int(y[-1])
+    s.base = int(bx[-1] + before[-1] + width[-1])
+    s.pol = int(pol_b[-1])
+    return ev, tr
 
 
 _DAT_RAW = np.dtype([("t", "<u4"), ("w", "<u4")])

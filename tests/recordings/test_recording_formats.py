@@ -70,6 +70,21 @@ def test_decoder_state_carries_across_tiny_blocks(tmp_path, decode, enc):
         np.testing.assert_array_equal(rest, np.concatenate([b.events for b in tiny[k:]]))
 
 
+@pytest.mark.parametrize("block_bytes", [6, 4096, 1 << 22])
+def test_evt3_numba_and_numpy_kernels_agree(tmp_path, block_bytes):
+    """The one-pass numba kernel and the vectorised numpy decoder: the same events, triggers and resume states."""
+    x, y, t, p = random_events(4000, 1280, 720, seed=8, span_us=40_000_000)
+    path = tmp_path / "rec.raw"
+    path.write_bytes(encode_evt3(x, y, t, p, width=1280, height=720))
+    a = list(iter_evt3(path, block_bytes=block_bytes, kernel="numba"))
+    b = list(iter_evt3(path, block_bytes=block_bytes, kernel="numpy"))
+    assert [blk.resume for blk in a] == [blk.resume for blk in b]
+    for ba, bb in zip(a, b):
+        np.testing.assert_array_equal(ba.events, bb.events)
+        np.testing.assert_array_equal(ba.triggers, bb.triggers)
+    _same(np.concatenate([blk.events for blk in a]), x, y, t, p)
+
+
 def test_evt3_vectors_and_single_events(tmp_path):
     """Runs of one row and polarity are VECT_12/VECT_8 words (x up to 2047), the rest EVT_ADDR_X words."""
     x = np.array([3, 4, 5, 9, 17, 30, 2040, 2047, 100])
@@ -196,3 +211,16 @@ def test_real_dvxplorer_aedat4():
     imu = np.concatenate([c.imu for c in chunks])
     assert len(imu) > 0 and (imu["t"] >= ev["t"][0] - 1_000_000).all() and (imu["t"] <= ev["t"][-1] + 1_000_000).all()
     assert np.isfinite(imu["az"]).all() and np.abs(imu["az"]).max() > 0.1  # gravity is in there somewhere
+
+
+@pytest.mark.parametrize("kernel", ["numba", "numpy"])
+def test_corrupt_evt3_names_the_file(tmp_path, kernel):
+    head = b"% evt 3.0\n% end\n"
+    early = tmp_path / "early.raw"  # an event before any TIME_HIGH word
+    early.write_bytes(head + np.array([0x0005, 0x2003], "<u2").tobytes())
+    with pytest.raises(InputError, match=r"early\.raw.*before the first EVT_TIME_HIGH"):
+        np.concatenate([b.events for b in iter_evt3(early, kernel=kernel)])
+    past = tmp_path / "past.raw"  # a vector starting at x = 2040 with 12 bits set
+    past.write_bytes(head + np.array([0x8000, 0x6000, 0x0001, 0x3000 | 2040, 0x4FFF], "<u2").tobytes())
+    with pytest.raises(InputError, match=r"past\.raw.*past x = 2047"):
+        np.concatenate([b.events for b in iter_evt3(past, kernel=kernel)])
