@@ -3,9 +3,9 @@
 Why our own: ``expelliarmus==1.1.12`` (the PyPI decoder of these formats) decodes DAT and EVT2 correctly but
 EVT3 timestamps wrongly (it adds 4096 us at every EVT_TIME_HIGH word: an event at t = 9000 us after one at
 5000 us comes out at 13096 us; checked on exactly encoded files, see tests/recordings), reads only files named
-``*.raw``, and does not expose the header's sensor size. These decoders are vectorised over blocks of words and
-carry the decoder state (time high, time low, row, vector base) from block to block, so memory is bounded by
-the block size whatever the recording length.
+``*.raw``, and does not expose the header's sensor size. These decoders work on blocks of words (numpy, vectorised;
+EVT3 as one numba pass, numpy without numba) and carry the decoder state (time high, time low, row, vector
+base) from block to block, so memory is bounded by the block size whatever the recording length.
 
 Formats (Prophesee's documentation, "EVT 2.0 / EVT 3.0 format"):
 
