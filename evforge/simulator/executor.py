@@ -247,8 +247,6 @@ def run_ray(todo: list, out_dir, cfg, device: str, report, *, address: str | Non
         raise RuntimeError("executor='ray' needs the ray package (pip install ray)") from None
     from .pipeline import SequenceResult, _fail, output_path
 
-    if gpus is None:
-        gpus = 1 if str(device).startswith("cuda") else 0
     started = False
     if not ray.is_initialized():
         if address in (None, "local"):
@@ -258,6 +256,10 @@ def run_ray(todo: list, out_dir, cfg, device: str, report, *, address: str | Non
             ray.init(address=address, log_to_driver=False)
         started = True
     try:
+        if device == "auto":  # the cluster's, not this driver's: CUDA when it has GPUs
+            device = "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+        if gpus is None:
+            gpus = 1 if device.startswith("cuda") else 0
         task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=RAY_RETRIES)(_ray_task)
         pending = {}
         for items in ray_tasks(todo, cfg.batch):

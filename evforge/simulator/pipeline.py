@@ -228,7 +228,13 @@ def simulate_sequences(sequences: list[FrameSequence], out_dir, cfg: SimulateCon
 
     if executor not in ("local", "ray"):
         raise ValueError(f"executor must be 'local' or 'ray', got {executor!r}")
-    device_list = parse_devices(devices, cfg.device) if executor == "local" else [str(devices or cfg.device)]
+    if executor == "ray":
+        device_list = [str(devices or cfg.device)]
+        if device_list[0] not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"devices {device_list[0]!r}: with executor 'ray' give the device inside each task "
+                             f"(cuda, cpu or auto); Ray places the tasks on the cluster's GPUs")
+    else:
+        device_list = parse_devices(devices, cfg.device)
     out_dir = Path(out_dir)
     started = time.time()
     with FolderLock(out_dir, command) if lock else contextlib.nullcontext():

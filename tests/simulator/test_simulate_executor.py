@@ -71,6 +71,13 @@ def test_parse_devices():
         parse_devices("tpu:1")
 
 
+def test_ray_devices_is_the_device_inside_each_task(frames, tmp_path):
+    with pytest.raises(ValueError, match="with executor 'ray' give the device inside each task"):
+        simulate_sequences(discover_sequences(frames), tmp_path / "o", SimulateConfig(**CFG), executor="ray",
+                           devices="cuda:0,cuda:1", progress=False)
+    assert not (tmp_path / "o").exists()  # refused before anything is written
+
+
 def test_two_worker_processes_equal_one_process(frames, reference, tmp_path):
     ref_out, ref = reference
     out = tmp_path / "two"
