@@ -199,7 +199,9 @@ def parse_devices(devices, default: str = "auto") -> list[str]:
                 raise ValueError(f"devices: {d!r} asks for no CPU worker")
             out += ["cpu"] * int(m.group(1))
         else:
-            resolve_device(d)  # an unknown name, or CUDA without a GPU, fails before any work
+            dev = resolve_device(d)  # an unknown name, or CUDA without a GPU, fails before any work
+            if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+                raise ValueError(f"devices: {d!r}, but torch sees {torch.cuda.device_count()} CUDA device(s)")
             out.append(str(d))
     if not out:
         raise ValueError("devices: none given")
