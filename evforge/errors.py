@@ -18,7 +18,7 @@ import errno
 import os
 import re
 
-__all__ = ["InputError", "OutputError", "LockedError", "environment_problem", "output_error"]
+__all__ = ["InputError", "OutputError", "LockedError", "ConfigError", "environment_problem", "output_error"]
 
 
 class InputError(Exception):
@@ -31,6 +31,11 @@ class InputError(Exception):
         self.path = os.fspath(path)
         self.problem = " ".join(str(problem).split())  # always one line
         super().__init__(f"{self.path}: {self.problem}")
+
+
+class ConfigError(ValueError):
+    """A config value or key is wrong; the message names the key (``a.b.c``). Raised by the trainer's config
+    checks and by model configs (:mod:`evforge.models.options`); the CLI reports it as bad input."""
 
 
 class OutputError(Exception):

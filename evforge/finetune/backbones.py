@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..export import NON_TIMM_PREFIXES, read_backbone
+from ..models.backbone_file import NON_TIMM_PREFIXES, read_backbone
 from ..models.swin import use_pad_first_blocks
 
 __all__ = ["ModelSpec", "family", "adapt_patch_embed", "resolve_spec", "create_model", "load_init",

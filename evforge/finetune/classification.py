@@ -44,14 +44,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from .. import augment
 from ..dataset_builder.dataset import EventDataset, collate_events, resolve_manifest
-from ..dataset_builder.manifest import Manifest, read_subset_file, stratified_split
+from ..dataset_builder.manifest import Manifest, read_subset_file
 from ..pretrain.mem.inputs import MEMInputConfig, mem_inputs
 from ..representations import histogram, voxel_grid
 from ..trainer.config import ConfigError, merge
 from ..trainer.metrics import Mean, mean_metrics
-from ..trainer.sampler import mix_seed
 from ..trainer.task import Task, keys_generator
 from .backbones import ModelSpec, build_classifier
+from .cls_splits import HOLDOUT, Items, holdout_indices, resolve_splits
 from .beit import block_dropout, per_layer_rel_pos_bias, reset_fc_norm
 from .ema import ModelEMA
 from .layer_decay import layer_decay_groups
@@ -59,7 +59,6 @@ from .metrics import ClassificationMetrics, confusion_matrix, topk_correct
 
 __all__ = ["ClassificationTask", "ClassifierModel", "TASK_DEFAULTS", "HOLDOUT", "resolve_splits", "holdout_indices"]
 
-HOLDOUT = "train_holdout"
 REPRESENTATIONS = ("mem_image", "histogram", "voxel_grid")
 MODES = ("finetune", "linear_probe")
 WINDOW_POSITIONS = ("center", "first", "last", "random")
@@ -114,75 +113,6 @@ TASK_DEFAULTS: dict = {
 }
 DATA_DEFAULTS: dict = {"train_split": "train", "subset": None, "subset_file": None, "val_split": "auto",
                        "test_split": "auto", "holdout_fraction": 0.1, "holdout_seed": 0}
-
-
-def resolve_splits(splits, data: dict) -> tuple[str, str]:
-    """``(val_split, test_split)`` for a manifest with ``splits`` (see the module docstring for ``auto``)."""
-    splits = list(splits)
-    test = data.get("test_split", "auto")
-    if test in (None, "auto"):
-        test = "test" if "test" in splits else "val" if "val" in splits else None
-        if test is None:
-            raise ConfigError(f"data.test_split: the dataset has no test or val split (splits: {splits})")
-    val = data.get("val_split", "auto")
-    if val in (None, "auto"):
-        val = "val" if "val" in splits and test != "val" else HOLDOUT
-    for key, name in (("val_split", val), ("test_split", test)):
-        if name != HOLDOUT and name not in splits:
-            raise ConfigError(f"data.{key}: no split {name!r} in the dataset (splits: {splits}, or {HOLDOUT!r})")
-    return val, test
-
-
-def holdout_indices(full: EventDataset, manifest: Manifest, split: str, fraction: float, seed: int) -> np.ndarray:
-    """Indices into ``full`` (the whole training split) of the :data:`HOLDOUT` validation items.
-
-    ``round(fraction * len(full))`` items, stratified by class, drawn with a seed mixed from ``seed`` among the
-    samples that belong to none of the manifest's subsets of ``split`` (the label-efficiency subsets are nested,
-    so this is the complement of the largest); when that pool is too small, all of it. Deterministic.
-    """
-    if not 0 < fraction < 1:
-        raise ConfigError(f"data.holdout_fraction: expected a number in (0, 1), got {fraction!r}")
-    reserved = set()
-    for sub in manifest.subsets.values():
-        if sub["split"] == split:
-            reserved.update(sub["keys"])
-    keys = full.keys
-    pool = np.asarray([i for i, k in enumerate(keys) if k not in reserved], dtype=np.int64)
-    want = int(round(fraction * len(keys)))
-    if want < 1 or not len(pool):
-        raise ConfigError(f"data.holdout_fraction: {fraction} of {len(keys)} training samples "
-                          f"({len(pool)} outside the subsets) leaves no validation items; set data.val_split")
-    if want >= len(pool):
-        return pool
-    f = want / len(pool)
-    parts = stratified_split(full.labels[pool], {"holdout": f, "rest": 1.0 - f}, seed=mix_seed(seed, 0x401D))
-    return pool[parts["holdout"]]
-
-
-class _Items(Dataset):
-    """Some items of an :class:`EventDataset`, by index (keeps ``close``, ``labels`` and the sensor size)."""
-
-    def __init__(self, base: EventDataset, index: np.ndarray):
-        self.base, self.index = base, np.asarray(index, dtype=np.int64)
-        self.sensor_size, self.classes = base.sensor_size, base.classes
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, i):
-        return self.base[int(self.index[i])]
-
-    @property
-    def labels(self) -> np.ndarray:
-        return self.base.labels[self.index]
-
-    @property
-    def keys(self) -> list[str]:
-        keys = self.base.keys
-        return [keys[int(i)] for i in self.index]
-
-    def close(self) -> None:
-        self.base.close()
 
 
 class ClassifierModel(nn.Module):
@@ -331,11 +261,11 @@ class ClassificationTask(Task):
             held = holdout_indices(full, self._manifest(cfg), d["train_split"], float(d["holdout_fraction"]),
                                    int(d["holdout_seed"]))
             if split == HOLDOUT:
-                return _Items(full, held)
+                return Items(full, held)
             base = self._train_items(d)
             held_keys = {full.key(int(i)) for i in held}
             keep = [i for i, k in enumerate(base.keys) if k not in held_keys]
-            return _Items(base, np.asarray(keep, dtype=np.int64))
+            return Items(base, np.asarray(keep, dtype=np.int64))
         if split == "train":
             return self._train_items(d)
         return EventDataset(d["path"], split)
@@ -355,7 +285,7 @@ class ClassificationTask(Task):
         if missing:
             raise ConfigError(f"data.subset_file: {len(missing)} sample(s) not in the {d['train_split']!r} split of "
                               f"{d['path']}, e.g. {missing[0]!r}")
-        return _Items(full, np.sort(np.asarray([index[k] for k in want], dtype=np.int64)))
+        return Items(full, np.sort(np.asarray([index[k] for k in want], dtype=np.int64)))
 
     def build_dataset(self, cfg: dict, split: str) -> Dataset:
         ds = self.dataset(cfg, self.splits(cfg)[0] if split == "val" else split)

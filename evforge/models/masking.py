@@ -1,4 +1,5 @@
-"""BEiT/iBOT block masks for ECDDP's masked global crops (the iBOT patch loss).
+"""BEiT/iBOT block masks on a token grid: ECDDP's masked global crops (the iBOT patch loss) and, with a fixed count,
+MEM's BEiT masks (:mod:`evforge.pretrain.mem.masking`).
 
 Public code (``MaskingGenerator`` and ``collate_data`` in model/pretrain_model.py): on the stride-16 grid of a
 192 global crop (12 x 12 = 144 tokens), half of the global crops get a mask; the i-th of the n masked crops

@@ -14,7 +14,6 @@ config has ``schedules.lr``), naming the schedule to change instead.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import difflib
 import hashlib
 import json
@@ -26,15 +25,12 @@ from typing import Any, Iterable
 import yaml
 
 from ..atomic import atomic_write_text
-from ..errors import InputError
+from ..errors import ConfigError, InputError
+from ..models.options import check_fields  # noqa: F401 (re-exported: the old import path)
 
 __all__ = ["ConfigError", "DEFAULTS", "TYPES", "STRICT_SECTIONS", "SCHEDULED", "load_config", "load_yaml",
            "parse_value", "apply_override", "merge", "with_defaults", "check_keys", "check_config", "check_value",
            "save_config", "dump_config", "config_hash"]
-
-
-class ConfigError(ValueError):
-    """A config value or key is wrong; the message names the key (``a.b.c``)."""
 
 
 # Every key the trainer reads, with its default. Every section is strict (check_config); tasks add their own
@@ -328,15 +324,27 @@ def check_option_keys(given: dict, defaults: dict, where: str, open_paths: Itera
             check_option_keys(v, defaults[k], f"{where}.{k}", open_paths)
 
 
-def check_fields(cls, given: dict, where: str) -> None:
-    """Reject keys of ``given`` that are not fields of the dataclass ``cls`` (a model config), naming them."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(given) - known
-    if unknown:
-        raise ConfigError(f"{where}: unknown options {sorted(unknown)} (known: {sorted(known)})")
+def flatten(d: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (empty dicts kept as values)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
-# ------------------------------------------------------------------------------------------ saving, hashing
+def config_int(cfg: dict, sec: str, key: str, minimum: int, optional: bool = True):
+    """``cfg[sec][key]`` checked to be an integer >= ``minimum`` (or None when ``optional``)."""
+    v = cfg[sec][key]
+    if v is None and optional:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise ConfigError(f"{sec}.{key}: expected an integer >= {minimum}{' or null' if optional else ''}, got {v!r}")
+    return v
+
+
 def dump_config(cfg: dict) -> str:
     """YAML text of a config (keys in their order)."""
     return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None, width=120)

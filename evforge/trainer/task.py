@@ -190,6 +190,12 @@ class Task:
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`'s output."""
 
+    def backbone_tensors(self, state: dict, cfg: dict, which: str, with_neck: bool) -> tuple[dict, dict]:
+        """A pretraining method's backbone file (:mod:`evforge.models.backbone_file`): tensors under timm's keys
+        and metadata, from a checkpoint's model ``state`` and config (``evforge export-backbone``). Default:
+        the method has no backbone to export."""
+        raise NotImplementedError(f"task {self.name!r} has no backbone to export")
+
     def test_split(self, cfg: dict) -> str:
         """The split :func:`evforge.finetune.evaluate.evaluate` reports on."""
         return (cfg.get("data") or {}).get("test_split") or "test"

@@ -23,23 +23,19 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import signal
-import threading
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ..errors import InputError, LockedError, OutputError
-from ..locks import FolderLock
+from ..errors import InputError
 from .checkpoint import TRAINER_FORMAT, CheckpointManager, read_trainer_checkpoint, rng_state, set_rng_state
-from .config import ConfigError, check_config, config_hash, save_config, with_defaults
+from .control import fork_rng, lock_run_folder, seed_all, stop_signals
+from .config import ConfigError, check_config, config_hash, config_int, flatten, save_config, with_defaults
 from .launch import fabric_kwargs
 from .loggers import Loggers, Progress
 from .metrics import accumulate, all_reduce_stats
@@ -57,44 +53,6 @@ _RESUME_IGNORED = ("trainer.devices", "trainer.num_nodes", "trainer.accelerator"
                    "trainer.limit_val_batches", "trainer.stop_signals", "data.num_workers", "data.pin_memory",
                    "data.persistent_workers", "data.prefetch_factor", "data.multiprocessing_context",
                    "checkpoint.", "log.")
-
-
-def _seed_all(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % (1 << 32))
-    random.seed(seed)
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _int(cfg: dict, sec: str, key: str, minimum: int, optional: bool = True):
-    v = cfg[sec][key]
-    if v is None and optional:
-        return None
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise ConfigError(f"{sec}.{key}: expected an integer >= {minimum}{' or null' if optional else ''}, got {v!r}")
-    return v
-
-
-@contextmanager
-def _fork_rng(device: torch.device):
-    """Run a block without touching the RNG streams of training (validation must not change training)."""
-    devices = [device] if device.type == "cuda" else []
-    n, p = np.random.get_state(), random.getstate()
-    with torch.random.fork_rng(devices=devices):
-        try:
-            yield
-        finally:
-            np.random.set_state(n)
-            random.setstate(p)
 
 
 class Trainer:
@@ -119,14 +77,14 @@ class Trainer:
         self.cfg, self.task, self.out_dir = cfg, task, Path(out_dir)
         self._command = command
         t, d = cfg["trainer"], cfg["data"]
-        self.accumulate = _int(cfg, "trainer", "accumulate_grad_batches", 1, optional=False)
-        self.log_every = _int(cfg, "trainer", "log_every_n_steps", 1) or 0
-        self.val_every_steps = _int(cfg, "trainer", "val_every_n_steps", 1)
-        self.val_every_epochs = _int(cfg, "trainer", "val_every_n_epochs", 1)
-        self.limit_val = _int(cfg, "trainer", "limit_val_batches", 0)
+        self.accumulate = config_int(cfg, "trainer", "accumulate_grad_batches", 1, optional=False)
+        self.log_every = config_int(cfg, "trainer", "log_every_n_steps", 1) or 0
+        self.val_every_steps = config_int(cfg, "trainer", "val_every_n_steps", 1)
+        self.val_every_epochs = config_int(cfg, "trainer", "val_every_n_epochs", 1)
+        self.limit_val = config_int(cfg, "trainer", "limit_val_batches", 0)
         self.grad_clip = None if t["grad_clip"] in (None, 0) else float(t["grad_clip"])
-        batch_size = _int(cfg, "data", "batch_size", 1, optional=False)
-        num_workers = _int(cfg, "data", "num_workers", 0, optional=False)
+        batch_size = config_int(cfg, "data", "batch_size", 1, optional=False)
+        num_workers = config_int(cfg, "data", "num_workers", 0, optional=False)
         if t["float32_matmul_precision"]:
             torch.set_float32_matmul_precision(t["float32_matmul_precision"])
 
@@ -136,7 +94,7 @@ class Trainer:
         self.is_main = fabric.is_global_zero
         self.seed = int(cfg["seed"])
 
-        self._lock = self._lock_run_folder()
+        self._lock = lock_run_folder(self.out_dir, self._command, fabric, self.is_main, self.world_size)
         try:
             self._setup(cfg, task, resume, batch_size, num_workers)
         except BaseException:
@@ -149,7 +107,7 @@ class Trainer:
         t, d = cfg["trainer"], cfg["data"]
 
         # model and optimizer (identical initialisation on every rank)
-        _seed_all(seed)
+        seed_all(seed)
         model = task.build_model(cfg)
         groups = task.param_groups(model, cfg)
 
@@ -166,7 +124,7 @@ class Trainer:
             raise ConfigError(f"data.batch_size: {len(train_set)} training items give {len(self.sampler)} "
                               f"batches of {batch_size} per rank, fewer than accumulate_grad_batches="
                               f"{self.accumulate}: no optimizer step per epoch")
-        max_steps, epochs = _int(cfg, "trainer", "max_steps", 1), t["epochs"]
+        max_steps, epochs = config_int(cfg, "trainer", "max_steps", 1), t["epochs"]
         if max_steps is None and epochs is None:
             raise ConfigError("trainer: set epochs or max_steps")
         if max_steps is None and (isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or epochs <= 0):
@@ -198,9 +156,9 @@ class Trainer:
         self.last_train: dict = {}
         self.last_val: dict = {}
         self._stop_flag = False
-        self.ckpt = CheckpointManager(self.out_dir / "checkpoints", _int(cfg, "checkpoint", "keep_last", 1))
+        self.ckpt = CheckpointManager(self.out_dir / "checkpoints", config_int(cfg, "checkpoint", "keep_last", 1))
         path = self._resume_path(resume)
-        _seed_all(mix_seed(seed, self.rank, 1))  # each rank its own stream (dropout, masks, crops)
+        seed_all(mix_seed(seed, self.rank, 1))  # each rank its own stream (dropout, masks, crops)
         if path is not None:
             self.load_checkpoint(path)
         self.resumed_from = path
@@ -209,28 +167,6 @@ class Trainer:
         self.loggers = Loggers(self.out_dir, cfg["log"], enabled=self.is_main, resume_step=self.step)
 
     # ------------------------------------------------------------------------------------------------ setup
-    def _lock_run_folder(self) -> FolderLock | None:
-        """Rank 0 takes ``out_dir``'s lock (:mod:`evforge.locks`): a second run into the folder is refused, as a
-        ``convert`` into a dataset folder is. Every rank learns the outcome, so all of them stop together."""
-        lock, error = None, None
-        if self.is_main:
-            lock = FolderLock(self.out_dir, self._command)
-            try:
-                lock.acquire()
-            except OutputError as err:
-                lock, error = None, err
-            if lock is not None and lock.stale:
-                warnings.warn(f"{self.out_dir}: took over the lock of a run that is gone (pid "
-                              f"{lock.stale.get('pid')}, {lock.stale.get('command')!r})", stacklevel=3)
-        message = str(error) if error else None
-        if self.world_size > 1:
-            message = self.fabric.broadcast(message, src=0)
-        if error is not None:
-            raise error
-        if message:
-            raise LockedError(self.out_dir, f"rank 0 could not lock the run folder ({message})")
-        return lock
-
     def _release_lock(self) -> None:
         lock, self._lock = getattr(self, "_lock", None), None
         if lock is not None:
@@ -333,8 +269,8 @@ class Trainer:
             notes.append(f"world size {p['world_size']} -> {self.world_size} (data shards and RNG streams change)")
         if int(p["batches_per_epoch"]) != len(self.sampler):
             notes.append(f"batches per epoch {p['batches_per_epoch']} -> {len(self.sampler)}")
-        old = _flatten(json.loads(ck["config"]))
-        new = _flatten(json.loads(json.dumps(self.cfg, default=str)))
+        old = flatten(json.loads(ck["config"]))
+        new = flatten(json.loads(json.dumps(self.cfg, default=str)))
         changed = sorted(k for k in old.keys() | new.keys()
                          if old.get(k) != new.get(k) and not any(k.startswith(i) for i in _RESUME_IGNORED))
         if changed:
@@ -344,7 +280,7 @@ class Trainer:
             set_rng_state(ranks[self.rank])
             self._loader_gen.set_state(ranks[self.rank]["loader"])
         else:
-            _seed_all(mix_seed(self.seed, self.rank, self.step, 1))
+            seed_all(mix_seed(self.seed, self.rank, self.step, 1))
         if "task" in ck:
             self.task.load_state_dict(ck["task"])
         if notes and self.is_main:
@@ -359,20 +295,9 @@ class Trainer:
     @contextmanager
     def _signals(self):
         names = self.cfg["trainer"]["stop_signals"] or []
-        installed = []
-        if threading.current_thread() is threading.main_thread():
-            for name in names:
-                sig = getattr(signal, str(name), None)
-                if sig is None:
-                    warnings.warn(f"trainer.stop_signals: no signal {name!r} on this platform", stacklevel=3)
-                    continue
-                installed.append((sig, signal.signal(sig, self.request_stop)))
         self._watch_signals = bool(names)
-        try:
+        with stop_signals(names, self.request_stop):
             yield
-        finally:
-            for sig, prev in installed:
-                signal.signal(sig, prev)
 
     def _stop_requested(self) -> bool:
         """Whether any rank asked to stop (a collective when several ranks watch signals)."""
@@ -522,7 +447,7 @@ class Trainer:
         model.eval()
         total: dict = {}
         state = self._state(self.schedules.at(self.step))
-        with _fork_rng(fabric.device):
+        with fork_rng(fabric.device):
             self.val_sampler.set_epoch(0)
             for i, batch in enumerate(self.val_loader):
                 if self.limit_val is not None and i >= self.limit_val:

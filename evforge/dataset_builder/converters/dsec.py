@@ -45,19 +45,14 @@ from PIL import Image
 
 from evforge.errors import InputError
 from evforge.events import EVENT_DTYPE
+from evforge.labels import DSEC_LABEL_CLASSES, DSEC_SENSOR_SIZE
 
 from .base import DatasetPlan, Sample, SourceItem
 
 __all__ = ["DSECConverter", "DSECEvents", "LABEL_CLASSES", "SENSOR_SIZE"]
 
-SENSOR_SIZE = (640, 480)  # (width, height) of DSEC's event cameras
-LABEL_CLASSES = {
-    "11classes": ["background", "building", "fence", "person", "pole", "road", "sidewalk", "vegetation", "car",
-                  "wall", "traffic sign"],
-    "19classes": ["road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
-                  "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
-                  "bicycle"],
-}
+SENSOR_SIZE = DSEC_SENSOR_SIZE  # (width, height) of DSEC's event cameras
+LABEL_CLASSES = DSEC_LABEL_CLASSES  # the label sets, shared with the training side (evforge.labels)
 EVENT_FILES = ("events/left/events.h5", "events_left/events.h5")
 _SEARCH_SLICE = 1 << 16  # t values read at once when ms_to_idx cannot narrow the search to one millisecond
 

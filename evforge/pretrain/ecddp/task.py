@@ -28,6 +28,7 @@ from ...dataset_builder.dataset import EventDataset, collate_events
 from ...representations import voxel_grid
 from ...trainer.metrics import Mean, batch_count
 from ...trainer.task import Task
+from .export import export_tensors
 from .model import ECDDPConfig, ECDDPModel
 
 TASK_DEFAULTS: dict = {
@@ -80,6 +81,10 @@ class ECDDPTask(Task):
             raise ValueError(f"ECDDP pretrains on event streams; {data['path']} holds {ds.kind}")
         self.sensor_size = tuple(ds.sensor_size)
         return ds
+
+    def backbone_tensors(self, state: dict, cfg: dict, which: str, with_neck: bool) -> tuple[dict, dict]:
+        """The student's or teacher's Swin, its stage norms and optionally the neck (:mod:`.export`)."""
+        return export_tensors(state, cfg, which, with_neck)
 
     def collate(self, items: list):
         return collate_events(items)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...trainer.config import check_fields
+from ...models.options import check_fields
 
 
 @dataclass

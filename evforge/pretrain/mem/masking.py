@@ -5,7 +5,7 @@ the ``h x w`` patches (``configs/*.conf``: 98 of 14 x 14 = 50 %): rectangles of 
 ``--min_mask_patches_per_block``) up to ``max_num_patches`` (default: all ``num_mask_patches``) patches, aspect
 ratio log-uniform in [0.3, 1/0.3], each strictly smaller than the grid in both sides, are painted until the
 count is reached (a rectangle may not overshoot the remaining budget; 10 failed draws in a row stop early).
-That algorithm is :class:`~evforge.pretrain.ecddp.masking.BlockMaskGenerator`'s (ECDDP took it from iBOT,
+That algorithm is :class:`~evforge.models.masking.BlockMaskGenerator`'s (ECDDP took it from iBOT,
 which took it from BEiT); :class:`BEiTMaskGenerator` reuses it with a fixed count for every sample.
 
 ``masking = random`` (``MaskingGeneratorRandomLocation``) draws ``num_mask_patches`` patches uniformly; MEM's
@@ -24,7 +24,7 @@ import random
 import numpy as np
 import torch
 
-from ..ecddp.masking import BlockMaskGenerator
+from ...models.masking import BlockMaskGenerator
 
 
 def _seed(generator: torch.Generator | None) -> int:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...trainer.config import check_fields
+from ...models.options import check_fields
 
 # MEM's BEiT optimiser skip list (``no_weight_decay``): besides biases and 1-D parameters, only these.
 NO_DECAY = ("pos_embed", "cls_token")

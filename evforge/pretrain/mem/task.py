@@ -329,6 +329,19 @@ class MEMTask(_MEMData):
     def param_groups(self, model: nn.Module, cfg: dict) -> list[dict]:
         return [g for g in model.param_groups() if g["params"]]
 
+    def backbone_tensors(self, state: dict, cfg: dict, which: str, with_neck: bool) -> tuple[dict, dict]:
+        """MEM's ViT (``vit.*`` of :class:`~evforge.pretrain.mem.model.MEMModel`) under timm's keys; the mask token
+        and the MIM head are pretraining-only. MEM has one network, so ``which`` does not apply."""
+        if with_neck:
+            raise ValueError("MEM has no neck to export (with_neck is for ECDDP)")
+        tensors = {key[len("vit."):]: value for key, value in state.items() if key.startswith("vit.")}
+        if not tensors:
+            raise ValueError("no 'vit.' weights in the checkpoint (not a MEM model)")
+        model_cfg = mem_model_config(cfg)
+        meta = {"arch": model_cfg.variant, "in_chans": int(model_cfg.in_chans), "timm_kwargs": model_cfg.timm_kwargs(),
+                "norm_eps": 1e-6}  # timm's ViT LayerNorms use eps 1e-6
+        return tensors, meta
+
     @torch.no_grad()
     def targets(self, img: torch.Tensor) -> torch.Tensor | None:
         """The tokenizer's codes (B, h*w) of ``img``, in fp32 outside autocast (as MEM computes them)."""
