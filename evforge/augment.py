@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["flip_x", "flip_y", "time_flip", "shift", "random_window", "crop_events", "select_events",
+__all__ = ["flip_x", "flip_y", "time_flip", "shift", "random_window", "crop_events", "select_events", "crop_windows",
            "random_resized_crop_params", "crop_grid", "crop_resize", "flip_tensor_x", "flip_grid_x",
            "grid_to_pixels"]
 
@@ -223,6 +223,19 @@ def random_resized_crop_params(batch_size: int, height: int, width: int, *, scal
     y0 = torch.where(none, (height - fh) // 2, y0)
     boxes = torch.stack([x0, y0, x0 + w, y0 + h], 1)
     return boxes if device is None else boxes.to(device)
+
+
+def crop_windows(tensor: Tensor, top_left: Tensor, size: tuple[int, int]) -> Tensor:
+    """Per-sample windows ``(B, C, h, w)`` of ``tensor`` (B, C, H, W) at integer ``top_left`` (B, 2: row, column),
+    gathered exactly (no interpolation); the windows must lie inside the tensor."""
+    B, C = tensor.shape[:2]
+    dev = tensor.device
+    tl = top_left.to(dev)
+    rows = (tl[:, 0:1] + torch.arange(size[0], device=dev))[:, None, :, None]
+    cols = (tl[:, 1:2] + torch.arange(size[1], device=dev))[:, None, None, :]
+    b = torch.arange(B, device=dev)[:, None, None, None]
+    c = torch.arange(C, device=dev)[None, :, None, None]
+    return tensor[b, c, rows, cols]
 
 
 def crop_grid(boxes: Tensor, size: tuple[int, int], height: int, width: int) -> Tensor:

@@ -257,3 +257,15 @@ def test_cuda_matches_cpu():
     b, _ = crop_resize(img.cuda(), boxes.cuda(), (8, 8))
     torch.testing.assert_close(b.cpu(), a, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(crop_events(cuda, boxes)["x"].cpu(), crop_events(batch, boxes)["x"])
+
+
+def test_crop_windows_gathers_each_samples_window_exactly():
+    """Per-sample integer windows equal plain slicing (ECDDP's square crop, MEM's crop after the resize)."""
+    from evforge.augment import crop_windows
+
+    x = torch.arange(3 * 2 * 7 * 9, dtype=torch.float32).reshape(3, 2, 7, 9)
+    tl = torch.tensor([[0, 0], [2, 5], [4, 1]])
+    out = crop_windows(x, tl, (3, 4))
+    assert out.shape == (3, 2, 3, 4)
+    for b, (r, c) in enumerate(tl.tolist()):
+        assert torch.equal(out[b], x[b, :, r:r + 3, c:c + 4])

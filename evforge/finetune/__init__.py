@@ -6,7 +6,7 @@ A config's ``task.name`` picks the task; tasks are imported only when asked for 
 
 from __future__ import annotations
 
-import importlib
+from ..registry import lookup
 
 TASKS = {
     "classification": "evforge.finetune.classification:ClassificationTask",
@@ -16,8 +16,4 @@ TASKS = {
 
 def get_task(name: str):
     """A new task object for ``name`` (ValueError naming the known ones otherwise)."""
-    try:
-        module, cls = TASKS[name].split(":")
-    except KeyError:
-        raise ValueError(f"unknown finetuning task {name!r}; known: {sorted(TASKS)}") from None
-    return getattr(importlib.import_module(module), cls)()
+    return lookup(TASKS, name, "finetuning task")()

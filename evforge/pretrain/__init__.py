@@ -5,7 +5,7 @@ A config's ``task.name`` picks the method; tasks are imported only when asked fo
 
 from __future__ import annotations
 
-import importlib
+from ..registry import lookup
 
 TASKS = {"ecddp": "evforge.pretrain.ecddp.task:ECDDPTask",
          "mem_dvae": "evforge.pretrain.mem.task:MEMDVAETask",
@@ -14,8 +14,4 @@ TASKS = {"ecddp": "evforge.pretrain.ecddp.task:ECDDPTask",
 
 def get_task(name: str):
     """A new task object for ``name`` (ValueError naming the known ones otherwise)."""
-    try:
-        module, cls = TASKS[name].split(":")
-    except KeyError:
-        raise ValueError(f"unknown pretraining task {name!r}; known: {sorted(TASKS)}") from None
-    return getattr(importlib.import_module(module), cls)()
+    return lookup(TASKS, name, "pretraining task")()

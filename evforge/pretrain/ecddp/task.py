@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...augment import crop_events
+from ...augment import crop_events, crop_windows
 from ...dataset_builder.dataset import EventDataset, collate_events
 from ...representations import voxel_grid
 from ...trainer.metrics import Mean, batch_count
@@ -116,13 +116,7 @@ class ECDDPTask(Task):
             counts = crop["offsets"][1:] - crop["offsets"][:-1]
         else:
             vox = voxel_grid(batch, bins=bins, height=H, width=W, off_weight=off)
-            # an integer window: gather it exactly (no interpolation)
-            r = torch.arange(size, device=vox.device)
-            rows = (y0.to(vox.device)[:, None] + r)[:, None, :, None]
-            cols = (x0.to(vox.device)[:, None] + r)[:, None, None, :]
-            b = torch.arange(B, device=vox.device)[:, None, None, None]
-            c = torch.arange(vox.shape[1], device=vox.device)[None, :, None, None]
-            vox = vox[b, c, rows, cols]
+            vox = crop_windows(vox, torch.stack((y0, x0), 1), (size, size))  # an integer window, gathered exactly
             counts = None
         if opts["min_crop_events"] > 0:
             if counts is None:  # events inside each crop

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...augment import flip_x, random_window, shift, time_flip
+from ...augment import crop_windows, flip_x, random_window, shift, time_flip
 from ...representations import mem_counts, normalize_max, remove_hot_pixels
 from .randaugment import (ColorJitterConfig, RandAugmentConfig, color_jitter, draw_jitter, draw_ops,
                           rand_augment, to_float, to_uint8)
@@ -216,18 +216,6 @@ def _resize(img: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(img, size=size, mode="bilinear", align_corners=False, antialias=True)
 
 
-def _crop(img: Tensor, top_left: Tensor, size: tuple[int, int]) -> Tensor:
-    """Per-sample windows of ``size`` at ``top_left`` (B, 2) (gathered exactly)."""
-    B, C = img.shape[:2]
-    dev = img.device
-    tl = top_left.to(dev)
-    rows = (tl[:, 0:1] + torch.arange(size[0], device=dev))[:, None, :, None]
-    cols = (tl[:, 1:2] + torch.arange(size[1], device=dev))[:, None, None, :]
-    b = torch.arange(B, device=dev)[:, None, None, None]
-    c = torch.arange(C, device=dev)[None, :, None, None]
-    return img[b, c, rows, cols]
-
-
 def mem_inputs(batch: dict, cfg: MEMInputConfig, sensor_size: tuple[int, int], *, train: bool,
                generator: torch.Generator | None = None, draws: Draws | None = None) -> Tensor:
     """MEM's network input ``(B, 3, H, W)`` float32 for a packed batch (see the module docstring).
@@ -261,7 +249,7 @@ def mem_inputs(batch: dict, cfg: MEMInputConfig, sensor_size: tuple[int, int], *
         if d.crop is not None:
             if cfg.canvas == "sensor":
                 img = _resize(img, cfg.train_resize)
-            img = _crop(img, d.crop, cfg.size)
+            img = crop_windows(img, d.crop, cfg.size)
         elif cfg.canvas == "sensor":
             img = _resize(img, cfg.size)
     if cfg.hot_pixel_std is not None:
