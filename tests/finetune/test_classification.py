@@ -12,9 +12,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import evforge
-from evforge.dataset_builder.build import build_dataset
 from evforge.dataset_builder.dataset import EventDataset
-from evforge.dataset_builder.synthetic import make_synthetic_classification
 from evforge.export import backbone_weights, export_backbone, load_backbone, read_backbone
 from evforge.finetune import get_task
 from evforge.finetune.backbones import adapt_patch_embed, build_classifier
@@ -32,14 +30,9 @@ SENSOR = (64, 48)
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    """Four shape classes, 100 clips each: 300 train / 100 val samples (64x48 sensor)."""
-    root = tmp_path_factory.mktemp("shapes")
-    raw = make_synthetic_classification(root / "raw", per_class=100, size=SENSOR, seed=0)
-    report = build_dataset("ncaltech101", raw, root / "ds", val_fraction=0.25, seed=0, sensor_size=SENSOR,
-                           progress=False)
-    assert report.num_errors == 0 and report.splits == {"train": 300, "val": 100}
-    return report.out
+def shapes(shapes_dataset):
+    """Four shape classes, 100 clips each: 300 train / 100 val samples (64x48 sensor; tests/conftest.py)."""
+    return shapes_dataset
 
 
 def _cfg(data, *extra):
@@ -67,18 +60,10 @@ def trained(shapes, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ecddp_backbone(tmp_path_factory):
+def ecddp_backbone(tmp_path_factory, make_stream_dataset):
     """An exported ECDDP tiny backbone (Swin, 6 input channels) after 2 pretraining steps on a tiny stream set."""
-    from evforge.simulator.pipeline import SimulateConfig, simulate_sequences
-    from evforge.simulator.scenes import SceneSpec, make_dataset
-    from evforge.simulator.sources import discover_sequences
-
     root = tmp_path_factory.mktemp("ecddp")
-    make_dataset(root / "scenes", envs=("office", "garden"), trajectories=1,
-                 spec=SceneSpec(width=96, height=96, frames=8, speed_px=2.5, seed=4))
-    simulate_sequences(discover_sequences(root / "scenes"), root / "streams",
-                       SimulateConfig(preset="clean", device="cpu", batch=2), progress=False)
-    ds = build_dataset("tartanair", root / "streams", root / "ds", test_envs=("garden",), progress=False).out
+    ds = make_stream_dataset(root, frames=8)
     cfg = load_config(CONFIGS / "pretrain" / "ecddp_tiny.yaml",
                       [f"data.path={ds}", "trainer.max_steps=2", "log.progress=false", "log.tensorboard=false",
                        "checkpoint.every_n_steps=null"])

@@ -9,13 +9,9 @@ import torch
 
 import evforge
 from evforge.cli import main
-from evforge.dataset_builder.build import build_dataset
 from evforge.export import export_backbone, load_backbone, read_backbone
 from evforge.pretrain.ecddp.task import ECDDPTask
 from evforge.representations import voxel_grid
-from evforge.simulator.pipeline import SimulateConfig, simulate_sequences
-from evforge.simulator.scenes import SceneSpec, make_dataset
-from evforge.simulator.sources import discover_sequences
 from evforge.trainer.config import load_config
 from evforge.trainer.trainer import Trainer
 
@@ -24,15 +20,8 @@ REFERENCE_CONFIG = CONFIG.replace("ecddp_tiny.yaml", "ecddp_tiny_reference.yaml"
 
 
 @pytest.fixture(scope="module")
-def streams(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ecddp")
-    make_dataset(root / "scenes", envs=("office", "garden"), trajectories=1,
-                 spec=SceneSpec(width=96, height=96, frames=14, speed_px=2.5, seed=4))
-    simulate_sequences(discover_sequences(root / "scenes"), root / "streams",
-                       SimulateConfig(preset="clean", device="cpu", batch=2), progress=False)
-    report = build_dataset("tartanair", root / "streams", root / "ds", test_envs=("garden",), progress=False)
-    assert report.num_errors == 0 and report.splits == {"train": 1, "test": 1}
-    return report.out
+def streams(tmp_path_factory, make_stream_dataset):
+    return make_stream_dataset(tmp_path_factory.mktemp("ecddp"))
 
 
 def _cfg(streams, *extra, config=CONFIG):

@@ -14,8 +14,6 @@ import torch
 
 import evforge
 from evforge.cli import main
-from evforge.dataset_builder.build import build_dataset
-from evforge.dataset_builder.synthetic import make_synthetic_classification
 from evforge.errors import InputError
 from evforge.export import export_backbone, load_backbone, read_backbone
 from evforge.pretrain import get_task
@@ -46,15 +44,10 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    """The demo's synthetic classification set (four shapes, 64 x 48 sensor, 300 train / 100 val), on which
-    mem_dvae_tiny's codebook target is stated."""
-    root = tmp_path_factory.mktemp("mem")
-    raw = make_synthetic_classification(root / "raw", per_class=100, size=(64, 48), seed=0)
-    report = build_dataset("ncaltech101", raw, root / "ds", val_fraction=0.25, seed=0, sensor_size=(64, 48),
-                           progress=False)
-    assert report.num_errors == 0 and report.splits == {"train": 300, "val": 100}
-    return report.out
+def dataset(shapes_dataset):
+    """The demo's synthetic classification set (four shapes, 64 x 48 sensor, 300 train / 100 val; tests/conftest.py),
+    on which mem_dvae_tiny's codebook target is stated."""
+    return shapes_dataset
 
 
 def _cfg(name, dataset, *extra):

@@ -1,0 +1,57 @@
+"""Data factories shared by the test modules: the small datasets several modules used to build each for itself.
+
+* ``shapes_dataset``: the synthetic classification set (four shapes, 64 x 48 sensor, 100 clips per class, 300
+  train / 100 val samples) that finetuning and MEM train on; built once per session (tests only read it).
+* ``make_stream_dataset(root, frames=...)``: a tiny ECDDP stream set made by the real chain (scenes -> simulate
+  -> ``convert tartanair``): an ``office`` training and a ``garden`` test sequence at 96 x 96.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHAPES_SENSOR = (64, 48)
+
+
+def build_shapes_dataset(root: Path, *, per_class: int = 100, size=SHAPES_SENSOR, val_fraction: float = 0.25,
+                         seed: int = 0) -> Path:
+    """The synthetic shapes clips converted as an N-Caltech101-like ``samples`` dataset; returns its folder."""
+    from evforge.dataset_builder.build import build_dataset
+    from evforge.dataset_builder.synthetic import make_synthetic_classification
+
+    raw = make_synthetic_classification(root / "raw", per_class=per_class, size=size, seed=seed)
+    report = build_dataset("ncaltech101", raw, root / "ds", val_fraction=val_fraction, seed=seed, sensor_size=size,
+                           progress=False)
+    assert report.num_errors == 0
+    return report.out
+
+
+def build_stream_dataset(root: Path, *, frames: int = 14) -> Path:
+    """Scenes (``office``, ``garden``; 96 x 96, ``frames`` frames) -> clean simulation -> a tartanair stream dataset
+    with ``garden`` as the test split; returns its folder."""
+    from evforge.dataset_builder.build import build_dataset
+    from evforge.simulator.pipeline import SimulateConfig, simulate_sequences
+    from evforge.simulator.scenes import SceneSpec, make_dataset
+    from evforge.simulator.sources import discover_sequences
+
+    make_dataset(root / "scenes", envs=("office", "garden"), trajectories=1,
+                 spec=SceneSpec(width=96, height=96, frames=frames, speed_px=2.5, seed=4))
+    simulate_sequences(discover_sequences(root / "scenes"), root / "streams",
+                       SimulateConfig(preset="clean", device="cpu", batch=2), progress=False)
+    report = build_dataset("tartanair", root / "streams", root / "ds", test_envs=("garden",), progress=False)
+    assert report.num_errors == 0 and report.splits == {"train": 1, "test": 1}
+    return report.out
+
+
+@pytest.fixture(scope="session")
+def shapes_dataset(tmp_path_factory) -> Path:
+    """:func:`build_shapes_dataset` with its defaults (300 train / 100 val), once per session."""
+    return build_shapes_dataset(tmp_path_factory.mktemp("shapes"))
+
+
+@pytest.fixture(scope="session")
+def make_stream_dataset():
+    """:func:`build_stream_dataset` as a fixture."""
+    return build_stream_dataset
