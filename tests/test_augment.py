@@ -22,22 +22,12 @@ from evforge.augment import (
     shift,
     time_flip,
 )
-from evforge.dataset_builder.dataset import collate_events, unpack
-from evforge.events import make_events
+from evforge.dataset_builder.dataset import unpack
 from evforge.representations import histogram, time_flip_voxel, voxel_grid
 
 H, W = 12, 16
+EVENT_DEFAULTS = dict(height=H, width=W, t0=5_000_000, t_step=5_000_000)  # tests/conftest.py: event_factory
 EVENT_KEYS = ("x", "y", "t", "p", "batch_index")
-
-
-def make_batch(lengths=(120, 0, 1, 45), seed=0):
-    rng = np.random.default_rng(seed)
-    items = []
-    for i, n in enumerate(lengths):
-        t = np.sort(rng.integers(0, 100_000, n)) + 5_000_000 * (i + 1)
-        ev = make_events(rng.integers(0, W, n), rng.integers(0, H, n), t, rng.choice([1, -1], n))
-        items.append({"events": ev, "label": i, "key": f"s{i}"})
-    return collate_events(items), [it["events"] for it in items]
 
 
 def gen(seed):
@@ -65,8 +55,8 @@ def same(a, b):
 
 
 # --------------------------------------------------------------------------------------------- flips
-def test_flips_are_involutions_and_mirror_the_histogram():
-    batch, _ = make_batch()
+def test_flips_are_involutions_and_mirror_the_histogram(event_factory):
+    batch, _ = event_factory.batch()
     which = torch.tensor([True, False, True, True])
     fx = flip_x(batch, W, which=which)
     assert same(flip_x(fx, W, which=which), batch)
@@ -79,8 +69,8 @@ def test_flips_are_involutions_and_mirror_the_histogram():
     assert fx["x"].dtype == batch["x"].dtype and batch["x"] is not fx["x"]
 
 
-def test_random_draws_are_per_sample_and_seeded():
-    batch, _ = make_batch(lengths=(5,) * 64)
+def test_random_draws_are_per_sample_and_seeded(event_factory):
+    batch, _ = event_factory.batch(lengths=(5,) * 64)
     a, b = flip_x(batch, W, generator=gen(1)), flip_x(batch, W, generator=gen(1))
     assert same(a, b)
     flipped = (a["x"] != batch["x"]).view(64, 5).any(1)
@@ -89,8 +79,8 @@ def test_random_draws_are_per_sample_and_seeded():
     assert same(flip_x(batch, W, p=0.0, generator=gen(1)), batch)
 
 
-def test_time_flip_reverses_order_and_polarity():
-    batch, samples = make_batch()
+def test_time_flip_reverses_order_and_polarity(event_factory):
+    batch, samples = event_factory.batch()
     which = torch.tensor([True, True, True, False])
     out = time_flip(batch, which=which)
     assert_consistent(out)
@@ -110,9 +100,9 @@ def test_time_flip_reverses_order_and_polarity():
     assert same(time_flip(out, which=which), batch)  # an involution
 
 
-def test_time_flip_matches_voxel_bin_reversal():
+def test_time_flip_matches_voxel_bin_reversal(event_factory):
     """Exact for samples with a positive time span (a single event sits in bin 0 either way)."""
-    batch, _ = make_batch(lengths=(120, 0, 2, 45), seed=3)
+    batch, _ = event_factory.batch(lengths=(120, 0, 2, 45), seed=3)
     which = torch.tensor([True, False, True, True])
     v_events = voxel_grid(time_flip(batch, which=which), bins=5, height=H, width=W)
     v_tensor = time_flip_voxel(voxel_grid(batch, bins=5, height=H, width=W), which)
@@ -120,8 +110,8 @@ def test_time_flip_matches_voxel_bin_reversal():
 
 
 # ------------------------------------------------------------------------------------ dropping events
-def test_shift_drops_out_of_sensor_events_and_keeps_offsets():
-    batch, samples = make_batch()
+def test_shift_drops_out_of_sensor_events_and_keeps_offsets(event_factory):
+    batch, samples = event_factory.batch()
     shifts = torch.tensor([[3, -2], [1, 1], [-16, 0], [-4, 5]])
     out = shift(batch, 8, H, W, shifts=shifts)
     assert_consistent(out)
@@ -138,16 +128,16 @@ def test_shift_drops_out_of_sensor_events_and_keeps_offsets():
     assert out["key"] == batch["key"] and torch.equal(out["label"], batch["label"])
 
 
-def test_shift_random_is_bounded_and_seeded():
-    batch, _ = make_batch()
+def test_shift_random_is_bounded_and_seeded(event_factory):
+    batch, _ = event_factory.batch()
     a, b = shift(batch, 2, H, W, generator=gen(5)), shift(batch, 2, H, W, generator=gen(5))
     assert same(a, b)
     assert (a["x"] >= 0).all() and (a["x"] < W).all() and (a["y"] >= 0).all() and (a["y"] < H).all()
     assert len(a["t"]) >= len(batch["t"]) - 4 * 2 * (H + W) * 4  # at most 2 rows/cols per side lost
 
 
-def test_random_window_is_contiguous_and_bounded():
-    batch, samples = make_batch(lengths=(120, 0, 1, 45, 30))
+def test_random_window_is_contiguous_and_bounded(event_factory):
+    batch, samples = event_factory.batch(lengths=(120, 0, 1, 45, 30))
     n_max = 30
     for seed in range(5):
         out = random_window(batch, n_max, generator=gen(seed))
@@ -167,8 +157,8 @@ def test_random_window_is_contiguous_and_bounded():
     assert len(firsts) > 10  # the start varies
 
 
-def test_crop_events_moves_to_the_crop_frame():
-    batch, samples = make_batch()
+def test_crop_events_moves_to_the_crop_frame(event_factory):
+    batch, samples = event_factory.batch()
     boxes = torch.tensor([[2, 3, 10, 9], [0, 0, W, H], [0, 0, 1, 1], [5, 0, W, 4]])
     out = crop_events(batch, boxes)
     assert_consistent(out)
@@ -183,8 +173,8 @@ def test_crop_events_moves_to_the_crop_frame():
     torch.testing.assert_close(h[0], histogram(batch, height=H, width=W)[0, :, 3:9, 2:10])
 
 
-def test_select_events_without_rebase_keeps_t():
-    batch, _ = make_batch()
+def test_select_events_without_rebase_keeps_t(event_factory):
+    batch, _ = event_factory.batch()
     keep = batch["t"] > 50_000
     out = select_events(batch, keep, rebase_time=False)
     assert torch.equal(out["t"], batch["t"][keep]) and torch.equal(out["t0"], batch["t0"])
@@ -243,8 +233,8 @@ def test_random_resized_crop_params():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: CUDA == CPU not checked")
-def test_cuda_matches_cpu():
-    batch, _ = make_batch(lengths=(300, 0, 1, 80))
+def test_cuda_matches_cpu(event_factory):
+    batch, _ = event_factory.batch(lengths=(300, 0, 1, 80))
     cuda = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in batch.items()}
     for fn, args in [(flip_x, (W,)), (time_flip, ()), (shift, (3, H, W)), (random_window, (50,))]:
         a, b = fn(batch, *args, generator=gen(7)), fn(cuda, *args, generator=gen(7))

@@ -19,23 +19,8 @@ from evforge.representations import (
 )
 
 H, W = 12, 16
+EVENT_DEFAULTS = dict(height=H, width=W, margin=3, t_max=200_000, t0=1_000_000, tie=True)  # tests/conftest.py
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: CUDA == CPU not checked")
-
-
-def random_events(rng, n, *, height=H, width=W, margin=3, t_max=200_000):
-    """``n`` sorted events; coordinates up to ``margin`` pixels beyond ``height x width`` (dropped later),
-    repeated timestamps included."""
-    t = np.sort(rng.integers(0, t_max, n)) + 1_000_000
-    if n > 4:
-        t[1] = t[0]  # a tie at the first event
-    return make_events(rng.integers(0, width + margin, n), rng.integers(0, height + margin, n), t,
-                       rng.choice([1, -1], n))
-
-
-def make_batch(lengths, seed=0, **kw):
-    rng = np.random.default_rng(seed)
-    items = [{"events": random_events(rng, n, **kw), "label": 0, "key": f"s{i}"} for i, n in enumerate(lengths)]
-    return collate_events(items), [it["events"] for it in items]
 
 
 BATCHES = [(137, 0, 1), (1, 311, 0), (0, 2, 57)]  # B=3: an empty and a single-event sample in each
@@ -121,15 +106,15 @@ def ref_stacked(samples, chunks, per_chunk, height=H, width=W, neg_first=False):
 # ---------------------------------------------------------------------------------------------- tests
 @pytest.mark.parametrize("lengths", BATCHES)
 @pytest.mark.parametrize("split", [False, True])
-def test_voxel_grid_matches_numpy(lengths, split):
-    batch, samples = make_batch(lengths, seed=sum(lengths))
+def test_voxel_grid_matches_numpy(lengths, split, event_factory):
+    batch, samples = event_factory.batch(lengths, seed=sum(lengths))
     got = voxel_grid(batch, bins=5, height=H, width=W, polarity_split=split)
     assert got.shape == (3, 10 if split else 5, H, W) and got.dtype == torch.float32
     np.testing.assert_allclose(got.numpy(), ref_voxel(samples, 5, split=split), atol=1e-5)
 
 
-def test_voxel_grid_single_bin_and_single_event():
-    batch, samples = make_batch((1, 40, 0), seed=3)
+def test_voxel_grid_single_bin_and_single_event(event_factory):
+    batch, samples = event_factory.batch((1, 40, 0), seed=3)
     np.testing.assert_allclose(voxel_grid(batch, bins=1, height=H, width=W).numpy(), ref_voxel(samples, 1),
                                atol=1e-5)
     # the single-event sample: all of its weight in bin 0
@@ -138,9 +123,9 @@ def test_voxel_grid_single_bin_and_single_event():
     assert v[0].abs().sum() == 1 and v[0, 0, ev["y"], ev["x"]] == ev["p"]
 
 
-def test_voxel_grid_ecddp_quirk_off_weight_zero():
+def test_voxel_grid_ecddp_quirk_off_weight_zero(event_factory):
     """off_weight=0 (ECDDP's p in {0, 1} quirk) == the ON stack of the split grid; default -1 == ON - OFF."""
-    batch, samples = make_batch((200, 1, 0), seed=5)
+    batch, samples = event_factory.batch((200, 1, 0), seed=5)
     quirk = voxel_grid(batch, bins=6, height=H, width=W, off_weight=0.0)
     split = voxel_grid(batch, bins=6, height=H, width=W, polarity_split=True)
     signed = voxel_grid(batch, bins=6, height=H, width=W)
@@ -150,8 +135,8 @@ def test_voxel_grid_ecddp_quirk_off_weight_zero():
     assert (quirk >= 0).all() and (signed < 0).any()
 
 
-def test_voxel_grid_nonzero_std_normalisation():
-    batch, samples = make_batch((150, 0, 1), seed=7)
+def test_voxel_grid_nonzero_std_normalisation(event_factory):
+    batch, samples = event_factory.batch((150, 0, 1), seed=7)
     got = voxel_grid(batch, bins=3, height=H, width=W, polarity_split=True, normalize="nonzero_std")
     want = ref_nonzero_std(ref_voxel(samples, 3, split=True))
     np.testing.assert_allclose(got.numpy(), want, atol=1e-5)
@@ -163,8 +148,8 @@ def test_voxel_grid_nonzero_std_normalisation():
         voxel_grid(batch, bins=3, height=H, width=W, normalize="minmax")
 
 
-def test_time_flip_voxel_matches_reversed_bins():
-    batch, _ = make_batch((90, 0, 30), seed=11)
+def test_time_flip_voxel_matches_reversed_bins(event_factory):
+    batch, _ = event_factory.batch((90, 0, 30), seed=11)
     v = voxel_grid(batch, bins=4, height=H, width=W)
     which = torch.tensor([True, True, False])
     out = time_flip_voxel(v, which)
@@ -176,15 +161,15 @@ def test_time_flip_voxel_matches_reversed_bins():
 
 
 @pytest.mark.parametrize("lengths", BATCHES)
-def test_histogram_matches_numpy(lengths):
-    batch, samples = make_batch(lengths, seed=1 + sum(lengths))
+def test_histogram_matches_numpy(lengths, event_factory):
+    batch, samples = event_factory.batch(lengths, seed=1 + sum(lengths))
     got = histogram(batch, height=H, width=W)
     assert got.shape == (3, 2, H, W)
     np.testing.assert_array_equal(got.numpy(), ref_histogram(samples))
 
 
-def test_out_of_sensor_events_are_dropped_not_wrapped():
-    batch, samples = make_batch((60, 1, 0), seed=2, margin=0)
+def test_out_of_sensor_events_are_dropped_not_wrapped(event_factory):
+    batch, samples = event_factory.batch((60, 1, 0), seed=2, margin=0)
     moved = dict(batch, x=batch["x"] - 5, y=batch["y"] + 3)  # some negative x, some y >= H
     got = histogram(moved, height=H, width=W)
     ev = samples[0].copy()
@@ -200,12 +185,12 @@ def test_out_of_sensor_events_are_dropped_not_wrapped():
 
 @pytest.mark.parametrize("lengths", BATCHES)
 @pytest.mark.parametrize("wrap", [False, True])
-def test_mem_image_matches_mem_code(lengths, wrap):
+def test_mem_image_matches_mem_code(lengths, wrap, event_factory):
     hh, ww = 10, 12  # 240 values: a single outlier can pass mean + 10 std
     rng = np.random.default_rng(sum(lengths))
     samples = []
     for n in lengths:
-        ev = random_events(rng, n, height=hh, width=ww, margin=2)
+        ev = event_factory.sample(rng, n, height=hh, width=ww, margin=2)
         if n > 100:  # a hot pixel, with events of both polarities
             hot = make_events(np.full(300, 4), np.full(300, 6), np.full(300, ev["t"][-1]),
                               np.where(np.arange(300) < 290, 1, -1))
@@ -251,8 +236,8 @@ def test_mem_wrap_uint8():
 
 @pytest.mark.parametrize("lengths", [(137, 0, 1), (1, 311, 0), (7, 23, 40)])
 @pytest.mark.parametrize("neg_first", [False, True])
-def test_stacked_histograms_match_numpy(lengths, neg_first):
-    batch, samples = make_batch(lengths, seed=4 + sum(lengths))
+def test_stacked_histograms_match_numpy(lengths, neg_first, event_factory):
+    batch, samples = event_factory.batch(lengths, seed=4 + sum(lengths))
     got = stacked_histograms(batch, chunks=4, events_per_chunk=10, height=H, width=W, neg_first=neg_first)
     assert got.shape == (3, 8, H, W)
     np.testing.assert_array_equal(got.numpy(), ref_stacked(samples, 4, 10, neg_first=neg_first))
@@ -275,8 +260,8 @@ def test_stacked_histograms_chunk_boundaries_exact():
 
 
 @needs_cuda
-def test_cuda_matches_cpu():
-    batch, _ = make_batch((500, 0, 1), seed=9)
+def test_cuda_matches_cpu(event_factory):
+    batch, _ = event_factory.batch((500, 0, 1), seed=9)
     cuda = {k: (v.cuda() if torch.is_tensor(v) and k != "offsets" else v) for k, v in batch.items()}
     for fn, kw in [(voxel_grid, dict(bins=5)), (voxel_grid, dict(bins=5, polarity_split=True,
                                                                  normalize="nonzero_std")),
