@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import h5py
+import hdf5plugin  # noqa: F401  (the stream files' zstd filter)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -52,7 +53,10 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
 
+    from bench.machine import machine_info, machine_lines
     from evforge.simulator.scenes import SceneSpec, make_dataset
+
+    info = machine_info()  # before the runs: the load average at start
 
     w, h = (int(v) for v in args.size.lower().split("x"))
     settings = []
@@ -85,14 +89,20 @@ def main() -> None:
             med = statistics.median(seconds)
             rows.append({"devices": devices, "seconds": seconds, "frames": frames, "frames_per_s": frames / med})
         base = rows[0]["frames_per_s"]
-        print(f"{frames} frames ({2 * per_env} sequences x {args.frames}) at {w}x{h}, preset {args.preset}, "
-              f"batch {args.batch}; identical event columns in every setting")
-        print(f"{'devices':<12}{'median s':>10}{'frames/s':>10}{'speedup':>9}")
+        lines = [f"# evforge simulate with worker processes ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", "",
+                 *machine_lines(info),
+                 f"- {frames} frames ({2 * per_env} sequences x {args.frames}) at {w}x{h}, preset {args.preset}, "
+                 f"batch {args.batch}, {args.repeats} repeats (medians); the whole command timed from outside, "
+                 "start-up included; identical event columns in every setting", "",
+                 "| --devices | median s | frames/s | vs first |", "|---|---|---|---|"]
         for row in rows:
-            print(f"{row['devices']:<12}{statistics.median(row['seconds']):>10.2f}{row['frames_per_s']:>10.1f}"
-                  f"{row['frames_per_s'] / base:>8.2f}x")
+            lines.append(f"| {row['devices']} | {statistics.median(row['seconds']):.2f} | "
+                         f"{row['frames_per_s']:.1f} | {row['frames_per_s'] / base:.2f}x |")
+        print("\n".join(lines))
         if args.json:
-            Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1) + "\n")
+            Path(args.json).write_text(json.dumps({"args": vars(args), "machine": info, "rows": rows}, indent=1)
+                                       + "\n")
+            Path(args.json).with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
