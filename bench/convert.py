@@ -43,8 +43,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
-
 from machine import machine_info, machine_tag, results_folder  # noqa: E402  (bench/machine.py)
+
 from evforge.dataset_builder.dataset import EventDataset, make_loader  # noqa: E402
 from evforge.dataset_builder.decoders import read_atis_bin, write_atis_bin  # noqa: E402
 from evforge.dataset_builder.manifest import MANIFEST_NAME, build_manifest, make_provenance  # noqa: E402

@@ -36,7 +36,6 @@ if str(REPO) not in sys.path:
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
 from machine import machine_info, machine_lines, machine_tag, results_folder  # noqa: E402
 from train import samples_dataset, stream_dataset  # noqa: E402
 

@@ -59,19 +59,18 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import cli_e2e  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from machine import MemoryProbe, announce, bench_devices, cpuinfo, machine_info, machine_lines, result_paths  # noqa: E402
+from machine import sync as _sync
+from v2e_emulator import V2E, emulator_kwargs, find_root  # noqa: E402
 
 from evforge.simulator.engine import BatchEngine  # noqa: E402
 from evforge.simulator.params import get_preset  # noqa: E402
 from evforge.simulator.resample import rgb_to_gray  # noqa: E402
 from evforge.simulator.scenes import SceneSpec, build_scene, render_frame  # noqa: E402
 from evforge.simulator.upsample import UpsampleConfig  # noqa: E402
-import cli_e2e  # noqa: E402
-from machine import (MemoryProbe, announce, bench_devices, cpuinfo, machine_info, machine_lines, result_paths,  # noqa: E402
-                     sync as _sync)
-from v2e_emulator import V2E, emulator_kwargs, find_root  # noqa: E402
-
 
 # Frames per measurement for batch 1, per device and resolution; batch B runs ceil(N / B**BATCH_SCALING)
 # frames per slot (at least MIN_FRAMES), so that measurements take comparable times whatever the batch.

@@ -69,9 +69,9 @@ if str(REPO) not in sys.path:
 import numpy as np  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
+from machine import MemoryProbe, announce, bench_devices, cpuinfo, machine_info, machine_lines, result_paths  # noqa: E402
+from machine import sync as _sync
 
-from machine import (MemoryProbe, announce, bench_devices, cpuinfo, machine_info, machine_lines, result_paths,  # noqa: E402
-                     sync as _sync)
 from evforge.dataset_builder.build import build_dataset  # noqa: E402
 from evforge.dataset_builder.dataset import collate_events, make_loader  # noqa: E402
 from evforge.dataset_builder.synthetic import make_synthetic_classification  # noqa: E402
@@ -620,8 +620,9 @@ class FamilyGroup:
         tr.save_checkpoint = lambda keep=False: None
         self.trainers.append(tr)
         if tr.steps_per_epoch < 1 + self.steps:
-            raise RuntimeError(f"the dataset gives {tr.steps_per_epoch} steps per epoch at batch {tr.cfg['data']['batch_size']}, "
-                               f"fewer than the {1 + self.steps} of one timed trainer window")
+            raise RuntimeError(f"the dataset gives {tr.steps_per_epoch} steps per epoch at batch "
+                               f"{tr.cfg['data']['batch_size']}, fewer than the {1 + self.steps} of one timed "
+                               "trainer window")
         return tr
 
     def _timed(self, row: Row, fn, steps: int, warm: bool) -> None:
@@ -1167,7 +1168,8 @@ def main(argv=None) -> int:
 
     elapsed = time.perf_counter() - started
     config = {"command": " ".join(["python", "bench/train.py", *(sys.argv[1:] if argv is None else argv)]),
-              "quick": args.quick, "methods": args.methods, "devices": devices, "presets": args.presets, "precisions": args.precisions,
+              "quick": args.quick, "methods": args.methods, "devices": devices, "presets": args.presets,
+              "precisions": args.precisions,
               "batch": args.batch, "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
               "workers": args.workers, "log_every": args.log_every, "generator": args.generator, "seed": args.seed,
               "base_config": str(BASE_CONFIG.relative_to(REPO)),

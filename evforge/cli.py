@@ -519,7 +519,8 @@ def _err(msg: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="evforge", description=__doc__.splitlines()[0].replace("The ``evforge`` command", "evforge"))
+    parser = argparse.ArgumentParser(prog="evforge",
+                                     description=__doc__.splitlines()[0].replace("The ``evforge`` command", "evforge"))
     parser.add_argument("--version", action="version", version=f"evforge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in (_add_demo, _add_scenes, _add_simulate, _add_convert, _add_inspect, _add_verify, _add_preview,

@@ -21,8 +21,15 @@ import json
 from pathlib import Path
 
 from .errors import InputError
-from .models.backbone_file import (FORMAT, NON_TIMM_PREFIXES, SWIN_ARCH, backbone_weights, load_backbone,
-                                   read_backbone, write_backbone)
+from .models.backbone_file import (
+    FORMAT,
+    NON_TIMM_PREFIXES,
+    SWIN_ARCH,
+    backbone_weights,
+    load_backbone,
+    read_backbone,
+    write_backbone,
+)
 from .pretrain import TASKS, get_task
 from .pretrain.ecddp.export import import_public
 from .trainer.checkpoint import load_checkpoint

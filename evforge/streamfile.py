@@ -23,8 +23,9 @@ Layout (``format_version`` 1)::
 
 Event columns are chunked by 65536 events and compressed with Blosc zstd + bit-shuffle (hdf5plugin) by
 default; ``compression="lz4"`` selects Blosc lz4, ``"gzip"`` the HDF5 built-in filter for readers without
-hdf5plugin. Readers take ``/events/t`` as u4 or u8 (StreamFile refuses other types). Inside evforge events are :data:`~evforge.events.EVENT_DTYPE` arrays with absolute ``t`` and
-``p`` in {+1, -1}; the conversion happens here only.
+hdf5plugin. Readers take ``/events/t`` as u4 or u8 (StreamFile refuses other types). Inside evforge events
+are :data:`~evforge.events.EVENT_DTYPE` arrays with absolute ``t`` and ``p`` in {+1, -1}; the conversion
+happens here only.
 """
 
 from __future__ import annotations

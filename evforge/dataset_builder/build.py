@@ -64,7 +64,7 @@ from typing import Callable, Iterator, Sequence
 
 from tqdm.auto import tqdm
 
-from evforge.errors import InputError, OutputError, output_error
+from evforge.errors import InputError, output_error
 from evforge.fingerprint import digest, sources_signature
 from evforge.locks import FolderLock
 from evforge.watchdog import watch_parent
@@ -72,8 +72,15 @@ from evforge.watchdog import watch_parent
 from .completion import mark_complete, mark_incomplete
 from .converters import get_converter
 from .converters.base import DatasetPlan, SourceItem
-from .manifest import (DEFAULT_PERCENTS, MANIFEST_NAME, _atomic_write_text, build_manifest, make_provenance,
-                       make_subsets, write_split_file)
+from .manifest import (
+    DEFAULT_PERCENTS,
+    MANIFEST_NAME,
+    _atomic_write_text,
+    build_manifest,
+    make_provenance,
+    make_subsets,
+    write_split_file,
+)
 from .shards import DEFAULT_TARGET_BYTES, FORMAT_VERSION, RAW_INDEX_BYTES, ShardWriter, sha256_file
 
 __all__ = ["WorkUnit", "UnitResult", "BuildReport", "plan_units", "run_unit", "build_dataset", "ERRORS_NAME",

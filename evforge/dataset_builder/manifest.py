@@ -37,8 +37,8 @@ import numpy as np
 import torch
 
 import evforge
-from evforge.errors import InputError
 from evforge.atomic import atomic_write_text as _atomic_write_text
+from evforge.errors import InputError
 
 from .completion import incomplete_problem
 from .shards import KINDS, ShardReader, sha256_file

@@ -41,9 +41,9 @@ import h5py
 import hdf5plugin
 import numpy as np
 
+from evforge.atomic import commit, temp_path
 from evforge.errors import InputError
 from evforge.events import EVENT_DTYPE, EventFormatError, empty_events, validate_events
-from evforge.atomic import commit, temp_path
 from evforge.h5local import check_local
 from evforge.streamfile import CHUNK_EVENTS, _decode_attr, _filter_kwargs
 

@@ -51,8 +51,8 @@ from ..trainer.config import ConfigError, merge
 from ..trainer.metrics import Mean, mean_metrics
 from ..trainer.task import Task, keys_generator
 from .backbones import ModelSpec, build_classifier
-from .cls_splits import HOLDOUT, Items, holdout_indices, resolve_splits
 from .beit import block_dropout, per_layer_rel_pos_bias, reset_fc_norm
+from .cls_splits import HOLDOUT, Items, holdout_indices, resolve_splits
 from .ema import ModelEMA
 from .layer_decay import layer_decay_groups
 from .metrics import ClassificationMetrics, confusion_matrix, topk_correct

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["confusion_matrix", "accuracy", "topk_correct", "topk_accuracy", "mean_class_accuracy",
-           "accuracy_from_confusion", "class_accuracy_from_confusion", "mean_class_accuracy_from_confusion", "iou_from_confusion",
+           "accuracy_from_confusion", "class_accuracy_from_confusion", "mean_class_accuracy_from_confusion",
+           "iou_from_confusion",
            "mean_iou_from_confusion", "nanmean", "Confusion", "ClassificationMetrics", "SegmentationMetrics"]
 
 

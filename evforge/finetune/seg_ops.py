@@ -10,8 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .metrics import (accuracy_from_confusion, class_accuracy_from_confusion, iou_from_confusion,
-                      mean_class_accuracy_from_confusion, mean_iou_from_confusion)
+from .metrics import (
+    accuracy_from_confusion,
+    class_accuracy_from_confusion,
+    iou_from_confusion,
+    mean_class_accuracy_from_confusion,
+    mean_iou_from_confusion,
+)
 from .seg_model import resize_logits
 
 __all__ = ["IGNORE_INDEX", "BORDERS", "dice_loss", "segmentation_loss", "random_affine", "warp_pair", "resize_sample",

@@ -62,11 +62,21 @@ from ..trainer.task import Task
 from .backbones import ModelSpec
 from .metrics import SegmentationMetrics, confusion_matrix
 from .rectify import Rectifier
+
 # the parts of the task, re-exported: their names were this module's
 from .seg_data import SENSOR_SIZE, LabelWindowDataset, SegCollate
 from .seg_model import TINY_VIT_KWARGS, SegmentationModel, SwinFeatures, ViTFeatures, build_backbone  # noqa: F401
-from .seg_ops import (BORDERS, IGNORE_INDEX, dice_loss, predict_logits, random_affine,  # noqa: F401
-                      resize_sample, segmentation_loss, segmentation_metrics, warp_pair)
+from .seg_ops import (  # noqa: F401
+    BORDERS,
+    IGNORE_INDEX,
+    dice_loss,
+    predict_logits,
+    random_affine,
+    resize_sample,
+    segmentation_loss,
+    segmentation_metrics,
+    warp_pair,
+)
 
 __all__ = ["DSEC_CLASSES", "IGNORE_INDEX", "TASK_DEFAULTS", "LabelWindowDataset", "SegCollate", "SwinFeatures",
            "ViTFeatures", "SegmentationModel", "build_backbone", "dice_loss", "segmentation_loss", "random_affine",

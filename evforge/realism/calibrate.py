@@ -171,7 +171,7 @@ def calibrate_events(src: EventSource, *, frames=None, base: str = "default") ->
             nd["refractory_period_s"] = (f"no dead time visible (smallest interval {d1:.0f} us, an upper bound); "
                                          f"kept {preset.refractory_period_s} s from preset {base!r}")
     else:
-        nd["refractory_period_s"] = f"fewer than 10 per-pixel intervals; kept the preset's value"
+        nd["refractory_period_s"] = "fewer than 10 per-pixel intervals; kept the preset's value"
 
     # noise rates on quiet pixels
     cov = preset.noise_rate_cov_decades
@@ -221,7 +221,7 @@ def calibrate_events(src: EventSource, *, frames=None, base: str = "default") ->
             est["shot_noise_white_to_dark"] = Estimate(
                 dep["white_to_dark"], dep["sd"], True, "weighted line fit of the OFF rate of quiet pixels against "
                 "(I + 20) / 275, in 4 brightness bins: rate at 1 over rate at 0",
-                f"the pixel model's value is fixed at 0.25 (f = 1 - 0.75 (I + 20) / 275): reported, not simulated")
+                "the pixel model's value is fixed at 0.25 (f = 1 - 0.75 (I + 20) / 275): reported, not simulated")
         else:
             nd["shot_noise_white_to_dark"] = dep["reason"]
     else:
@@ -269,7 +269,8 @@ def calibrate_events(src: EventSource, *, frames=None, base: str = "default") ->
                 "quiet_fraction": nq / (w * h), "brightness_mean": brightness, "shot_factor_range": f_range,
                 "shot_intensity": measured_dep,
                 "hot_pixels": {"count": int(hot.sum()), "fraction": float(hot.mean()),
-                               "pixels": [[int(x), int(y), float(total[y, x] / T)] for x, y in list(zip(xs, ys))[:1000]]},
+                               "pixels": [[int(x), int(y), float(total[y, x] / T)]
+                                          for x, y in list(zip(xs, ys))[:1000]]},
                 "base_preset": base}
     return Calibration(source=src.name, estimates=est, dvs_params=params, not_determined=nd, measured=measured)
 

@@ -98,7 +98,8 @@ def markdown(report: dict) -> str:
              f"A: `{a['source']}` ({a['kind']}, {a['sensor_size'][0]}x{a['sensor_size'][1]}); "
              f"B: `{b['source']}` ({b['kind']}, {b['sensor_size'][0]}x{b['sensor_size'][1]}). "
              f"Definitions: `evforge.realism.stats`.", "",
-             f"| statistic | A: {a['label']} | B: {b['label']} | B - A | (B - A) / A |", "| --- | --- | --- | --- | --- |"]
+             f"| statistic | A: {a['label']} | B: {b['label']} | B - A | (B - A) / A |",
+             "| --- | --- | --- | --- | --- |"]
     for key, label, unit in SCALARS:
         rel = d[key]["rel"]
         lines.append(f"| {label}{f' ({unit})' if unit else ''} | {_fmt(a.get(key))} | {_fmt(b.get(key))} | "
@@ -133,7 +134,8 @@ def _plot(report: dict, sources, path: Path) -> None:
     for st, c in zip((a, b), colors):
         series = np.asarray(st["rate_series_hz"])
         ax[0, 0].plot(np.arange(len(series)) * st["rate_bin_us"] / 1e3, series, color=c, label=st["label"])
-        for axis, hk, ek in ((ax[0, 1], "pixel_rate_hist", "pixel_rate_edges_hz"), (ax[0, 2], "iei_hist", "iei_edges_us")):
+        for axis, hk, ek in ((ax[0, 1], "pixel_rate_hist", "pixel_rate_edges_hz"),
+                             (ax[0, 2], "iei_hist", "iei_edges_us")):
             h, e = np.asarray(st[hk], float), np.asarray(st[ek])
             axis.stairs(h / max(h.sum(), 1), e, color=c, label=st["label"])
         if st["autocorr"]:

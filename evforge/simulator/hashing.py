@@ -54,8 +54,9 @@ def normal_quantiles(bits: int = NORMAL_TABLE_BITS):
     With 4096 levels the draws are within 3.7 standard deviations and their spacing near 0 is 6e-4, far
     below what a 10 % rate jitter can show; the variance is 0.9997.
     """
-    import numpy as np  # here, so that importing this module stays cheap
     from statistics import NormalDist
+
+    import numpy as np  # here, so that importing this module stays cheap
 
     n = 1 << bits
     inv = NormalDist().inv_cdf

@@ -50,7 +50,6 @@ from .settings import SimulateConfig, UpsampleConfig  # noqa: F401  (re-exported
 from .sources import FrameSequence
 from .upsample import FrameInterpolator
 
-
 SUMMARY_NAME = "simulate.json"
 _TMP_RE = re.compile(r".+\.h5\.tmp-\d+")  # StreamWriter's temp files (<name>.h5.tmp-<pid>)
 # stream-file attrs that describe how a file was made, not what it holds: not compared on a rerun

@@ -13,8 +13,7 @@ from __future__ import annotations
 import torch
 
 from .hashing import M32 as _M32
-from .hashing import NORMAL_TABLE_BITS, normal_quantiles  # noqa: F401
-from .hashing import mix32, purpose_id, stream_key, uniform_scalar  # noqa: F401  (host-side part, no torch)
+from .hashing import NORMAL_TABLE_BITS, mix32, normal_quantiles, purpose_id, stream_key, uniform_scalar  # noqa: F401  # noqa: F401  (host-side part, no torch)
 
 
 def _signed32(c: int) -> int:

@@ -73,7 +73,8 @@ class V2EReference:
         if n_iters:
             ts = self.t_prev + dt * np.arange(1, n_iters + 1) / n_iters
             if float(p.shot_noise_rate_hz) > 0:
-                factor = (float(p.shot_noise_rate_hz) / 2) * dt / n_iters * ((SHOT_NOISE_INTEN_FACTOR - 1) * inten01 + 1)
+                factor = ((float(p.shot_noise_rate_hz) / 2) * dt / n_iters
+                          * ((SHOT_NOISE_INTEN_FACTOR - 1) * inten01 + 1))
                 on_prob = factor * (p.pos_thres / self.pos_thres)
                 off_prob = factor * (p.neg_thres / self.neg_thres)
             for i in range(n_iters):

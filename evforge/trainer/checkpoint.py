@@ -22,7 +22,8 @@ import torch
 from ..atomic import atomic_output
 from ..errors import InputError
 
-__all__ = ["save_checkpoint", "load_checkpoint", "read_trainer_checkpoint", "TRAINER_FORMAT", "rng_state", "set_rng_state", "CheckpointManager", "LAST"]
+__all__ = ["save_checkpoint", "load_checkpoint", "read_trainer_checkpoint", "TRAINER_FORMAT", "rng_state",
+           "set_rng_state", "CheckpointManager", "LAST"]
 
 LAST = "last.ckpt"
 TRAINER_FORMAT = "evforge-trainer/1"  # the "format" entry of the trainer's checkpoints

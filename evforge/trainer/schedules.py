@@ -18,7 +18,8 @@ to ``end`` at the total; with ``warmup_linspace: true`` the rise is ``np.linspac
 ``peak`` one step earlier (BEiT/MEM's ``utils.cosine_scheduler``). ``exponential`` multiplies ``start`` by ``factor``
 at steps ``offset, offset + every, ...`` (``every_steps`` or ``every_epochs``; ``offset_steps`` defaults to one
 period: the decay at each period's end, as an ``ExponentialLR`` stepped per epoch; MEM's tokenizer steps it
-after the first step of each epoch, ``offset_steps: 1``), never below ``end`` (default 0). ``batch_ref: B`` applies the linear scaling rule: the peak (``warmup_cosine``), ``start``
+after the first step of each epoch, ``offset_steps: 1``), never below ``end`` (default 0). ``batch_ref: B``
+applies the linear scaling rule: the peak (``warmup_cosine``), ``start``
 (``linear``/``cosine``) or ``value`` (``constant``) is multiplied by ``global_batch / B``; ends are not scaled
 (as in DINO/ECDDP: ``lr = 5e-4 * B / 256``, ``min_lr = 1e-6``).
 """

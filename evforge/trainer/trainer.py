@@ -34,8 +34,8 @@ from torch.utils.data import DataLoader
 
 from ..errors import InputError
 from .checkpoint import TRAINER_FORMAT, CheckpointManager, read_trainer_checkpoint, rng_state, set_rng_state
-from .control import fork_rng, lock_run_folder, seed_all, stop_signals
 from .config import ConfigError, check_config, config_hash, config_int, flatten, save_config, with_defaults
+from .control import fork_rng, lock_run_folder, seed_all, stop_signals
 from .launch import fabric_kwargs
 from .loggers import Loggers, Progress
 from .metrics import accumulate, all_reduce_stats
@@ -76,7 +76,7 @@ class Trainer:
         check_config(cfg, task.config_keys or None)  # typos and wrong types fail before any work
         self.cfg, self.task, self.out_dir = cfg, task, Path(out_dir)
         self._command = command
-        t, d = cfg["trainer"], cfg["data"]
+        t = cfg["trainer"]
         self.accumulate = config_int(cfg, "trainer", "accumulate_grad_batches", 1, optional=False)
         self.log_every = config_int(cfg, "trainer", "log_every_n_steps", 1) or 0
         self.val_every_steps = config_int(cfg, "trainer", "val_every_n_steps", 1)

@@ -37,7 +37,7 @@ from evforge.dataset_builder.manifest import (
     verify,
 )
 from evforge.dataset_builder.shards import ShardReader
-from evforge.errors import InputError, LockedError
+from evforge.errors import LockedError
 from evforge.events import EVENT_DTYPE, make_events
 from evforge.locks import FolderLock
 

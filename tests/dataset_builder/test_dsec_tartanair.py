@@ -34,7 +34,8 @@ def dsec_columns(seed=0):
         k = int(np.searchsorted(t, lt))
         t[k : k + 3] = lt
     t.sort()
-    return {"x": rng.integers(0, 640, N_EVENTS).astype(np.uint16), "y": rng.integers(0, 480, N_EVENTS).astype(np.uint16),
+    return {"x": rng.integers(0, 640, N_EVENTS).astype(np.uint16),
+            "y": rng.integers(0, 480, N_EVENTS).astype(np.uint16),
             "p": rng.integers(0, 2, N_EVENTS).astype(np.uint8), "t": t}
 
 
@@ -310,7 +311,8 @@ def test_tartanair_simulate_on_procedural_scenes(tmp_path):
     streams = tmp_path / "ds" / "_streams"
     assert not streams.exists()  # nothing simulated yet
     assert [(it.key, it.split) for it in plan.items] == [("hospital/Easy/P000", "test"), ("office/Easy/P000", "train")]
-    assert [it.path for it in plan.items] == [str(streams / "hospital/Easy/P000.h5"), str(streams / "office/Easy/P000.h5")]
+    assert [it.path for it in plan.items] == [str(streams / "hospital/Easy/P000.h5"),
+                                              str(streams / "office/Easy/P000.h5")]
     assert plan.sensor_size == (32, 24) and plan.params["streams_dir"] == str(streams)
     assert plan.params["simulate_config"]["device"] == "cpu"
     conv.prepare_unit(plan.items, plan)

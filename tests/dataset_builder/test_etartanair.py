@@ -16,7 +16,12 @@ import pytest
 
 from evforge.dataset_builder.build import build_dataset
 from evforge.dataset_builder.converters.etartanair_intervals import (
-    REFERENCE_MIN_BYTES, interval_bounds, reference_file_bytes, reference_times, select_intervals)
+    REFERENCE_MIN_BYTES,
+    interval_bounds,
+    reference_file_bytes,
+    reference_times,
+    select_intervals,
+)
 from evforge.dataset_builder.converters.tartanair import TartanAirConverter
 from evforge.dataset_builder.dataset import EventDataset
 from evforge.dataset_builder.inspect import format_report, inspect_path
@@ -158,7 +163,8 @@ def test_recipe_keeps_exactly_the_intervals_the_public_code_keeps(streams, tmp_p
             assert s.attrs["env"] == item.key.split("/")[0] and s.attrs["intervals"] == 7
             assert s.attrs["bytes"] >= REFERENCE_MIN_BYTES <= s.attrs["previous_bytes"]
     kept = {it.key: [int(s.attrs["interval"]) for s in conv.read(it, plan)] for it in plan.items}
-    assert kept == {"hospital/Easy/P000": [1, 4, 5, 6], "office/Easy/P000": [2, 5], "office/Hard/P001": [1, 2, 3, 4, 5, 6]}
+    assert kept == {"hospital/Easy/P000": [1, 4, 5, 6], "office/Easy/P000": [2, 5],
+                    "office/Hard/P001": [1, 2, 3, 4, 5, 6]}
     # the recipe's default also drops each trajectory's last interval (never simulated by the public code)
     plan = conv.scan(root, recipe="ecddp")
     kept = {it.key: [int(s.attrs["interval"]) for s in conv.read(it, plan)] for it in plan.items}

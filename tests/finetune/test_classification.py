@@ -347,7 +347,8 @@ def test_mem_reference_finetune_configs_hold_the_public_recipe():
         assert d["val_split"] == d["test_split"]  # MEM reports the best validation accuracy
         assert o["representation"]["uint8_wrap"] and o["representation"]["rand_augment"]["num_ops"] == 2
     cal, cars, imnet = refs["ncaltech101"], refs["ncars"], refs["nimagenet"]
-    assert cal["schedules"]["lr"]["warmup_cosine"]["peak"] == 4e-3 and cars["schedules"]["lr"]["warmup_cosine"]["peak"] == 8e-3
+    assert cal["schedules"]["lr"]["warmup_cosine"]["peak"] == 4e-3
+    assert cars["schedules"]["lr"]["warmup_cosine"]["peak"] == 8e-3
     assert cars["optim"]["weight_decay"] == 0.0 and cars["task"]["layer_decay"] == 1.0  # MEM: wd 0 -> no groups
     assert (cal["task"]["model"]["block_dropout"], cars["task"]["model"]["block_dropout"]) == (0.1, 0.0)
     assert cars["task"]["representation"]["off_events"] == "ignore"

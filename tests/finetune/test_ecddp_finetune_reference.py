@@ -27,8 +27,15 @@ from evforge.dataset_builder.build import build_dataset
 from evforge.errors import InputError
 from evforge.export import export_backbone, import_checkpoint, load_backbone, read_backbone
 from evforge.finetune.rectify import Rectifier, find_rectify_map, rectify_events
-from evforge.finetune.segmentation import (LabelWindowDataset, SegmentationModel, SegmentationTask, build_backbone,
-                                           random_affine, task_options, warp_pair)
+from evforge.finetune.segmentation import (
+    LabelWindowDataset,
+    SegmentationModel,
+    SegmentationTask,
+    build_backbone,
+    random_affine,
+    task_options,
+    warp_pair,
+)
 from evforge.representations import stacked_histograms
 from evforge.trainer.config import load_config
 from evforge.trainer.trainer import Trainer

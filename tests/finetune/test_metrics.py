@@ -5,9 +5,17 @@ import math
 import pytest
 import torch
 
-from evforge.finetune.metrics import (accuracy, accuracy_from_confusion, class_accuracy_from_confusion,
-                                      confusion_matrix, iou_from_confusion, mean_class_accuracy,
-                                      mean_class_accuracy_from_confusion, mean_iou_from_confusion, topk_accuracy)
+from evforge.finetune.metrics import (
+    accuracy,
+    accuracy_from_confusion,
+    class_accuracy_from_confusion,
+    confusion_matrix,
+    iou_from_confusion,
+    mean_class_accuracy,
+    mean_class_accuracy_from_confusion,
+    mean_iou_from_confusion,
+    topk_accuracy,
+)
 
 PRED = torch.tensor([0, 1, 2, 2, 1, 0, 2])
 TRUE = torch.tensor([0, 1, 1, 2, 0, 0, 2])

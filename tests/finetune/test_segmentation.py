@@ -20,9 +20,17 @@ from evforge.dataset_builder.build import build_dataset
 from evforge.finetune import segmentation as seg
 from evforge.finetune.metrics import SegmentationMetrics, confusion_matrix
 from evforge.finetune.seg_report import DSEC_PALETTE, colorize, write_segmentation_report
-from evforge.finetune.segmentation import (SegCollate, SegmentationModel, SegmentationTask, dice_loss,
-                                           predict_logits, random_affine,
-                                           segmentation_loss, segmentation_metrics, warp_pair)
+from evforge.finetune.segmentation import (
+    SegCollate,
+    SegmentationModel,
+    SegmentationTask,
+    dice_loss,
+    predict_logits,
+    random_affine,
+    segmentation_loss,
+    segmentation_metrics,
+    warp_pair,
+)
 from evforge.finetune.uper import FCNHead, UPerHead
 from evforge.trainer.config import load_config
 from evforge.trainer.metrics import accumulate

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from evforge.models.swin import PadFirstSwinBlock
 from evforge.pretrain.ecddp import (
     AttPool,
     BlockMaskGenerator,
@@ -26,7 +27,6 @@ from evforge.pretrain.ecddp import (
     sinkhorn_knopp,
     teacher_temperature,
 )
-from evforge.models.swin import PadFirstSwinBlock
 from evforge.pretrain.ecddp.masking import LEGACY_NUM_TOKENS
 
 

@@ -17,16 +17,30 @@ from evforge.cli import main
 from evforge.errors import InputError
 from evforge.export import export_backbone, load_backbone, read_backbone
 from evforge.pretrain import get_task
-from evforge.pretrain.mem import (BEiTMaskGenerator, DiscreteVAE, DVAEConfig, MEMConfig, MEMModel,
-                                  RandomMaskGenerator, patchify)
+from evforge.pretrain.mem import (
+    BEiTMaskGenerator,
+    DiscreteVAE,
+    DVAEConfig,
+    MEMConfig,
+    MEMModel,
+    RandomMaskGenerator,
+    patchify,
+)
 from evforge.pretrain.mem.demo import pretrain_mem
 from evforge.pretrain.mem.dvae import ResBlock
 from evforge.pretrain.mem.randaugment import ColorJitterConfig
 from evforge.pretrain.mem.restart import CodeRestartConfig, CodeRestarter
-from evforge.pretrain.mem.task import MEMDVAETask, MEMTask, _dvae_config, load_tokenizer, mem_gumbel_tau, mem_model_config
+from evforge.pretrain.mem.task import (
+    MEMDVAETask,
+    MEMTask,
+    _dvae_config,
+    load_tokenizer,
+    mem_gumbel_tau,
+    mem_model_config,
+)
+from evforge.trainer.config import load_config
 from evforge.trainer.schedules import make_schedule
 from evforge.trainer.task import keys_generator
-from evforge.trainer.config import load_config
 from evforge.trainer.trainer import Trainer
 
 CONFIGS = Path(evforge.__file__).resolve().parent / "configs" / "pretrain"
@@ -115,7 +129,8 @@ def test_whole_val_usage_counts_distinct_codes_of_the_whole_split(dataset, token
     codes = []
     for i in range(0, len(ds), 8):  # the trainer's val batches (data.batch_size 8)
         b = task.collate([ds[j] for j in range(i, min(i + 8, len(ds)))])
-        codes.append(tok.get_codebook_indices(task.images(b, train=False, generator=keys_generator(task.cfg.get("seed", 0), 2, b))))
+        g = keys_generator(task.cfg.get("seed", 0), 2, b)
+        codes.append(tok.get_codebook_indices(task.images(b, train=False, generator=g)))
     codes = torch.cat(codes)
     assert _rows(tokenizer_run[0], "val")[-1]["codebook_used"] == len(codes.unique())
     assert len(codes.unique()) > torch.tensor([len(c.unique()) for c in codes.split(8)]).float().mean()

@@ -23,8 +23,15 @@ from evforge.finetune.beit import block_dropout, per_layer_rel_pos_bias, reset_f
 from evforge.finetune.layer_decay import layer_decay_groups
 from evforge.pretrain.mem import BEiTMaskGenerator, DiscreteVAE, DVAEConfig, MEMConfig, MEMModel, RandomMaskGenerator
 from evforge.pretrain.mem.inputs import Draws, MEMInputConfig, mem_inputs
-from evforge.pretrain.mem.randaugment import (ALL_OPS, RandAugmentConfig, apply_op, color_jitter, draw_ops,
-                                              rand_augment, signed_magnitudes)
+from evforge.pretrain.mem.randaugment import (
+    ALL_OPS,
+    RandAugmentConfig,
+    apply_op,
+    color_jitter,
+    draw_ops,
+    rand_augment,
+    signed_magnitudes,
+)
 from evforge.representations import remove_hot_pixels
 from evforge.trainer.config import load_config
 from evforge.trainer.schedules import make_schedule

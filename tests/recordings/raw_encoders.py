@@ -24,7 +24,7 @@ import numpy as np
 
 
 def raw_header(fmt: str, width: int, height: int, extra: tuple[str, ...] = ()) -> bytes:
-    lines = [f"% camera_integrator_name Prophesee", f"% date 2024-05-01 10:00:00",
+    lines = ["% camera_integrator_name Prophesee", "% date 2024-05-01 10:00:00",
              f"% evt {'2.0' if fmt == 'evt2' else '3.0'}",
              f"% format {fmt.upper()};height={height};width={width}", f"% geometry {width}x{height}", *extra,
              "% end"]

@@ -8,12 +8,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from raw_encoders import encode_aedat4, encode_dat, encode_evt2, encode_evt3, random_events
 
 from evforge.errors import InputError
 from evforge.formats import find_recordings, open_recording
 from evforge.formats.prophesee import iter_evt2, iter_evt3, read_raw_header
 from evforge.streamfile import write_stream
-from raw_encoders import encode_aedat4, encode_dat, encode_evt2, encode_evt3, random_events
 
 REAL = Path(__file__).resolve().parents[3] / "shared" / "realdata"  # /work/shared from /work/main/tests/recordings
 if not REAL.is_dir():

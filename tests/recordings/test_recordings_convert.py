@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from raw_encoders import encode_aedat4, encode_dat, encode_evt2, encode_evt3, random_events
 
 from evforge.dataset_builder.build import build_dataset
 from evforge.dataset_builder.dataset import EventDataset, collate_events
@@ -16,7 +17,6 @@ from evforge.dataset_builder.manifest import verify
 from evforge.dataset_builder.shards import ShardReader
 from evforge.formats import open_recording
 from evforge.pretrain.mem.inputs import MEMInputConfig, mem_inputs
-from raw_encoders import encode_aedat4, encode_dat, encode_evt2, encode_evt3, random_events
 
 REAL = Path("/work/shared/realdata")
 

@@ -9,8 +9,8 @@ import torch
 from evforge.simulator import cpu_kernels
 from evforge.simulator.params import get_preset
 from evforge.simulator.pixel import EventSimulator, StepEvents, lin_log, lin_log_torch, stable_argsort
-from evforge.simulator.scenes import SceneSpec, build_scene, render_frame
 from evforge.simulator.resample import rgb_to_gray
+from evforge.simulator.scenes import SceneSpec, build_scene, render_frame
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.AVAILABLE, reason="numba kernels not available")
 

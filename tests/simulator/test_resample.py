@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from near import assert_near
 
 from evforge.simulator.params import RESOLUTIONS, parse_resolution
 from evforge.simulator.resample import (
@@ -19,9 +20,6 @@ from evforge.simulator.resample import (
     rgb_to_gray,
     to_tensor,
 )
-
-from near import assert_near
-
 
 # ------------------------------------------------------------------------------------------ rgb_to_gray
 

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import h5py
-import numpy as np
 import pytest
 
 from evforge.cli import main

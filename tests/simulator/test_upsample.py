@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from near import assert_near
 
 from evforge.simulator import scenes
 from evforge.simulator.pixel import intensity01, inverse_lin_log, lin_log
@@ -19,8 +20,6 @@ from evforge.simulator.upsample import (
     choose_steps,
     substep_fractions,
 )
-
-from near import assert_near
 
 H, W = 48, 64
 

@@ -6,8 +6,7 @@ import pytest
 import yaml
 
 from evforge.errors import InputError
-from evforge.trainer.config import (DEFAULTS, ConfigError, check_keys, config_hash, load_config, parse_value,
-                                    save_config)
+from evforge.trainer.config import DEFAULTS, ConfigError, check_keys, config_hash, load_config, parse_value, save_config
 
 
 def _write(path, text):

@@ -13,7 +13,6 @@ import torch
 from evforge.trainer import Trainer, load_checkpoint
 from evforge.trainer.toy import ToyTask, toy_config
 
-
 SCRIPT = textwrap.dedent('''
     import json, sys
     import torch

@@ -14,8 +14,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from evforge.finetune.metrics import (SegmentationMetrics, confusion_matrix, mean_class_accuracy,
-                                      mean_iou_from_confusion, topk_accuracy)
+from evforge.finetune.metrics import (
+    SegmentationMetrics,
+    confusion_matrix,
+    mean_class_accuracy,
+    mean_iou_from_confusion,
+    topk_accuracy,
+)
 from evforge.trainer.metrics import Mean, accumulate, all_reduce_stats, mean_metrics
 
 K = 5

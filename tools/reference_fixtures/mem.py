@@ -16,7 +16,8 @@ Rerun (about a minute on 2 CPU cores)::
     python tools/reference_fixtures/mem.py --ref mem --extra-path /tmp/memdeps
 
 It writes ``tests/fixtures/mem/reference.npz`` (arrays, compressed: the event images are mostly zeros),
-``reference.json`` (scalars, draws, configs, provenance) and ``docs/mem_event_images.png`` (the reference pipeline's event images next to evforge's);
+``reference.json`` (scalars, draws, configs, provenance) and ``docs/mem_event_images.png`` (the reference
+pipeline's event images next to evforge's);
 ``tests/pretrain/test_mem_reference.py`` checks evforge against the fixtures without the reference.
 
 What is recorded (all small: 64-112 px images, a 2-block ViT of width 32):

@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...models.masking import BlockMaskGenerator
 from ...models.options import check_fields
 from .backbone import FusedSwin
 from .heads import DINOHead
 from .kmeans import cosine_kmeans
 from .loss import ECDDPLoss
-from ...models.masking import BlockMaskGenerator
 from .multicrop import MultiCrop, MultiCropOutput
 
 

@@ -41,8 +41,16 @@ from torch import Tensor
 
 from ...augment import crop_windows, flip_x, random_window, shift, time_flip
 from ...representations import mem_counts, normalize_max, remove_hot_pixels
-from .randaugment import (ColorJitterConfig, RandAugmentConfig, color_jitter, draw_jitter, draw_ops,
-                          rand_augment, to_float, to_uint8)
+from .randaugment import (
+    ColorJitterConfig,
+    RandAugmentConfig,
+    color_jitter,
+    draw_jitter,
+    draw_ops,
+    rand_augment,
+    to_float,
+    to_uint8,
+)
 
 __all__ = ["CANVASES", "WINDOW_POSITIONS", "MEMInputConfig", "Draws", "draw", "mem_inputs", "INPUT_KEYS"]
 

@@ -51,7 +51,8 @@ class RandAugmentConfig:
         d = dict(d or {})
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"rand_augment: unknown options {sorted(unknown)} (known: {sorted(cls.__dataclass_fields__)})")
+            raise ValueError(f"rand_augment: unknown options {sorted(unknown)} "
+                             f"(known: {sorted(cls.__dataclass_fields__)})")
         cfg = cls(**d)
         if cfg.num_ops < 0 or not 0 <= cfg.magnitude < cfg.num_bins or cfg.ops not in ("all", "small"):
             raise ValueError(f"rand_augment: need num_ops >= 0, 0 <= magnitude < num_bins and ops all|small, "

@@ -370,7 +370,8 @@ class MEMTask(_MEMData):
         for name, v in {"loss": loss, **logs}.items():
             Mean(name).update(stats, v, n)
         if targets is not None:
-            _TARGETS.update(stats, torch.bincount(targets[mask.to(targets.device)], minlength=self.tokenizer.num_tokens))
+            masked = targets[mask.to(targets.device)]
+            _TARGETS.update(stats, torch.bincount(masked, minlength=self.tokenizer.num_tokens))
         return stats
 
     def validation_metrics(self, stats: dict) -> dict[str, float]:
