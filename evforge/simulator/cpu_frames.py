@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .cpu_kernels import njit
+from .cpu_jit import njit
 from .resample import LUMA_WEIGHTS
 
 AVAILABLE = njit is not None

@@ -22,7 +22,7 @@ try:  # ISA-L: the same DEFLATE, inflated with SIMD (its own error class)
 except ImportError:  # pragma: no cover - isal is in requirements.txt
     _inflate_lib = zlib
 
-from .cpu_kernels import njit
+from .cpu_jit import njit
 
 AVAILABLE = njit is not None
 _SIGNATURE = b"\x89PNG\r\n\x1a\n"
