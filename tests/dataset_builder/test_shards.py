@@ -516,7 +516,8 @@ def test_frame_image_bytes_count_in_size_policy(tmp_path):
 
 
 # ---------------------------------------------------------------------- chunks compressed in the thread pool
-from evforge.dataset_builder import shards as shards_module  # noqa: E402
+from evforge.dataset_builder import blosc, shard_writer  # noqa: E402
+from evforge.events import validate_events  # noqa: E402
 
 
 def _all_chunks(path):
@@ -542,7 +543,7 @@ def _write(path, samples, compression, sensor=(W, H)):
 def test_pool_compressed_chunks_equal_hdf5_filter_chunks(tmp_path, monkeypatch, compression):
     """The thread-pool path stores exactly the chunks HDF5's own Blosc filter stores, incompressible ones
     (raw, filter mask 1) included, for samples of every size (empty, single events, several flushes)."""
-    monkeypatch.setattr(shards_module, "_usable_cpus", lambda: 2)  # the pool path even on one CPU
+    monkeypatch.setattr(blosc, "usable_cpus", lambda: 2)  # the pool path even on one CPU
     rng = np.random.default_rng(9)
     sizes = [1, 0, 70_000, 3, 16 * CHUNK_EVENTS - 5, 2 * 16 * CHUNK_EVENTS + 7, 4000, 1]
     samples = [random_events(n, seed=i) if n else empty_events() for i, n in enumerate(sizes)]
@@ -552,7 +553,7 @@ def test_pool_compressed_chunks_equal_hdf5_filter_chunks(tmp_path, monkeypatch, 
         fast, slow = tmp_path / f"{name}-fast.h5", tmp_path / f"{name}-slow.h5"
         assert _write(fast, data, compression, sensor)
         with monkeypatch.context() as m:
-            m.setattr(shards_module, "_direct_args", lambda ds: None)
+            m.setattr(shard_writer, "direct_args", lambda ds: None)
             assert not _write(slow, data, compression, sensor)
         a, b = _all_chunks(fast), _all_chunks(slow)
         assert a == b, name
@@ -567,8 +568,8 @@ def test_pool_compressed_chunks_equal_hdf5_filter_chunks(tmp_path, monkeypatch, 
 def test_rejected_samples_leave_no_trace_in_the_buffer(tmp_path, monkeypatch):
     """A sample refused after it was staged (bad frame/attrs/label data, or bad events) is not written; the
     large-sample path names the first broken invariant as validate_events does."""
-    monkeypatch.setattr(shards_module, "_usable_cpus", lambda: 2)
-    monkeypatch.setattr(shards_module, "_SLICE_EVENTS", 1 << 18)  # large samples are checked in 4 slices
+    monkeypatch.setattr(blosc, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(shard_writer, "_SLICE_EVENTS", 1 << 18)  # large samples are checked in 4 slices
     good = [random_events(n, seed=i) for i, n in enumerate([60_000] * 20 + [5])]
     big = random_events(16 * CHUNK_EVENTS + 100, seed=50)
     with ShardWriter(tmp_path / "s.h5", sensor_size=(W, H)) as w:
@@ -585,7 +586,7 @@ def test_rejected_samples_leave_no_trace_in_the_buffer(tmp_path, monkeypatch):
         with pytest.raises(EventFormatError) as err:
             w.add_sample(unsorted, key="u")
         with pytest.raises(EventFormatError) as ref:
-            shards_module.validate_events(unsorted, (W, H), what=f"{w.path}: sample 'u'")
+            validate_events(unsorted, (W, H), what=f"{w.path}: sample 'u'")
         assert str(err.value) == str(ref.value) and "not sorted" in str(err.value)
         for field, value in (("x", W), ("y", H), ("p", 0)):
             bad = big.copy()
@@ -593,7 +594,7 @@ def test_rejected_samples_leave_no_trace_in_the_buffer(tmp_path, monkeypatch):
             with pytest.raises(EventFormatError) as err:
                 w.add_sample(bad, key="b")
             with pytest.raises(EventFormatError) as ref:
-                shards_module.validate_events(bad, (W, H), what=f"{w.path}: sample 'b'")
+                validate_events(bad, (W, H), what=f"{w.path}: sample 'b'")
             assert str(err.value) == str(ref.value)
         w.add_sample(big, key="big")
         for i, ev in enumerate(good[10:]):
@@ -619,7 +620,7 @@ def _write_in_child(path, queue):
 def test_writer_in_forked_child_after_parent_used_the_pool(tmp_path, monkeypatch):
     if "fork" not in multiprocessing.get_all_start_methods():
         pytest.skip("no fork start method here")
-    monkeypatch.setattr(shards_module, "_usable_cpus", lambda: 2)
+    monkeypatch.setattr(blosc, "usable_cpus", lambda: 2)
     _write(tmp_path / "parent.h5", [random_events(40 * CHUNK_EVENTS, seed=1)], "zstd")  # pool threads running
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
