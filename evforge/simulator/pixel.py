@@ -43,99 +43,19 @@ seed and step count, so a sequence gives the same events alone or in any batch, 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from . import cpu_kernels, rng
+from .linlog import intensity01, inverse_lin_log, lin_log, lin_log_torch  # noqa: F401  (re-exported)
 from .params import LIN_LOG_THRESHOLD, SHOT_NOISE_INTEN_FACTOR, DVSParams  # noqa: F401  (re-exported)
+from .pixel_torch import TorchStep
+from .stepevents import StepEvents, empty_events, stable_argsort  # noqa: F401  (re-exported)
 
 _NEVER = -(2**62)  # "no previous event" time for the refractory state
 _FOREVER = 2**62  # "no next shot-noise event"
 _ALMOST = 1 - 1e-6  # candidate test slightly below the threshold; exact floor division decides
-
-
-def lin_log(x: torch.Tensor, threshold: float = LIN_LOG_THRESHOLD) -> torch.Tensor:
-    """v2e's lin-log response: ``x * ln(thr)/thr`` for ``x <= thr`` (no log of 0), ``ln(x)`` above.
-
-    Rounded to 1e-8 in float64 so that adding and removing thresholds cancels exactly. On the CPU a float32
-    or uint8 frame goes through :func:`cpu_kernels.lin_log` (a vectorised log on the kernel threads); its
-    results equal :func:`lin_log_torch` bit for bit (a slow test checks every non-negative float32).
-    """
-    if (cpu_kernels.AVAILABLE and x.device.type == "cpu" and x.dtype in (torch.float32, torch.uint8)
-            and not x.requires_grad):
-        return torch.from_numpy(cpu_kernels.lin_log(x.float().numpy(), threshold))
-    return lin_log_torch(x, threshold)
-
-
-def lin_log_torch(x: torch.Tensor, threshold: float = LIN_LOG_THRESHOLD) -> torch.Tensor:
-    """v2e's ``lin_log`` exactly as v2e writes it, in torch (any device)."""
-    x = x.double()
-    f = math.log(threshold) / threshold
-    y = torch.where(x <= threshold, x * f, torch.log(x.clamp_min(threshold)))
-    return y.mul_(1e8).round_().div_(1e8).float()
-
-
-def inverse_lin_log(y: torch.Tensor, threshold: float = LIN_LOG_THRESHOLD) -> torch.Tensor:
-    """Intensity whose lin-log response is ``y`` (used to hand interpolated log frames to the model)."""
-    f = math.log(threshold) / threshold
-    y = y.float()
-    return torch.where(y <= math.log(threshold), y * (1.0 / f), torch.exp(y))
-
-
-def intensity01(x: torch.Tensor) -> torch.Tensor:
-    """v2e's ``rescale_intensity_frame``: (I + 20) / 275, so no time constant is zero at I = 0."""
-    return (x + 20.0) / 275.0
-
-
-@dataclass
-class StepEvents:
-    """Events of one step for the whole batch, sorted by (batch index, t): ``b`` says which sequence."""
-
-    b: torch.Tensor
-    x: torch.Tensor
-    y: torch.Tensor
-    t: torch.Tensor  # int64 microseconds
-    p: torch.Tensor  # int8, +1 / -1
-
-    def __len__(self) -> int:
-        return int(self.t.shape[0])
-
-    def to_host(self) -> tuple[np.ndarray, ...]:
-        """Columns (b, x, y, t, p) as numpy arrays (int64, p int8): views on the CPU, elsewhere one
-        device->host copy of 15 bytes per event (b, x and y travel as int16: the copy is what limits a GPU)."""
-        if self.t.device.type == "cpu":
-            return tuple(getattr(self, f).numpy() for f in "bxytp")
-        return self._packed_to_host()
-
-    def _packed_to_host(self) -> tuple[np.ndarray, ...]:
-        """to_host through one packed buffer: t (8 bytes), b, x, y (int16) and p (1 byte) per event."""
-        n = len(self)
-        bxy = torch.stack([self.b, self.x, self.y], 1).to(torch.int16)
-        buf = torch.cat([self.t.contiguous().view(torch.uint8), bxy.view(-1).view(torch.uint8),
-                         self.p.contiguous().view(torch.uint8)]).cpu().numpy()
-        t = buf[: 8 * n].view(np.int64)
-        b, x, y = (c.astype(np.int64) for c in buf[8 * n : 14 * n].view(np.int16).reshape(n, 3).T)
-        return b, x, y, t, buf[14 * n :].view(np.int8)
-
-    def sorted(self) -> "StepEvents":
-        """Sorted by (b, t); stable, so equal times keep generation order (pixel order y, x)."""
-        if len(self) == 0:
-            return self
-        if cpu_kernels.AVAILABLE and self.t.device.type == "cpu":
-            cols = (getattr(self, f).contiguous().numpy() for f in "bxytp")
-            return StepEvents(*(torch.from_numpy(c) for c in cpu_kernels.sort_events(*cols)))
-        t_rel = self.t - self.t.min()
-        order = stable_argsort(self.b * (int(t_rel.max()) + 1) + t_rel)
-        return StepEvents(*(getattr(self, f).index_select(0, order) for f in "bxytp"))
-
-    @staticmethod
-    def cat(items: list["StepEvents"]) -> "StepEvents":
-        """Concatenate steps in time order; a stable sort by ``b`` keeps each sequence time-ordered."""
-        b = torch.cat([e.b for e in items])
-        order = torch.sort(b, stable=True).indices
-        return StepEvents(b[order], *(torch.cat([getattr(e, f) for e in items])[order] for f in "xytp"))
 
 
 def _per_seq(values: list[float], device, dtype=torch.float32) -> torch.Tensor:
@@ -145,7 +65,7 @@ def _per_seq(values: list[float], device, dtype=torch.float32) -> torch.Tensor:
 BACKENDS = ("auto", "torch", "triton")
 
 
-class EventSimulator:
+class EventSimulator(TorchStep):
     """Simulates B independent sequences at once on one device.
 
     Each batch slot ``b`` has its own parameters (``params[b]``, already resolved for its seed) and seed.
@@ -279,27 +199,6 @@ class EventSimulator:
             t0 = torch.full_like(flat, int(t_us))
             self.next_shot.view(-1)[flat] = self._next_shot_time(flat, t0)
 
-    def _shot_rates(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Candidate (dark) shot-noise rates per pixel (flat state index), Hz: (ON, ON + OFF), where each
-        polarity's is rate/2 * nominal / actual threshold."""
-        b = torch.div(flat, self.H * self.W, rounding_mode="floor")
-        half = self.shot_half[b]
-        r_on = half * self.pos_nominal.view(-1)[b].double() / self.pos_thres.view(-1)[flat].double()
-        r_off = half * self.neg_nominal.view(-1)[b].double() / self.neg_thres.view(-1)[flat].double()
-        return r_on, r_on + r_off
-
-    def _next_shot_time(self, flat: torch.Tensor, t_from: torch.Tensor, rate: torch.Tensor | None = None
-                        ) -> torch.Tensor:
-        """Exponential gap after ``t_from`` (us) at the candidate rate, drawn from (pixel, t_from)."""
-        hw = self.H * self.W
-        b = torch.div(flat, hw, rounding_mode="floor")
-        if rate is None:
-            rate = self._shot_rates(flat)[1]
-        k1, k2 = self._keys_shot[1]
-        u = rng.event_uniform(k1[b], k2[b], flat % hw, t_from).double()
-        gap = -torch.log(u) / rate * 1e6
-        return t_from + torch.clamp(torch.ceil(gap), min=1, max=float(2**61)).long()
-
     # -- one step -----------------------------------------------------------------------------------------
 
     def step(self, log_frames: torch.Tensor, t_us, active: list[bool] | None = None,
@@ -314,7 +213,7 @@ class EventSimulator:
         active = [True] * self.B if active is None else list(active)
         slots = [b for b in range(self.B) if active[b]]
         if not slots:
-            return _empty_events(self.device)
+            return empty_events(self.device)
         t0_host = self._t_prev_host
         for b in slots:
             if not self.started[b]:
@@ -392,202 +291,6 @@ class EventSimulator:
         self._t_prev_host[idx] = t1
         return ev
 
-    # -- the torch path -----------------------------------------------------------------------------------
-
-    def _draw_leak(self, slots: list[int]) -> None:
-        """Leak drift speed (log units per second) for a new source interval, with v2e's per-frame jitter."""
-        z = rng.table_normal([self._jitter_key(b) for b in slots], self._pixel_index)
-        for i, b in enumerate(slots):
-            self.leak_speed[b] = self.leak_k[b] * (1 - self.jitter[b] * z[i])
-
-    def _step_torch(self, slots, L1, I1, t1) -> StepEvents:
-        all_slots = len(slots) == self.B
-        sel = None if all_slots else torch.tensor(slots, device=self.device)
-        pick = (lambda x: x) if all_slots else (lambda x: x.index_select(0, sel))  # noqa: E731
-
-        # 2.-5. (and 8. when nothing can be dropped) for the signal events; lp and base are stored
-        update_base = not self.any_refractory
-        cols, ev_gflat = self._signal_torch(slots, sel, pick, L1, I1, t1, update_base)
-        n_signal = cols[0].numel()
-
-        # 6. shot noise (sparse: only pixels whose next candidate falls in this step)
-        n_shot = 0
-        if self.any_shot:
-            shot = self._shot_events(slots, pick, t1, I1)
-            n_shot = shot[0].numel()
-            if n_shot:
-                cols = [torch.cat([a, b]) for a, b in zip(cols, shot)]
-
-        # 7. refractory period: drop (defer) events too close to the pixel's previous one, then
-        # 8. memorise what was emitted: base += n_on * pos_thres - n_off * neg_thres (signal events only)
-        if self.any_refractory and cols[0].numel():
-            keep = self._refractory(slots, *cols[:4])
-            emitted = keep[:n_signal]
-            on = cols[4][:n_signal] > 0
-            n_on = torch.zeros(self.base.numel(), dtype=torch.float32, device=self.device)
-            n_off = torch.zeros_like(n_on)
-            n_on.index_add_(0, ev_gflat, (emitted & on).float())
-            n_off.index_add_(0, ev_gflat, (emitted & ~on).float())
-            self.base.add_(n_on.view_as(self.base) * self.pos_thres)
-            self.base.sub_(n_off.view_as(self.base) * self.neg_thres)
-            idx = torch.nonzero(keep).squeeze(1)
-            cols = [_take(c, idx) for c in cols]
-        self._store(slots, sel, t_prev=t1)
-
-        ev_sb, y, x, t_ev, p_ev = cols
-        slot_ids = ev_sb if all_slots else _take(sel, ev_sb)
-        events = StepEvents(slot_ids, x, y, t_ev, p_ev)
-        if not n_shot or not len(events):
-            return events.sorted()  # generation order is pixel order already
-        # noise events were appended: sort by (slot, t, pixel), stably (a crossing before noise at equal times)
-        t_rel = t_ev - t_ev.min()
-        key = (ev_sb * (int(t_rel.max()) + 1) + t_rel) * (self.H * self.W) + y * self.W + x
-        order = stable_argsort(key)
-        return StepEvents(*(getattr(events, f).index_select(0, order) for f in "bxytp"))
-
-    def _signal_torch(self, slots, sel, pick, L1, I1, t1, update_base):
-        """Steps 2-5 (+8) as torch ops (any device): the signal events as (slot among the selected, y, x, t,
-        p) and each event's index into the full state; stores lp and base."""
-        base0, lp0 = pick(self.base), pick(self.lp)
-        pos_thr, neg_thr = pick(self.pos_thres), pick(self.neg_thres)
-        t0 = pick(self.t_prev)
-        dt_us = t1 - t0
-        dt = (dt_us.double() * 1e-6).float().view(-1, 1, 1)
-
-        # 2. intensity-dependent first-order low-pass (v2e's form)
-        lp1 = L1
-        if self.any_lowpass:
-            cutoff = pick(self.cutoff)
-            eps = torch.clamp(intensity01(I1) * dt * (2 * math.pi) * cutoff, max=1.0)
-            lp1 = torch.where(cutoff > 0, (1 - eps) * lp0 + eps * L1, L1)
-
-        # 3. leak: base drifts linearly down over the step
-        base1 = base0 - dt * pick(self.leak_speed) if self.any_leak else base0
-        diff1 = lp1 - base1
-
-        # 4. counts as v2e (floor of |diff| / threshold), computed only where a threshold may be crossed
-        maybe = (diff1 >= pick(self.on_candidate)) | (diff1 <= pick(self.off_candidate))
-        sb, y, x = torch.nonzero(maybe).unbind(1)  # slot among the selected, row, column (no divisions)
-        flat = (sb * self.H + y) * self.W + x
-        d1 = _take(diff1, flat)
-        is_on_px = d1 > 0
-        thr_px = torch.where(is_on_px, _take(pos_thr, flat), _take(neg_thr, flat))
-        cnt = torch.div(d1.abs(), thr_px, rounding_mode="floor").to(torch.int64)
-        hit = torch.nonzero(cnt > 0).squeeze(1)
-        flat, sb, y, x, cnt, d1, is_on_px, thr_px = (_take(v, hit) for v in (flat, sb, y, x, cnt, d1, is_on_px,
-                                                                             thr_px))
-        d0 = _take(lp0, flat) - _take(base0, flat)
-
-        # 5. per-pixel interpolated timestamps: diff(t) is linear, the k-th level is crossed at t_k
-        owner = torch.repeat_interleave(torch.arange(flat.numel(), device=flat.device), cnt)
-        start = torch.cumsum(cnt, 0) - cnt
-        k = (torch.arange(owner.numel(), device=flat.device) - _take(start, owner) + 1).float()
-        sign = _take(torch.where(is_on_px, 1.0, -1.0), owner)
-        level = sign * k * _take(thr_px, owner)
-        e0, e1 = _take(d0, owner), _take(d1, owner)
-        crossed = sign * e0 >= sign * level
-        frac = torch.where(crossed, torch.zeros_like(e0), (level - e0) / (e1 - e0)).clamp(0.0, 1.0)
-        ev_sb = _take(sb, owner)
-        t_ev = _take(t0, ev_sb) + torch.round(frac.double() * _take(dt_us, ev_sb).double()).long()
-        p_ev = _take(torch.where(is_on_px, 1, -1).to(torch.int8), owner)
-        ev_y, ev_x = _take(y, owner), _take(x, owner)
-        hw = self.H * self.W
-        gslot = ev_sb if sel is None else _take(sel, ev_sb)
-        ev_gflat = gslot * hw + ev_y * self.W + ev_x
-
-        # 8. without a refractory period every event is emitted: base += n_on * pos_thres - n_off * neg_thres
-        if update_base:
-            # in place when base1 is the state itself (no leak, all slots): d0 was read above
-            base_flat = base1.reshape(-1)
-            old = _take(base_flat, flat)
-            base_flat.index_copy_(0, flat, torch.where(is_on_px, old + cnt * thr_px, old - cnt * thr_px))
-            base1 = base_flat.view_as(base0)
-        self._store(slots, sel, base=base1, lp=lp1)
-        return [ev_sb, ev_y, ev_x, t_ev, p_ev], ev_gflat
-
-    def _shot_events(self, slots, pick, t1, I1):
-        """Shot-noise events of this step for the selected slots: (slot among them, y, x, t, p).
-
-        Each due pixel's candidate at ``t_c`` draws one uniform u: kept if u < f(I), ON if u < f(I) p_on
-        (so kept candidates are ON with probability p_on); then the next candidate after an exponential gap.
-        """
-        hw = self.H * self.W
-        slot_t = torch.tensor(slots, device=self.device)
-        nxt = pick(self.next_shot)
-        due = torch.nonzero(nxt <= t1.view(-1, 1, 1))
-        k1, k2 = self._keys_shot[0]
-        out = []
-        while due.numel():
-            sb, y, x = due.unbind(1)
-            pix = y * self.W + x
-            flat = sb * hw + pix  # among the selected slots
-            gb = _take(slot_t, sb)
-            gflat = gb * hw + pix  # in the full state
-            t_c = _take(nxt, flat)
-            u = rng.event_uniform(_take(k1, gb), _take(k2, gb), pix, t_c)
-            f = (SHOT_NOISE_INTEN_FACTOR - 1) * intensity01(_take(I1, flat)) + 1
-            r_on, rate = self._shot_rates(gflat)
-            a = torch.nonzero(u < f).squeeze(1)
-            on = u.double() < f.double() * (r_on / rate)
-            out.append([_take(v, a) for v in (sb, y, x, t_c)]
-                       + [_take(torch.where(on, 1, -1).to(torch.int8), a)])
-            new_t = self._next_shot_time(gflat, t_c, rate)
-            nxt.view(-1).index_copy_(0, flat, new_t)
-            if nxt.data_ptr() != self.next_shot.data_ptr():
-                self.next_shot.view(-1).index_copy_(0, gflat, new_t)
-            again = torch.nonzero(new_t <= _take(t1, sb)).squeeze(1)
-            due = due.index_select(0, again)
-        if not out:
-            e = torch.zeros(0, dtype=torch.int64, device=self.device)
-            return [e, e, e, e, e.to(torch.int8)]
-        return [torch.cat(c) for c in zip(*out)]
-
-    def _refractory(self, slots, sb, y, x, t_ev) -> torch.Tensor:
-        """Greedy per-pixel refractory filter: which candidate events are emitted (bool per candidate).
-
-        Slots without a refractory period emit everything. For the others, in rounds: each round emits, for
-        every pixel, its earliest remaining candidate later than ``last + refractory`` and moves ``last``
-        there. A candidate that fails the test now can never pass later (``last`` only grows), so it is
-        dropped; the loop runs as many rounds as the most events any pixel emits in this step (one, when the
-        refractory period is longer than the step). Candidates are taken in (pixel, t) order, ties in the
-        order given (signal before noise).
-        """
-        hw = self.H * self.W
-        sel = torch.tensor(slots, device=sb.device)
-        gslot = _take(sel, sb)
-        gpix = gslot * hw + y * self.W + x  # index into the full state
-        filtered = _take(self.refractory_us, gslot) > 0
-        keep = ~filtered
-        cand = torch.nonzero(filtered).squeeze(1)
-        if not cand.numel():
-            return keep
-        t_min = t_ev.min()
-        cand = _take(cand, stable_argsort(_take(gpix, cand) * (int(t_ev.max() - t_min) + 1)
-                                          + (_take(t_ev, cand) - t_min)))  # by (pixel, t)
-        last_flat = self.last_t.view(-1)
-        while cand.numel():
-            gp, tt = _take(gpix, cand), _take(t_ev, cand)
-            ref = _take(self.refractory_us, torch.div(gp, hw, rounding_mode="floor"))
-            ok = torch.nonzero((tt - _take(last_flat, gp)).double() > ref).squeeze(1)
-            cand, gp, tt = _take(cand, ok), _take(gp, ok), _take(tt, ok)
-            first = torch.ones_like(gp, dtype=torch.bool)
-            first[1:] = gp[1:] != gp[:-1]
-            emit = torch.nonzero(first).squeeze(1)
-            keep[_take(cand, emit)] = True
-            last_flat.index_copy_(0, _take(gp, emit), _take(tt, emit))
-            cand = _take(cand, torch.nonzero(~first).squeeze(1))
-        return keep
-
-    def _store(self, slots, sel, **state) -> None:
-        """Write the new state of the selected slots into the state tensors (copying, never aliasing inputs)."""
-        for name, value in state.items():
-            target = getattr(self, name)
-            if sel is None:
-                if value.data_ptr() != target.data_ptr():
-                    target.copy_(value)
-            else:
-                target.index_copy_(0, sel, value)
-
 
 def _backend(kernels: str, device: torch.device) -> str:
     """numba (CPU), triton (CUDA, or asked for) or torch: what runs a step."""
@@ -609,37 +312,3 @@ def _backend(kernels: str, device: torch.device) -> str:
             return "torch"
         return "triton" if triton_kernels.available(device) else "torch"
     return "torch"
-
-
-def stable_argsort(key: torch.Tensor) -> torch.Tensor:
-    """Stable argsort of non-negative int64 keys.
-
-    On CPU an LSD radix sort over 16-bit digits with numpy (its stable sort of uint16 is a radix sort,
-    ~10x faster than a comparison sort for the few-thousand-to-million keys of a step); elsewhere torch.sort.
-    """
-    if key.device.type != "cpu" or key.numel() < 2:
-        return torch.sort(key, stable=True).indices
-    k = key.numpy()
-    top = int(k.max())
-    order = None
-    shift = 0
-    while True:
-        digit = ((k >> shift) & 0xFFFF).astype(np.uint16)
-        if order is None:
-            order = np.argsort(digit, kind="stable")
-        else:
-            order = order[np.argsort(digit[order], kind="stable")]
-        shift += 16
-        if top >> shift == 0:
-            break
-    return torch.from_numpy(order.astype(np.int64))
-
-
-def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x.view(-1)[index]`` via index_select, several times faster than advanced indexing on CPU."""
-    return x.reshape(-1).index_select(0, index)
-
-
-def _empty_events(device) -> StepEvents:
-    e = torch.zeros(0, dtype=torch.int64, device=device)
-    return StepEvents(e, e, e, e, e.to(torch.int8))
