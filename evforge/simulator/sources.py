@@ -4,11 +4,8 @@
 frames in order, one int64 microsecond timestamp per frame, and ground-truth optical flow where the dataset
 has it. Bad input raises :class:`~evforge.errors.InputError` naming the offending file.
 
-Frame times are checked when a sequence is found, before any simulation (:func:`check_time_base`): a median
-frame interval over 10 s is taken for timestamps in another unit (microseconds read as seconds made each
-interval 10**6 times too long and filled gigabytes with noise events before anything failed), and one
-interval over an hour, or a span over 2**63-1 us, is refused too. Epoch timestamps are fine: stream files
-keep times relative to their first frame, and its absolute time as ``t_offset``.
+Frame times are checked when a sequence is found (:mod:`evforge.simulator.timebase`); frame files are
+decoded by :mod:`evforge.simulator.frame_files`.
 """
 
 from __future__ import annotations
@@ -16,34 +13,39 @@ from __future__ import annotations
 import abc
 import os
 import re
-from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from functools import cached_property
 from typing import Iterator
 
 import numpy as np
-from PIL import Image
 
 from evforge.errors import InputError
 
-from . import png
+from .frame_files import (
+    IMAGE_EXTENSIONS,  # noqa: F401  (re-exported)
+    describe,
+    image_kind,
+    is_image,
+    load_npy,
+    probe_image,
+    read_image,
+    why,
+)
+from .timebase import (  # noqa: F401  (re-exported)
+    MAX_INTERVAL_US,
+    MAX_MEDIAN_INTERVAL_US,
+    MAX_SPAN_US,
+    TIMESTAMP_UNITS,
+    TIMESTAMPS_FILE,
+    check_time_base,
+    rate_timestamps,
+    read_timestamps,
+)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
 TARTANAIR_FPS = 10.0
-TIMESTAMPS_FILE = "timestamps.txt"
-# Microseconds per unit; Decimal keeps ns epoch timestamps (~1.7e18) exact.
-TIMESTAMP_UNITS = {"s": Decimal(1_000_000), "ms": Decimal(1000), "us": Decimal(1), "ns": Decimal("0.001")}
-MAX_MEDIAN_INTERVAL_US = 10_000_000  # a longer median frame interval means timestamps in another unit
-MAX_INTERVAL_US = 3_600_000_000  # one simulation step holds the events (noise) of its whole interval in memory
-MAX_SPAN_US = 2**63 - 1  # what a stream file holds after its t_offset (/events/t u8)
-_UNIT_FIX = "pass --timestamps-unit with the file's unit (s, ms, us or ns; read as {unit!r})"
-
 _TRAJECTORY = re.compile(r"p\d+", re.IGNORECASE)
 _V1_LEVEL = re.compile(r"easy|hard", re.IGNORECASE)
 _V2_LEVEL = re.compile(r"data_(easy|hard)", re.IGNORECASE)
-_GRAY16_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}  # 16-bit PNGs open as "I" in older Pillow
-_GRAY_MODES = {"1", "L", "LA", "La"}
-_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
 def natural_key(name: str) -> tuple:
@@ -106,7 +108,7 @@ class _ImageFilesSequence(FrameSequence):
 
     @cached_property
     def _first(self) -> tuple[int, int, str]:
-        return _probe_image(self.frame_files[0])
+        return probe_image(self.frame_files[0])
 
     @property
     def size(self) -> tuple[int, int]:
@@ -116,9 +118,9 @@ class _ImageFilesSequence(FrameSequence):
     def read_frame(self, i: int) -> np.ndarray:
         self._check_index(i)
         path = self.frame_files[i]
-        frame = _read_image(path)
+        frame = read_image(path)
         width, height, mode = self._first
-        got, want = _describe(frame), f"{width}x{height} {_image_kind(mode)}"
+        got, want = describe(frame), f"{width}x{height} {image_kind(mode)}"
         if got != want:
             raise InputError(path, f"frame is {got} but the first frame ({self.frame_files[0]}) is {want}")
         return frame
@@ -133,7 +135,7 @@ class TartanAirV1Sequence(_ImageFilesSequence):
 
     def __init__(self, trajectory: str, name: str, fps: float | None = None):
         files = _list_tartanair_frames(os.path.join(trajectory, "image_left"), "left")
-        super().__init__(name, trajectory, files, _rate_timestamps(len(files), TARTANAIR_FPS if fps is None else fps))
+        super().__init__(name, trajectory, files, rate_timestamps(len(files), TARTANAIR_FPS if fps is None else fps))
         self.flow_dir = os.path.join(trajectory, "flow")
         self._frame_ids = [os.path.basename(f).split("_")[0] for f in files]
 
@@ -160,7 +162,7 @@ class TartanAirV1Sequence(_ImageFilesSequence):
         if not self.has_flow:
             return None
         path = self._pair_file(i, "flow")
-        flow = _load_npy(path, "flow")
+        flow = load_npy(path, "flow")
         width, height = self.size
         if flow.dtype.kind != "f":
             raise InputError(path, f"flow must be float, got {flow.dtype}")
@@ -175,7 +177,7 @@ class TartanAirV1Sequence(_ImageFilesSequence):
         if not self._has_masks:
             return None
         path = self._pair_file(i, "mask")
-        mask = _load_npy(path, "mask")
+        mask = load_npy(path, "mask")
         width, height = self.size
         if mask.dtype.kind not in "biu" or mask.shape != (height, width):
             raise InputError(path, f"mask must be an integer {(height, width)} array, got {mask.dtype} {mask.shape}")
@@ -192,7 +194,7 @@ class TartanAirV2Sequence(_ImageFilesSequence):
             found = ", ".join(cameras) or "none"
             raise InputError(trajectory, f"no image_{camera} folder (cameras here: {found})")
         files = _list_tartanair_frames(image_dir, camera)
-        super().__init__(name, trajectory, files, _rate_timestamps(len(files), TARTANAIR_FPS if fps is None else fps))
+        super().__init__(name, trajectory, files, rate_timestamps(len(files), TARTANAIR_FPS if fps is None else fps))
         self.camera = camera
 
 
@@ -201,7 +203,7 @@ class ImageFolderSequence(_ImageFilesSequence):
 
     def __init__(self, folder: str, name: str, *, fps: float | None = None, timestamps: str | None = None,
                  timestamps_unit: str = "s"):
-        files = sorted((f for f in os.listdir(folder) if _is_image(f)), key=natural_key)
+        files = sorted((f for f in os.listdir(folder) if is_image(f)), key=natural_key)
         if not files:
             raise InputError(folder, "no frames found (no image files)")
         files = [os.path.join(folder, f) for f in files]
@@ -210,7 +212,7 @@ class ImageFolderSequence(_ImageFilesSequence):
         if timestamps is not None:
             stamps = read_timestamps(timestamps, len(files), timestamps_unit)
         elif fps is not None:
-            stamps = _rate_timestamps(len(files), fps)
+            stamps = rate_timestamps(len(files), fps)
         else:
             raise InputError(folder, "frame rate unknown: pass fps= (--fps) or a timestamps file")
         super().__init__(name, folder, files, stamps)
@@ -234,7 +236,7 @@ class VideoSequence(FrameSequence):
         try:
             container = av.open(self.source)
         except av.FFmpegError as exc:
-            raise InputError(self.source, f"cannot open video: {_why(exc, self.source)}") from None
+            raise InputError(self.source, f"cannot open video: {why(exc, self.source)}") from None
         if not container.streams.video:
             container.close()
             raise InputError(self.source, "has no video stream")
@@ -250,7 +252,7 @@ class VideoSequence(FrameSequence):
             try:
                 yield from container.decode(stream)
             except av.FFmpegError as exc:
-                raise InputError(self.source, f"corrupt video: {_why(exc, self.source)}") from None
+                raise InputError(self.source, f"corrupt video: {why(exc, self.source)}") from None
 
     @cached_property
     def timestamps_us(self) -> np.ndarray:
@@ -258,7 +260,7 @@ class VideoSequence(FrameSequence):
         if not stamps:
             raise InputError(self.source, "no frames found")
         if self.fps is not None:
-            return _rate_timestamps(len(stamps), self.fps)
+            return rate_timestamps(len(stamps), self.fps)
         if any(s is None for s in stamps):
             raise InputError(self.source, "frames carry no timestamps: pass fps= (--fps)")
         t = np.array([round(s * 1_000_000) for s in stamps], dtype=np.int64)  # exact: pts * Fraction
@@ -356,67 +358,6 @@ def discover_sequences(
     return sorted(sequences, key=lambda s: natural_key(s.name))
 
 
-def read_timestamps(path: str, n_frames: int, unit: str = "s") -> np.ndarray:
-    """Int64 microseconds from a text file: one number per line (last column), ``#`` comments skipped."""
-    scale = TIMESTAMP_UNITS[unit]
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(path, f"cannot read timestamps: {_why(exc, path)}") from None
-    values, line_numbers = [], []
-    for number, line in enumerate(lines, 1):
-        columns = [c for c in re.split(r"[\s,]+", line.split("#", 1)[0]) if c]
-        if not columns:
-            continue
-        try:
-            value = Decimal(columns[-1])
-        except InvalidOperation:
-            value = Decimal("nan")
-        us = (value * scale).to_integral_value(ROUND_HALF_EVEN) if value.is_finite() else None
-        if us is None:
-            raise InputError(path, f"line {number}: {columns[-1]!r} is not a valid timestamp")
-        if abs(us) >= 2**63:
-            raise InputError(path, f"line {number}: {columns[-1]} {unit} is {float(us):.3g} us, beyond the 2**63 us "
-                                   f"of a timestamp: {_UNIT_FIX.format(unit=unit)}")
-        values.append(int(us))
-        line_numbers.append(number)
-    if len(values) != n_frames:
-        raise InputError(path, f"has {len(values)} timestamps for {n_frames} frames")
-    t = np.array(values, dtype=np.int64)
-    bad = np.flatnonzero(np.diff(t) <= 0)
-    if bad.size:
-        k = int(bad[0]) + 1
-        raise InputError(path, f"timestamps must strictly increase: line {line_numbers[k]} ({t[k]} us) "
-                               f"is not after line {line_numbers[k - 1]} ({t[k - 1]} us)")
-    check_time_base(t, path, _UNIT_FIX.format(unit=unit), lines=line_numbers)
-    return t
-
-
-def check_time_base(t_us: np.ndarray, where: str, fix: str, lines: list[int] | None = None) -> None:
-    """Refuse frame times (int64 us, strictly increasing) that the simulator should not run on, in one line
-    naming ``where`` and ending with ``fix``: a median interval over 10 s (a wrong unit), one interval over an
-    hour (its events would fill memory in one step), or a span a stream file cannot hold. ``lines``: the
-    file's line number of each time, for the message. Costs one pass over the times, nothing is simulated."""
-    if len(t_us) < 2:
-        return
-    span = int(t_us[-1]) - int(t_us[0])  # Python ints: no int64 overflow
-    if span > MAX_SPAN_US:
-        raise InputError(where, f"frame times span {span} us, more than the {MAX_SPAN_US} us a stream file holds: "
-                                f"{fix}")
-    gaps = np.diff(t_us)
-    median = float(np.median(gaps))
-    if median > MAX_MEDIAN_INTERVAL_US:
-        raise InputError(where, f"median frame interval is {median / 1e6:.6g} s, more than "
-                                f"{MAX_MEDIAN_INTERVAL_US / 1e6:g} s: timestamps in another unit? {fix}")
-    i = int(np.argmax(gaps))
-    if gaps[i] > MAX_INTERVAL_US:
-        at = f"lines {lines[i]} and {lines[i + 1]}" if lines else f"frames {i} and {i + 1}"
-        raise InputError(where, f"{at} are {gaps[i] / 1e6:.6g} s apart, more than {MAX_INTERVAL_US / 3.6e9:g} h "
-                                f"(one simulation step would hold that long's events in memory): split the "
-                                f"sequence there, or {fix}")
-
-
 def _find(root: str) -> Iterator[tuple[str, str, str]]:
     """``(kind, path, name)`` of every sequence under ``root``; kind is v1, v2, folder or video."""
     if os.path.isfile(root):
@@ -442,7 +383,7 @@ def _find(root: str) -> Iterator[tuple[str, str, str]]:
             yield version, folder, "/".join(os.path.abspath(folder).split(os.sep)[-3:])
             continue
         rel = os.path.relpath(folder, root)
-        if any(_is_image(f) for f in files):
+        if any(is_image(f) for f in files):
             yield "folder", folder, os.path.basename(os.path.abspath(root)) if rel == "." else _posix(rel)
         for f in sorted(files):
             if f.lower().endswith(VIDEO_EXTENSIONS) and not f.startswith("."):
@@ -474,72 +415,5 @@ def _list_tartanair_frames(image_dir: str, suffix: str) -> list[str]:
     return [os.path.join(image_dir, f) for f in files]
 
 
-def _rate_timestamps(n: int, fps: float) -> np.ndarray:
-    """``round(i * 1e6 / fps)`` for ``i < n``."""
-    return np.round(np.arange(n, dtype=np.float64) * 1e6 / fps).astype(np.int64)
-
-
-def _is_image(filename: str) -> bool:
-    return filename.lower().endswith(IMAGE_EXTENSIONS) and not filename.startswith(".")
-
-
 def _posix(relpath: str) -> str:
     return relpath.replace(os.sep, "/")
-
-
-def _why(exc: Exception, path: str) -> str:
-    """The exception's message, or its type where the message would only repeat the path."""
-    text = str(exc)
-    return type(exc).__name__ if not text or os.path.basename(path) in text else text
-
-
-def _image_kind(mode: str) -> str:
-    return "16-bit gray" if mode in _GRAY16_MODES else "gray" if mode in _GRAY_MODES else "RGB"
-
-
-def _describe(frame: np.ndarray) -> str:
-    kind = "16-bit gray" if frame.dtype == np.float32 else "gray" if frame.ndim == 2 else "RGB"
-    return f"{frame.shape[1]}x{frame.shape[0]} {kind}"
-
-
-def _probe_image(path: str) -> tuple[int, int, str]:
-    """``(width, height, mode)`` from the image header, without decoding pixels."""
-    try:
-        with Image.open(path) as img:
-            return img.width, img.height, img.mode
-    except _IMAGE_ERRORS as exc:
-        raise InputError(path, f"unreadable or corrupt image ({_why(exc, path)})") from None
-
-
-def _read_image(path: str) -> np.ndarray:
-    """Decode one image: HxWx3 uint8 RGB, HxW uint8 gray, or HxW float32 in [0, 255] for 16-bit gray.
-
-    8-bit PNGs go through :func:`evforge.simulator.png.decode` (the same pixels, 2-3x faster); the rest,
-    and any PNG it does not take, through Pillow."""
-    if path[-4:].lower() == ".png":
-        frame = png.decode(path)
-        if frame is not None:
-            return frame
-    try:
-        with Image.open(path) as img:
-            kind = _image_kind(img.mode)
-            if kind == "16-bit gray":
-                return np.asarray(img).astype(np.float32) * np.float32(255 / 65535)
-            target = "L" if kind == "gray" else "RGB"
-            return np.array(img if img.mode == target else img.convert(target))
-    except _IMAGE_ERRORS as exc:
-        raise InputError(path, f"unreadable or corrupt image ({_why(exc, path)})") from None
-
-
-def _load_npy(path: str, what: str) -> np.ndarray:
-    """A ``.npy`` array, never unpickling; a missing file is an error (other pairs of the sequence have one)."""
-    if not os.path.isfile(path):
-        raise InputError(path, f"missing {what} file (other frame pairs of this sequence have one)")
-    try:
-        array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        raise InputError(path, f"not a readable .npy {what} array ({_why(exc, path)})") from None
-    if not isinstance(array, np.ndarray):  # an .npz archive
-        array.close()
-        raise InputError(path, f"is an .npz archive, expected a .npy {what} array")
-    return array

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from evforge.simulator import png
-from evforge.simulator.sources import _read_image
+from evforge.simulator.frame_files import read_image
 
 pytestmark = pytest.mark.skipif(not png.AVAILABLE, reason="numba not available")
 
@@ -58,7 +58,7 @@ def test_every_filter_gives_pillows_pixels(tmp_path, colour, channels):
         with Image.open(path) as im:
             want = np.array(im.convert("L" if channels <= 2 else "RGB"))
         assert got is not None and got.dtype == np.uint8 and np.array_equal(got, want), filters
-        assert np.array_equal(_read_image(str(path)), want)
+        assert np.array_equal(read_image(str(path)), want)
 
 
 def test_pillow_written_frames(tmp_path):
