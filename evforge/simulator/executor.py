@@ -123,7 +123,7 @@ def run_workers(todo: list, out_dir, cfg, devices: list[str], report, *, interpo
 
     Results go to ``report.finish`` as they come; a worker that dies or crashes fails the sequences it held.
     """
-    from .pipeline import SequenceResult, _fail, output_path
+    from .run_plan import SequenceResult, fail, output_path
 
     ctx = get_context("spawn")
     payload = pickle.dumps((todo, Path(out_dir), cfg, interpolator))
@@ -182,7 +182,7 @@ def run_workers(todo: list, out_dir, cfg, devices: list[str], report, *, interpo
                     for name in sorted(held) if why is not None else ():  # failed with its reason
                         seq = next(s for s, _ in todo if s.name == name)
                         r = SequenceResult(name, output_path(out_dir, name), "pending", device=device)
-                        _fail(r, RuntimeError(f"the worker on {device} ended ({why}) while simulating it"), log)
+                        fail(r, RuntimeError(f"the worker on {device} ended ({why}) while simulating it"), log)
                         report.advance(len(seq), 0)  # at most: the bar may run a little ahead
                         report.finish(r)
                     held.clear()
@@ -193,7 +193,7 @@ def run_workers(todo: list, out_dir, cfg, devices: list[str], report, *, interpo
         for i in queue:  # every worker died before these started
             seq = todo[i][0]
             r = SequenceResult(seq.name, output_path(out_dir, seq.name), "pending")
-            _fail(r, RuntimeError("not simulated: every worker process ended"), log)
+            fail(r, RuntimeError("not simulated: every worker process ended"), log)
             report.finish(r)
     finally:
         for proc, conn, *_ in workers:
@@ -245,7 +245,7 @@ def run_ray(todo: list, out_dir, cfg, device: str, report, *, address: str | Non
         import ray
     except ImportError:
         raise RuntimeError("executor='ray' needs the ray package (pip install ray)") from None
-    from .pipeline import SequenceResult, _fail, output_path
+    from .run_plan import SequenceResult, fail, output_path
 
     started = False
     if not ray.is_initialized():
@@ -278,7 +278,7 @@ def run_ray(todo: list, out_dir, cfg, device: str, report, *, address: str | Non
                     why = " ".join(str(err).split())[:300]
                     for seq, _ in items:
                         r = SequenceResult(seq.name, output_path(out_dir, seq.name), "pending", device=device)
-                        _fail(r, RuntimeError(f"Ray task failed ({type(err).__name__}: {why})"), log)
+                        fail(r, RuntimeError(f"Ray task failed ({type(err).__name__}: {why})"), log)
                         report.advance(len(seq), 0)
                         report.finish(r)
                     continue

@@ -3,7 +3,8 @@
 :func:`simulate_sequences` is a run: it holds ``OUT/.evforge.lock``, removes the temp files of killed runs,
 compares every finished stream file with the request (:func:`stored_differences`: skipped when equal, refused
 in one line naming ``--overwrite`` when not), simulates the rest longest first on one device, on worker
-processes (one per device) or on Ray (:mod:`evforge.simulator.executor`), and writes ``OUT/simulate.json``.
+processes (one per device) or on Ray (:mod:`evforge.simulator.executor`), and writes ``OUT/simulate.json``
+(the results, plan and summary: :mod:`evforge.simulator.run_plan`).
 
 :func:`simulate_on_device` is the loop on one device: sequences with the same output size share a
 :class:`~evforge.simulator.engine.BatchEngine`; each of its B slots simulates one sequence and pulls the next
@@ -17,14 +18,8 @@ batch, the device or the process, so every partition of a run writes the same ev
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
-import os
-import platform
-import re
 import threading
 import time
-import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,51 +27,32 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from .. import __version__
-from ..atomic import atomic_write_text
 from ..errors import InputError, OutputError
 from ..events import make_events
-from ..fingerprint import differences
 from ..locks import FolderLock
-from ..streamfile import StreamFile, StreamWriter, is_complete_stream
+from ..streamfile import StreamWriter
 from . import cpu_frames
 from .engine import BatchEngine, resolve_device
-from .hashing import mix32
 from .params import DVSParams, parse_resolution
 from .resample import prepare_frames, resize_flow, rgb_to_gray
+from .run_plan import (  # noqa: F401  (re-exported)
+    SUMMARY_NAME,
+    Progress,
+    SequenceResult,
+    fail,
+    output_path,
+    parse_devices,
+    plan_run,
+    remove_temp_files,
+    sequence_seed,
+    stored_differences,
+    stream_attrs,
+    write_summary,
+)
 from .settings import SimulateConfig, UpsampleConfig  # noqa: F401  (re-exported: defined without torch)
 from .sources import FrameSequence
 from .upsample import FrameInterpolator
-
-SUMMARY_NAME = "simulate.json"
-_TMP_RE = re.compile(r".+\.h5\.tmp-\d+")  # StreamWriter's temp files (<name>.h5.tmp-<pid>)
-# stream-file attrs that describe how a file was made, not what it holds: not compared on a rerun
-_RUN_ATTRS = ("created", "device", "torch_version", "python", "evforge_version", "source")
-_REQUEST_KEYS = ("preset", "recipe", "overrides", "resolution", "run_seed", "upsample", "num_frames", "native_size")
-
-
-@dataclass
-class SequenceResult:
-    name: str
-    path: Path
-    status: str  # "done", "skipped" or "failed" ("pending" while a run goes on or when it was stopped)
-    events: int = 0
-    frames: int = 0
-    steps: int = 0
-    error: str | None = None
-    device: str = ""  # where it was simulated (for "skipped": where the existing file was)
-    seconds: float = 0.0  # wall time from opening its slot to closing its file
-
-
-def sequence_seed(seed: int, name: str) -> int:
-    """Per-sequence seed from the run seed and the sequence name (independent of order and batching)."""
-    return mix32(mix32(seed & 0xFFFFFFFF) ^ zlib.crc32(name.encode())) & 0x7FFFFFFF
-
-
-def output_path(out_dir, name: str) -> Path:
-    return Path(out_dir) / f"{name}.h5"
 
 
 class _FrameReader:
@@ -114,55 +90,6 @@ class _Slot:
     t0: float = 0.0  # when the slot was opened (perf_counter)
 
 
-def _stream_attrs(cfg: SimulateConfig, seq: FrameSequence, params: DVSParams, seed: int, size, device) -> dict:
-    attrs = {
-        "simulator": "evforge", "evforge_version": __version__, "sequence": seq.name, "source": str(seq.source),
-        "preset": cfg.preset, "overrides": dict(cfg.overrides), "seed": seed, "run_seed": cfg.seed,
-        "resolution": list(size), "native_size": list(seq.size), "upsample": dataclasses.asdict(cfg.upsample),
-        "device": str(device), "torch_version": torch.__version__, "python": platform.python_version(),
-        "num_frames": len(seq), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    if cfg.recipe:
-        attrs["recipe"] = cfg.recipe
-    attrs.update(params.to_dict())  # every pixel-model parameter under its v2e name
-    return attrs
-
-
-def _plain(value):
-    """Attrs as JSON values (tuples as lists, numpy scalars as Python ones), so stored and requested compare."""
-    return json.loads(json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
-
-
-def stored_differences(path, cfg: SimulateConfig, seq: FrameSequence, out_size) -> tuple[list[str], dict]:
-    """How the finished stream file ``path`` differs from what ``cfg`` would make of ``seq`` now.
-
-    Returns ``(differences, info)``: ``differences`` in words (:func:`evforge.fingerprint.differences`, empty
-    when the file is what the request would write; a changed frame count or frame times count too) and
-    ``info`` = the file's ``events`` and ``device``. Run details (time, device, versions, source path) are not
-    compared: the CPU and CUDA paths make the same events, and a moved input is the same input.
-    """
-    seed = sequence_seed(cfg.seed, seq.name)
-    want = _plain({k: v for k, v in _stream_attrs(cfg, seq, cfg.params().resolve(seed), seed, out_size, "")
-                   .items() if k not in _RUN_ATTRS})
-    try:
-        with StreamFile(path) as sf:
-            have = _plain({k: v for k, v in sf.attrs.items() if k not in _RUN_ATTRS})
-            info = {"events": sf.num_events, "device": str(sf.attrs.get("device", ""))}
-            same_times = np.array_equal(sf.frame_times, np.asarray(seq.timestamps_us, dtype=np.int64))
-    except InputError as err:
-        return [f"unreadable ({err.problem})"], {"events": 0, "device": ""}
-    # what the user asked for first (preset, seed, ...), then the pixel-model values that follow from it
-    first = [k for k in _REQUEST_KEYS if k in have or k in want]
-    pick = lambda d, keys: {k: d[k] for k in keys if k in d}
-    rest = [k for k in set(have) | set(want) if k not in first]
-    diffs = [d for d in differences(pick(have, first), pick(want, first), limit=99) + differences(
-        pick(have, rest), pick(want, rest), limit=99)]
-    diffs = diffs[:4] + (["..."] if len(diffs) > 4 else [])
-    if not diffs and not same_times:
-        diffs = ["frame times: stored ones differ from the input's timestamps"]
-    return diffs, info
-
-
 def _read_frame(slot: _Slot, i: int, want_flow: bool, prepare_size, want_u8: bool):
     """On a worker thread: decode frame ``i`` of the slot (and the flow into it, when asked). With
     ``prepare_size`` (a CPU engine; the output size or None) it is also turned into the simulator's gray
@@ -182,29 +109,6 @@ def _read_frame(slot: _Slot, i: int, want_flow: bool, prepare_size, want_u8: boo
         if want_u8:
             gray_u8 = x[0].round().clamp(0, 255).to(torch.uint8).numpy()
     return frame, x, gray_u8, flow, valid
-
-
-def parse_devices(devices, default: str = "auto") -> list[str]:
-    """``"cuda:0,cuda:1"`` -> one worker per device; ``"cpu:4"`` -> 4 CPU workers; None -> ``[default]``."""
-    if devices is None:
-        return [default]
-    if isinstance(devices, str):
-        devices = [d.strip() for d in devices.split(",") if d.strip()]
-    out = []
-    for d in devices:
-        m = re.fullmatch(r"cpu:(\d+)", str(d))
-        if m:
-            if int(m.group(1)) < 1:
-                raise ValueError(f"devices: {d!r} asks for no CPU worker")
-            out += ["cpu"] * int(m.group(1))
-        else:
-            dev = resolve_device(d)  # an unknown name, or CUDA without a GPU, fails before any work
-            if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-                raise ValueError(f"devices: {d!r}, but torch sees {torch.cuda.device_count()} CUDA device(s)")
-            out.append(str(d))
-    if not out:
-        raise ValueError("devices: none given")
-    return out
 
 
 def simulate_sequences(sequences: list[FrameSequence], out_dir, cfg: SimulateConfig = SimulateConfig(), *,
@@ -243,7 +147,7 @@ def simulate_sequences(sequences: list[FrameSequence], out_dir, cfg: SimulateCon
             remove_temp_files(out_dir)  # left by killed runs; only the lock holder may do this
         results, todo = plan_run(sequences, out_dir, cfg, log)
         total = sum(len(seq) for seq, _ in todo)
-        report = _Progress(results, total, len(todo), progress)
+        report = Progress(results, total, len(todo), progress)
         try:
             if executor == "ray":
                 executors.run_ray(todo, out_dir, cfg, device_list[0], report, address=address, gpus=ray_gpus,
@@ -267,104 +171,6 @@ def simulate_sequences(sequences: list[FrameSequence], out_dir, cfg: SimulateCon
             write_summary(out_dir, [results[s.name] for s in sequences], cfg, started=started, executor=executor,
                           devices=device_list, command=command)
     return [results[s.name] for s in sequences]
-
-
-def remove_temp_files(out_dir) -> None:
-    """Delete ``<name>.h5.tmp-<pid>`` files of killed runs below ``out_dir`` (the caller holds its lock)."""
-    for root, _, names in os.walk(out_dir):
-        for name in names:
-            if _TMP_RE.fullmatch(name):
-                Path(root, name).unlink(missing_ok=True)
-
-
-def plan_run(sequences, out_dir, cfg: SimulateConfig, log) -> tuple[dict, list]:
-    """The results (finished files ``skipped``, sequences that cannot start ``failed``) and the work to do:
-    ``(sequence, output size)`` pairs, grouped by size (most frames first) and longest first in a group.
-
-    A finished file made with other settings is refused (:class:`InputError` naming it and the first
-    differences) unless ``cfg.overwrite``; it is never silently kept or silently redone.
-    """
-    size = parse_resolution(cfg.resolution)
-    cfg.params()  # bad parameters fail before any work
-    results = {s.name: SequenceResult(s.name, output_path(out_dir, s.name), "pending") for s in sequences}
-    todo, changed = [], []
-    for seq in sequences:
-        r = results[seq.name]
-        try:
-            out_size = tuple(size or seq.size)
-            complete = not cfg.overwrite and is_complete_stream(r.path)
-            if complete:
-                diffs, info = stored_differences(r.path, cfg, seq, out_size)
-        except InputError as e:
-            _fail(r, e, log)
-            continue
-        if not complete:
-            todo.append((seq, out_size))
-        elif diffs:
-            changed.append((r.path, diffs))
-        else:
-            r.status, r.events, r.frames, r.device = "skipped", info["events"], len(seq), info["device"]
-    if changed:
-        path, diffs = changed[0]
-        more = f"; {len(changed) - 1} more file(s) differ too" if len(changed) > 1 else ""
-        raise InputError(path, f"made with other settings ({'; '.join(diffs)}){more}: rerun with --overwrite to "
-                               f"simulate again, or write into another folder")
-    frames_by_size: dict = {}
-    for seq, out_size in todo:
-        frames_by_size[out_size] = frames_by_size.get(out_size, 0) + len(seq)
-    todo.sort(key=lambda item: (-frames_by_size[item[1]], item[1], -len(item[0])))  # stable: input order
-    return results, todo
-
-
-def write_summary(out_dir, results: list[SequenceResult], cfg: SimulateConfig, *, started: float, executor: str,
-                  devices: list[str], command: str | None) -> Path:
-    """``out_dir/simulate.json`` (atomically): the run's settings, totals and one line per sequence."""
-    out_dir = Path(out_dir)
-    rows = []
-    for r in results:
-        try:
-            rel = r.path.relative_to(out_dir).as_posix()
-        except ValueError:
-            rel = str(r.path)
-        rows.append({"sequence": r.name, "file": rel, "status": r.status, "device": r.device, "events": r.events,
-                     "frames": r.frames, "steps": r.steps, "seconds": round(r.seconds, 3), "error": r.error})
-    count = lambda status: sum(r.status == status for r in results)
-    summary = {
-        "evforge_version": __version__, "command": command,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.time() - started, 3),
-        "executor": executor, "devices": devices,
-        "config": _plain({k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("device", "overwrite")}),
-        "totals": {"sequences": len(results), "done": count("done"), "skipped": count("skipped"),
-                   "failed": count("failed"), "pending": count("pending"),
-                   "events": sum(r.events for r in results if r.status in ("done", "skipped")),
-                   "frames_simulated": sum(r.frames for r in results if r.status == "done")},
-        "sequences": rows,
-    }
-    return atomic_write_text(out_dir / SUMMARY_NAME, json.dumps(summary, indent=1) + "\n")
-
-
-class _Progress:
-    """One progress bar over the run (frames, with sequences done and events/s) and the results by name;
-    every executor reports here (:meth:`advance` as frames are simulated, :meth:`finish` per sequence)."""
-
-    def __init__(self, results: dict, total_frames: int, total_seqs: int, show: bool):
-        self.results, self.total_seqs, self.finished, self.events = results, total_seqs, 0, 0
-        self.t0 = time.perf_counter()
-        self.bar = tqdm(total=total_frames, unit="frame", desc="simulate", disable=not show, dynamic_ncols=True)
-
-    def advance(self, frames: int, events: int) -> None:
-        self.events += events
-        self.bar.update(frames)
-
-    def finish(self, result: SequenceResult) -> None:
-        self.results[result.name] = result
-        self.finished += 1
-        rate = self.events / max(time.perf_counter() - self.t0, 1e-9)
-        self.bar.set_postfix(seq=f"{self.finished}/{self.total_seqs}", ev_s=f"{rate:.3g}", refresh=False)
-
-    def close(self) -> None:
-        self.bar.close()
 
 
 class ListFeed:
@@ -411,13 +217,6 @@ def simulate_on_device(feed, out_dir, cfg: SimulateConfig, device, *, interpolat
             _run_group(first, feed, size, cfg, base_params, device, pool, report, interpolator, log, out_dir)
 
 
-def _fail(result: SequenceResult, err: Exception, log) -> None:
-    result.status = "failed"
-    result.error = str(err) if isinstance(err, InputError) else f"{result.name}: {type(err).__name__}: {err}"
-    result.error = " ".join(result.error.split())  # one line
-    log(f"failed: {result.error}")
-
-
 def _run_group(first, feed, size, cfg, base_params, device, pool, report, interpolator, log, out_dir):
     """Simulate ``first`` and every further sequence of its output size that the feed gives, B at a time."""
     w, h = out_size = first[1]
@@ -456,13 +255,13 @@ def _run_group(first, feed, size, cfg, base_params, device, pool, report, interp
             try:
                 ts = seq.timestamps_us
                 writer = StreamWriter(r.path, width=w, height=h, t_offset=int(ts[0]), t_end=int(ts[-1]),
-                                      attrs=_stream_attrs(cfg, seq, params, seed, out_size, engine.device),
+                                      attrs=stream_attrs(cfg, seq, params, seed, out_size, engine.device),
                                       compression=cfg.compression, save_frames=cfg.save_frames)
             except OutputError:
                 abort_all()
                 raise
             except (InputError, OSError, ValueError) as e:
-                _fail(r, e, log)
+                fail(r, e, log)
                 report.advance(len(seq), 0)
                 report.finish(r)
                 continue
@@ -488,7 +287,7 @@ def _run_group(first, feed, size, cfg, base_params, device, pool, report, interp
             slot.writer.abort()
             for future in slot.queued:
                 future.cancel()
-            _fail(slot.result, err, log)
+            fail(slot.result, err, log)
             report.advance(len(slot.seq) - slot.index, 0)
         slot.result.seconds = time.perf_counter() - slot.t0
         report.finish(slot.result)
