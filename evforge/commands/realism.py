@@ -23,7 +23,7 @@ def add_compare(sub) -> None:
 def _cmd_compare(args) -> int:
     from ..realism.compare import compare_sources
 
-    size = tuple(int(v) for v in args.sensor_size.lower().split("x")) if args.sensor_size else None
+    size = _sensor_size(args.sensor_size)
     labels = args.labels.split(",", 1) if args.labels else None
     report = compare_sources(args.a, args.b, args.out, labels=labels, max_events=args.max_events, sensor_size=size,
                              split=args.split)
@@ -49,7 +49,7 @@ def add_calibrate(sub) -> None:
 def _cmd_calibrate(args) -> int:
     from ..realism.calibrate import calibrate, write_camera_file
 
-    size = tuple(int(v) for v in args.sensor_size.lower().split("x")) if args.sensor_size else None
+    size = _sensor_size(args.sensor_size)
     cal = calibrate(args.recording, base=args.base, max_events=args.max_events, sensor_size=size)
     write_camera_file(cal, args.out, command="evforge " + " ".join(args.argv))
     for name, e in cal.estimates.items():
@@ -57,3 +57,8 @@ def _cmd_calibrate(args) -> int:
         print(f"{name}: {e.value:.4g}{sd}{'' if e.determined else ' (not determined)'}")
     print(f"not determined: {', '.join(cal.not_determined)} -> {args.out}")
     return 0
+
+
+def _sensor_size(text: str | None) -> tuple[int, ...] | None:
+    """``--sensor-size WIDTHxHEIGHT`` as (width, height); None when not given."""
+    return tuple(int(v) for v in text.lower().split("x")) if text else None

@@ -122,11 +122,16 @@ def add_export(sub) -> None:
                        description="Write the backbone of an evforge pretraining checkpoint (timm keys, ECDDP's "
                                    "per-stage output norms, the Swin window options as metadata).")
     p.add_argument("ckpt", help="a pretraining checkpoint (runs/<name>/checkpoints/last.ckpt)")
-    p.add_argument("--out", required=True, help="output .safetensors")
-    p.add_argument("--which", default="teacher", choices=["teacher", "student"],
-                   help="ECDDP network (default teacher; the public finetuning code loads the student)")
-    p.add_argument("--with-neck", action="store_true", help="also store ECDDP's fusion neck (ecddp_neck.*)")
+    _add_backbone_output(p, "teacher", "ECDDP network (default teacher; the public finetuning code loads the student)")
     p.set_defaults(func=_cmd_export)
+
+
+def _add_backbone_output(p, which: str, which_help: str) -> None:
+    """The arguments ``export-backbone`` and ``import-checkpoint`` share: the output file, the network, the neck."""
+    p.add_argument("--out", required=True, help="output .safetensors")
+    p.add_argument("--which", default=which, choices=[which, "student" if which == "teacher" else "teacher"],
+                   help=which_help)
+    p.add_argument("--with-neck", action="store_true", help="also store ECDDP's fusion neck (ecddp_neck.*)")
 
 
 def _cmd_export(args) -> int:
@@ -144,10 +149,7 @@ def add_import(sub) -> None:
                                    "architecture is inferred from the weights.")
     p.add_argument("method", choices=["ecddp"], help="the layout of the checkpoint")
     p.add_argument("ckpt", help="the released checkpoint (.pt), loaded with weights_only=True")
-    p.add_argument("--out", required=True, help="output .safetensors")
-    p.add_argument("--which", default="student", choices=["student", "teacher"],
-                   help="network to import (default student, what the public finetuning code loads)")
-    p.add_argument("--with-neck", action="store_true", help="also store ECDDP's fusion neck (ecddp_neck.*)")
+    _add_backbone_output(p, "student", "network to import (default student, what the public finetuning code loads)")
     p.set_defaults(func=_cmd_import)
 
 
