@@ -19,7 +19,8 @@ Layout (``format_version`` 1)::
     root attrs: evforge_format = "stream", format_version = 1, width, height, num_events, complete = True
                 (written last, so a file without it was interrupted), plus user attrs: scalars and strings
                 as HDF5 attrs, dicts / lists / tuples / None as JSON strings (their names are listed in the
-                ``evforge_json_attrs`` attr and decoded back on read).
+                ``evforge_json_attrs`` attr and decoded back on read; :mod:`evforge.h5attrs`, shared with
+                shards).
 
 Event columns are chunked by 65536 events and compressed with Blosc zstd + bit-shuffle (hdf5plugin) by
 default; ``compression="lz4"`` selects Blosc lz4, ``"gzip"`` the HDF5 built-in filter for readers without
@@ -30,7 +31,6 @@ happens here only.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import h5py
@@ -41,6 +41,7 @@ from . import h5guard
 from .atomic import commit, temp_path
 from .errors import InputError, OutputError, environment_problem
 from .events import EVENT_DTYPE, EventFormatError, validate_events
+from .h5attrs import decode_attr, decode_attrs, encode_attrs
 from .h5local import check_local
 
 FORMAT = "stream"
@@ -64,30 +65,6 @@ def _filter_kwargs(compression: str, *, shuffle: bool = True, fast: bool = False
     if compression == "gzip":
         return {"compression": "gzip", "compression_opts": 1 if fast else 4, "shuffle": shuffle}
     raise ValueError(f"compression must be 'zstd', 'lz4' or 'gzip', got {compression!r}")
-
-
-def _encode_attrs(attrs: dict) -> tuple[dict, list[str]]:
-    """Split user attrs into HDF5-storable values, JSON-encoding containers; returns (values, json names)."""
-    out, json_names = {}, []
-    for key, value in attrs.items():
-        if key in _RESERVED_ATTRS:
-            raise ValueError(f"attr name {key!r} is reserved by the stream format")
-        if value is None or isinstance(value, (dict, list, tuple)):
-            out[key] = json.dumps(value)
-            json_names.append(key)
-        elif isinstance(value, str):
-            out[key] = str(value)  # str subclasses (e.g. torch.__version__) would become fixed-width numpy
-        else:
-            out[key] = value
-    return out, json_names
-
-
-def _decode_attr(value):
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 FLUSH_EVENTS = 16 * CHUNK_EVENTS  # events held in memory before they are written (about 9 MiB)
@@ -123,7 +100,7 @@ class StreamWriter:
         wide = t_end is not None and int(t_end) - self.t_offset > _U4_MAX
         self.t_dtype = T_DTYPES[1] if wide else T_DTYPES[0]
         event_filter = _filter_kwargs(compression)
-        user_attrs, json_names = _encode_attrs(attrs or {})
+        user_attrs = encode_attrs(attrs or {}, reserved=_RESERVED_ATTRS, fmt="stream")
         self.save_frames = bool(save_frames)
         # the gray frames (previews, 300 KB each at 640x480) at the lowest level: zstd 5 took longer to
         # compress a frame than the simulator took to make its events; level 1 is 5x faster, 1.4x larger
@@ -150,8 +127,6 @@ class StreamWriter:
             f.attrs.update({"evforge_format": FORMAT, "format_version": FORMAT_VERSION,
                             "width": self.width, "height": self.height, "complete": False})
             f.attrs.update(user_attrs)
-            if json_names:
-                f.attrs["evforge_json_attrs"] = json.dumps(json_names)
             f.create_dataset("t_offset", data=np.int64(self.t_offset))
             events = f.create_group("events")
             for name, dtype in _COLUMNS.items():
@@ -384,19 +359,17 @@ class StreamFile:
         try:
             check_local(self._file, path)  # no data from outside the file (external links, storage, VDS)
             a = self._file.attrs
-            if _decode_attr(a.get("evforge_format")) != FORMAT:
+            if decode_attr(a.get("evforge_format")) != FORMAT:
                 raise InputError(path, "not an evforge stream file (missing evforge_format='stream')")
-            version = _decode_attr(a.get("format_version"))
+            version = decode_attr(a.get("format_version"))
             if version != FORMAT_VERSION:
                 raise InputError(path, f"unsupported stream format_version {version} (this evforge reads 1)")
-            if _decode_attr(a.get("complete")) is not True:
+            if decode_attr(a.get("complete")) is not True:
                 raise InputError(path, "incomplete stream file (interrupted write?)")
             self.width, self.height = int(a["width"]), int(a["height"])
             self.num_events = int(a["num_events"])
             self.t_offset = int(self._file["t_offset"][()])
-            json_names = set(json.loads(a.get("evforge_json_attrs", "[]")))
-            self.attrs = {k: json.loads(v) if k in json_names else _decode_attr(v)
-                          for k, v in a.items() if k not in _RESERVED_ATTRS}
+            self.attrs = decode_attrs(a, reserved=_RESERVED_ATTRS)
             self.frame_times = self._file["frames/t"][:].astype(np.int64)
             self.frame_event_idx = self._file["frames/event_idx"][:].astype(np.int64)
             self.has_frames = "frames/gray" in self._file
@@ -479,7 +452,7 @@ def is_complete_stream(path) -> bool:
     """True iff ``path`` is an evforge stream file whose write finished (used to skip done sequences)."""
     try:
         with h5py.File(path, "r") as f:
-            return (_decode_attr(f.attrs.get("evforge_format")) == FORMAT
-                    and _decode_attr(f.attrs.get("complete")) is True)
+            return (decode_attr(f.attrs.get("evforge_format")) == FORMAT
+                    and decode_attr(f.attrs.get("complete")) is True)
     except (OSError, ValueError):
         return False

@@ -15,8 +15,9 @@ import hdf5plugin  # noqa: F401  (registers Blosc, needed to open the event colu
 import numpy as np
 
 from ..errors import InputError
+from ..h5attrs import decode_attr
 from ..h5local import check_local
-from ..streamfile import StreamFile, _decode_attr
+from ..streamfile import StreamFile
 from .manifest import MANIFEST_NAME, Manifest, compute_stats, verify
 from .recipe_report import format_recipe_summary, recipe_summary
 from .shards import RAW_EVENT_BYTES, ShardReader
@@ -39,7 +40,7 @@ def file_format(path) -> str | None:
         return "dataset"
     try:
         with h5py.File(path, "r") as f:
-            fmt = _decode_attr(f.attrs.get("evforge_format"))
+            fmt = decode_attr(f.attrs.get("evforge_format"))
             if fmt in ("shard", "stream"):
                 check_local(f, path)
     except (OSError, ValueError):

@@ -33,7 +33,6 @@ Reading sample ``i`` is one slice ``offset:offset+count`` of each event column; 
 from __future__ import annotations
 
 import hashlib
-import json
 
 import h5py
 
@@ -68,21 +67,6 @@ def sha256_file(path, block_size: int = 1 << 20) -> str:
         while block := f.read(block_size):
             digest.update(block)
     return digest.hexdigest()
-
-
-def encode_user_attrs(attrs: dict) -> tuple[dict, list[str]]:
-    """User attrs as HDF5 values; dicts / lists / tuples / None become JSON strings (names returned)."""
-    out, json_names = {}, []
-    for key, value in attrs.items():
-        if key in RESERVED_ATTRS:
-            raise ValueError(f"attr name {key!r} is reserved by the shard format")
-        if value is None or isinstance(value, (dict, list, tuple)):
-            out[key] = json.dumps(value)
-            json_names.append(key)
-        else:
-            out[key] = value
-    return out, json_names
-
 
 
 def index_fields(kind: str) -> dict[str, str]:

@@ -12,8 +12,9 @@ import numpy as np
 
 from evforge.errors import InputError
 from evforge.events import EVENT_DTYPE, empty_events
+from evforge.h5attrs import decode_attr, decode_attrs
 from evforge.h5local import check_local
-from evforge.streamfile import CHUNK_EVENTS, _decode_attr
+from evforge.streamfile import CHUNK_EVENTS
 
 from .shard_check import check_shard
 from .shard_layout import COLUMNS, FORMAT, FORMAT_VERSION, INDEX_FIELDS, KINDS, RESERVED_ATTRS, STREAM_INDEX_FIELDS
@@ -56,14 +57,12 @@ class ShardReader:
         f = self._open()
         try:
             a = f.attrs
-            self.kind = _decode_attr(a["kind"])
+            self.kind = decode_attr(a["kind"])
             if self.kind not in KINDS:
                 raise InputError(self.path, f"unknown shard kind {self.kind!r}")
             self.width, self.height = int(a["width"]), int(a["height"])
             self.num_samples, self.num_events = int(a["num_samples"]), int(a["num_events"])
-            json_names = set(json.loads(_decode_attr(a.get("evforge_json_attrs", "[]"))))
-            self.attrs = {k: json.loads(_decode_attr(v)) if k in json_names else _decode_attr(v)
-                          for k, v in a.items() if k not in RESERVED_ATTRS}
+            self.attrs = decode_attrs(a, reserved=RESERVED_ATTRS)
             fields = dict(INDEX_FIELDS, **(STREAM_INDEX_FIELDS if self.kind == "streams" else {}))
             index = np.zeros(self.num_samples, dtype=list(fields.items()))
             for name in fields:
@@ -108,15 +107,15 @@ class ShardReader:
             raise InputError(self.path, f"not a readable HDF5 file ({err})") from None
         try:
             a = f.attrs
-            if _decode_attr(a.get("evforge_format")) != FORMAT:
+            if decode_attr(a.get("evforge_format")) != FORMAT:
                 raise InputError(self.path, "not an evforge shard (missing evforge_format='shard')")
-            version = _decode_attr(a.get("format_version"))
+            version = decode_attr(a.get("format_version"))
             if isinstance(version, int) and version > FORMAT_VERSION:
                 raise InputError(self.path, f"shard format_version {version} is newer than this evforge reads "
                                             f"({FORMAT_VERSION}): upgrade evforge")
             if version != FORMAT_VERSION:
                 raise InputError(self.path, f"unsupported shard format_version {version!r}")
-            if _decode_attr(a.get("complete")) is not True:
+            if decode_attr(a.get("complete")) is not True:
                 raise InputError(self.path, "incomplete shard (interrupted write?)")
             check_local(f, self.path)  # no data from outside the file (external links, storage, virtual)
         except BaseException:
@@ -136,7 +135,7 @@ class ShardReader:
         A file that no longer has the counts the index was loaded with (replaced since) is refused."""
         if self._file is None or self._pid != os.getpid():
             f = self._open()
-            counts = (_decode_attr(f.attrs.get("num_samples")), _decode_attr(f.attrs.get("num_events")))
+            counts = (decode_attr(f.attrs.get("num_samples")), decode_attr(f.attrs.get("num_events")))
             if counts != (self.num_samples, self.num_events):
                 f.close()
                 raise InputError(self.path, f"changed since it was opened: {counts[0]} samples and {counts[1]} "

@@ -11,6 +11,7 @@ import numpy as np
 
 from evforge.atomic import commit, temp_path
 from evforge.events import EVENT_DTYPE, EventFormatError, validate_events
+from evforge.h5attrs import encode_attrs
 from evforge.streamfile import CHUNK_EVENTS, _filter_kwargs
 
 from .blosc import blosc_compress_ctx, compress_chunk, compress_pool, direct_args
@@ -24,9 +25,9 @@ from .shard_layout import (
     RAW_EVENT_BYTES,
     RAW_FRAME_BYTES,
     RAW_INDEX_BYTES,
+    RESERVED_ATTRS,
     STR_DTYPE,
     STREAM_INDEX_FIELDS,
-    encode_user_attrs,
     estimate_sample_bytes,
 )
 
@@ -53,7 +54,7 @@ class ShardWriter:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         self.kind = kind
         event_filter = _filter_kwargs(compression)
-        user_attrs, json_names = encode_user_attrs(attrs or {})
+        user_attrs = encode_attrs(attrs or {}, reserved=RESERVED_ATTRS, fmt="shard")
 
         self._rows: dict[str, list[int]] = {name: [] for name in (*INDEX_FIELDS, *STREAM_INDEX_FIELDS)}
         self._keys: list[str] = []
@@ -84,8 +85,6 @@ class ShardWriter:
             f.attrs.update({"evforge_format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind,
                             "width": self.width, "height": self.height, "complete": False})
             f.attrs.update(user_attrs)
-            if json_names:
-                f.attrs["evforge_json_attrs"] = json.dumps(json_names)
             events = f.create_group("events")
             self._ds = {name: events.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype,
                                                     chunks=(CHUNK_EVENTS,), **event_filter)
