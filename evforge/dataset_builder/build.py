@@ -64,6 +64,7 @@ from typing import Callable, Iterator, Sequence
 
 from tqdm.auto import tqdm
 
+from evforge.atomic import atomic_write_text
 from evforge.errors import InputError, output_error
 from evforge.fingerprint import digest, sources_signature
 from evforge.locks import FolderLock
@@ -72,16 +73,9 @@ from evforge.watchdog import watch_parent
 from .completion import mark_complete, mark_incomplete
 from .converters import get_converter
 from .converters.base import DatasetPlan, SourceItem
-from .manifest import (
-    DEFAULT_PERCENTS,
-    MANIFEST_NAME,
-    _atomic_write_text,
-    build_manifest,
-    make_provenance,
-    make_subsets,
-    write_split_file,
-)
+from .manifest import MANIFEST_NAME, build_manifest, make_provenance
 from .shards import DEFAULT_TARGET_BYTES, FORMAT_VERSION, RAW_INDEX_BYTES, ShardWriter, sha256_file
+from .subsets import DEFAULT_PERCENTS, make_subsets, write_split_file
 
 __all__ = ["WorkUnit", "UnitResult", "BuildReport", "plan_units", "run_unit", "build_dataset", "ERRORS_NAME",
            "RECORD_SUFFIX"]
@@ -290,7 +284,7 @@ def run_unit(converter_name: str, converter_options: dict, unit: WorkUnit, out_d
                         fingerprint=fingerprint)
     record = asdict(result)
     del record["skipped"]
-    _atomic_write_text(record_path(shard), json.dumps(record, indent=1, ensure_ascii=False) + "\n")
+    atomic_write_text(record_path(shard), json.dumps(record, indent=1, ensure_ascii=False) + "\n")
     if finish is not None:
         finish(unit.items, plan)
     return result
@@ -456,7 +450,7 @@ def _build_locked(converter, name, src, out: Path, scan_kwargs, options, command
 
     errors = sorted((e for r in results for e in r.errors), key=lambda e: (e["key"], e["path"], e["error"]))
     errors_path = out / ERRORS_NAME
-    _atomic_write_text(errors_path, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors))
+    atomic_write_text(errors_path, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors))
 
     splits = sorted({u.split for u in units})
     assignment = {s: [k for r, u in zip(results, units) if u.split == s for k in r.keys] for s in splits}

@@ -18,9 +18,10 @@ from ..errors import InputError
 from ..h5attrs import decode_attr
 from ..h5local import check_local
 from ..streamfile import StreamFile
-from .manifest import MANIFEST_NAME, Manifest, compute_stats, verify
+from .manifest import MANIFEST_NAME, Manifest, compute_stats
 from .recipe_report import format_recipe_summary, recipe_summary
 from .shards import RAW_EVENT_BYTES, ShardReader
+from .verify import verify
 
 __all__ = ["inspect_path", "format_report", "verify_dataset", "file_format", "compression_of"]
 
@@ -366,7 +367,7 @@ def _short(attrs: dict, limit: int = 300) -> str:
 def verify_dataset(path) -> list[str]:
     """Every fault found (``"<path>: <problem>"`` lines; empty: all good) in a dataset, shard or stream file.
 
-    A dataset folder / manifest: :func:`evforge.dataset_builder.manifest.verify` (checksums, counts, shard
+    A dataset folder / manifest: :func:`evforge.dataset_builder.verify.verify` (checksums, counts, shard
     invariants, subsets). A bare shard: :meth:`ShardReader.check`. A stream file: its invariants (sorted ``t``,
     coordinates and polarity, ``ms_to_idx`` and ``frames/event_idx`` pointing at the right events).
     """

@@ -44,7 +44,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from .. import augment
 from ..dataset_builder.dataset import EventDataset, collate_events, resolve_manifest
-from ..dataset_builder.manifest import Manifest, read_subset_file
+from ..dataset_builder.manifest import Manifest
+from ..dataset_builder.subsets import read_subset_file
 from ..pretrain.mem.inputs import MEMInputConfig, mem_inputs
 from ..representations import histogram, voxel_grid
 from ..trainer.config import ConfigError, merge

@@ -8,7 +8,8 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from ..dataset_builder.dataset import EventDataset
-from ..dataset_builder.manifest import Manifest, stratified_split
+from ..dataset_builder.manifest import Manifest
+from ..dataset_builder.subsets import stratified_split
 from ..errors import ConfigError
 from ..trainer.sampler import mix_seed
 

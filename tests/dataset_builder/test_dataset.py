@@ -15,8 +15,9 @@ from evforge.dataset_builder.dataset import (
     make_sampler,
     unpack,
 )
-from evforge.dataset_builder.manifest import MANIFEST_NAME, build_manifest, make_provenance, make_subsets
+from evforge.dataset_builder.manifest import MANIFEST_NAME, build_manifest, make_provenance
 from evforge.dataset_builder.shards import ShardWriter
+from evforge.dataset_builder.subsets import make_subsets
 from evforge.events import EVENT_DTYPE, make_events
 
 W, H = 40, 30

@@ -31,8 +31,9 @@ from evforge.dataset_builder.completion import INCOMPLETE_NAME
 from evforge.dataset_builder.dataset import EventDataset
 from evforge.dataset_builder.decoders import write_atis_bin
 from evforge.dataset_builder.inspect import inspect_path, verify_dataset
-from evforge.dataset_builder.manifest import MANIFEST_NAME, Manifest, verify
+from evforge.dataset_builder.manifest import MANIFEST_NAME, Manifest
 from evforge.dataset_builder.shards import ShardReader, ShardWriter, sha256_file
+from evforge.dataset_builder.verify import verify
 from evforge.errors import InputError, OutputError
 from evforge.events import make_events
 

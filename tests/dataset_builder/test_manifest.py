@@ -10,22 +10,18 @@ import h5py
 import numpy as np
 import pytest
 
-from evforge.dataset_builder.manifest import (
-    MANIFEST_NAME,
-    Manifest,
-    build_manifest,
-    compute_stats,
+from evforge.dataset_builder.manifest import MANIFEST_NAME, Manifest, build_manifest, compute_stats, make_provenance
+from evforge.dataset_builder.shards import ShardWriter
+from evforge.dataset_builder.subsets import (
     label_subsets,
     locate_keys,
-    make_provenance,
     make_subsets,
     read_split_file,
     split_assignment,
     stratified_split,
-    verify,
     write_split_file,
 )
-from evforge.dataset_builder.shards import ShardWriter
+from evforge.dataset_builder.verify import verify
 from evforge.errors import InputError
 from evforge.events import make_events
 

@@ -8,9 +8,10 @@ import pytest
 
 from evforge.dataset_builder.decoders import read_atis_bin
 from evforge.dataset_builder.inspect import format_report, inspect_path, verify_dataset
-from evforge.dataset_builder.manifest import MANIFEST_NAME, build_manifest, make_provenance, make_subsets
+from evforge.dataset_builder.manifest import MANIFEST_NAME, build_manifest, make_provenance
 from evforge.dataset_builder.preview import render_shard_preview
 from evforge.dataset_builder.shards import ShardWriter
+from evforge.dataset_builder.subsets import make_subsets
 from evforge.dataset_builder.synthetic import make_synthetic_classification, render_clip, simulate_clips
 from evforge.errors import InputError
 from evforge.events import make_events

@@ -25,7 +25,7 @@ import numpy as np
 from evforge.errors import InputError
 
 from ..decoders import check_events, read_atis_bin
-from ..manifest import stratified_split
+from ..subsets import stratified_split
 from .base import DatasetPlan, Sample, SourceItem
 
 SENSOR_SIZE = (240, 180)
