@@ -276,14 +276,14 @@ def test_hdf5_disk_full_message_is_recognised():
 # --------------------------------------------------------------------------------------- 9. orphans
 _PARALLEL_BUILD = textwrap.dedent("""
     import sys, time
-    from evforge.dataset_builder import build
-    real = build.run_unit
+    from evforge.dataset_builder import build, build_executors
+    real = build_executors.run_unit
 
     def slow(*args, **kwargs):  # each unit takes a while, so the build is killed while workers run
         time.sleep(0.5)
         return real(*args, **kwargs)
 
-    build.run_unit = slow
+    build_executors.run_unit = slow
     build.build_dataset("ncaltech101", sys.argv[1], sys.argv[2], workers=2, samples_per_unit=1, progress=False)
 """)
 
