@@ -1,5 +1,5 @@
-"""User attrs of evforge's HDF5 files: one encoding for stream files and shards, so both store and return the
-same values.
+"""Root attrs of evforge's HDF5 files, one implementation for stream files and shards: the header check
+(format, version, completeness) and the user attrs' encoding, so both formats store and return the same values.
 
 Scalars, strings and arrays are HDF5 attrs; str subclasses (``enum.StrEnum`` members, ``torch.__version__``)
 are stored as plain ``str``, since h5py would make them fixed-width numpy strings (or refuse them). Dicts,
@@ -13,7 +13,7 @@ import json
 
 import numpy as np
 
-__all__ = ["JSON_NAMES_ATTR", "encode_attrs", "decode_attr", "decode_attrs"]
+__all__ = ["JSON_NAMES_ATTR", "encode_attrs", "decode_attr", "decode_attrs", "header_problem"]
 
 JSON_NAMES_ATTR = "evforge_json_attrs"
 
@@ -44,6 +44,21 @@ def decode_attr(value):
     if isinstance(value, np.generic):
         return value.item()
     return value
+
+
+def header_problem(h5_attrs, *, fmt: str, version: int, what: str) -> str | None:
+    """Why root attrs do not describe a complete ``fmt`` file of format ``version`` (``what``: its name in the
+    message, e.g. "shard"), or None. A newer version asks for a newer evforge."""
+    if decode_attr(h5_attrs.get("evforge_format")) != fmt:
+        return f"not an evforge {what} (missing evforge_format={fmt!r})"
+    found = decode_attr(h5_attrs.get("format_version"))
+    if isinstance(found, int) and found > version:
+        return f"{what} format_version {found} is newer than this evforge reads ({version}): upgrade evforge"
+    if found != version:
+        return f"unsupported {what} format_version {found!r}"
+    if decode_attr(h5_attrs.get("complete")) is not True:
+        return f"incomplete {what} (interrupted write?)"
+    return None
 
 
 def decode_attrs(h5_attrs, *, reserved: set[str]) -> dict:

@@ -41,7 +41,7 @@ from . import h5guard
 from .atomic import commit, temp_path
 from .errors import InputError, OutputError, environment_problem
 from .events import EVENT_DTYPE, EventFormatError, validate_events
-from .h5attrs import decode_attr, decode_attrs, encode_attrs
+from .h5attrs import decode_attr, decode_attrs, encode_attrs, header_problem
 from .h5local import check_local
 
 FORMAT = "stream"
@@ -359,13 +359,9 @@ class StreamFile:
         try:
             check_local(self._file, path)  # no data from outside the file (external links, storage, VDS)
             a = self._file.attrs
-            if decode_attr(a.get("evforge_format")) != FORMAT:
-                raise InputError(path, "not an evforge stream file (missing evforge_format='stream')")
-            version = decode_attr(a.get("format_version"))
-            if version != FORMAT_VERSION:
-                raise InputError(path, f"unsupported stream format_version {version} (this evforge reads 1)")
-            if decode_attr(a.get("complete")) is not True:
-                raise InputError(path, "incomplete stream file (interrupted write?)")
+            problem = header_problem(a, fmt=FORMAT, version=FORMAT_VERSION, what="stream file")
+            if problem:
+                raise InputError(path, problem)
             self.width, self.height = int(a["width"]), int(a["height"])
             self.num_events = int(a["num_events"])
             self.t_offset = int(self._file["t_offset"][()])

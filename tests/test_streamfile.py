@@ -201,8 +201,13 @@ def test_reader_errors_start_with_path(tmp_path, events):
     write_stream(incomplete, events, frame_times(), width=W, height=H)
     with h5py.File(incomplete, "a") as f:
         f.attrs["complete"] = False
+    newer = tmp_path / "newer.h5"
+    write_stream(newer, events, frame_times(), width=W, height=H)
+    with h5py.File(newer, "a") as f:
+        f.attrs["format_version"] = 2
     for path, problem in [(missing, "no such file"), (text, "HDF5"), (other, "not an evforge stream"),
-                          (incomplete, "incomplete stream file (interrupted write?)")]:
+                          (incomplete, "incomplete stream file (interrupted write?)"),
+                          (newer, "stream file format_version 2 is newer than this evforge reads (1): upgrade")]:
         with pytest.raises(InputError) as err:
             StreamFile(path)
         assert str(err.value).startswith(f"{path}: ") and problem in str(err.value)

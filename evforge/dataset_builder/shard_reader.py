@@ -12,7 +12,7 @@ import numpy as np
 
 from evforge.errors import InputError
 from evforge.events import EVENT_DTYPE, empty_events
-from evforge.h5attrs import decode_attr, decode_attrs
+from evforge.h5attrs import decode_attr, decode_attrs, header_problem
 from evforge.h5local import check_local
 from evforge.streamfile import CHUNK_EVENTS
 
@@ -106,17 +106,9 @@ class ShardReader:
         except OSError as err:
             raise InputError(self.path, f"not a readable HDF5 file ({err})") from None
         try:
-            a = f.attrs
-            if decode_attr(a.get("evforge_format")) != FORMAT:
-                raise InputError(self.path, "not an evforge shard (missing evforge_format='shard')")
-            version = decode_attr(a.get("format_version"))
-            if isinstance(version, int) and version > FORMAT_VERSION:
-                raise InputError(self.path, f"shard format_version {version} is newer than this evforge reads "
-                                            f"({FORMAT_VERSION}): upgrade evforge")
-            if version != FORMAT_VERSION:
-                raise InputError(self.path, f"unsupported shard format_version {version!r}")
-            if decode_attr(a.get("complete")) is not True:
-                raise InputError(self.path, "incomplete shard (interrupted write?)")
+            problem = header_problem(f.attrs, fmt=FORMAT, version=FORMAT_VERSION, what="shard")
+            if problem:
+                raise InputError(self.path, problem)
             check_local(f, self.path)  # no data from outside the file (external links, storage, virtual)
         except BaseException:
             f.close()
@@ -198,19 +190,19 @@ class ShardReader:
 
     def frame_times(self, i: int) -> np.ndarray:
         """Absolute frame times (us) of sample ``i`` (empty for a 'samples' shard)."""
-        row = self._index[self._check(i)]
-        if self.kind != "streams":
-            return np.zeros(0, dtype=np.int64)
-        fo, fc = int(row["frame_offset"]), int(row["frame_count"])
-        return self._frame_t[fo : fo + fc].copy()
+        return self._frames_of(i, self._frame_t)
 
     def frame_event_idx(self, i: int) -> np.ndarray:
         """Per frame of sample ``i``: the first event (relative to the sample) with t >= the frame time."""
+        return self._frames_of(i, self._frame_idx)
+
+    def _frames_of(self, i: int, column: np.ndarray) -> np.ndarray:
+        """Sample ``i``'s rows of a per-frame column, as a copy (empty for a 'samples' shard)."""
         row = self._index[self._check(i)]
         if self.kind != "streams":
             return np.zeros(0, dtype=np.int64)
         fo, fc = int(row["frame_offset"]), int(row["frame_count"])
-        return self._frame_idx[fo : fo + fc].copy()
+        return column[fo : fo + fc].copy()
 
     @property
     def has_frame_images(self) -> bool:

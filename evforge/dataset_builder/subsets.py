@@ -15,7 +15,8 @@ from .manifest import Manifest
 from .shards import ShardReader
 
 __all__ = ["DEFAULT_PERCENTS", "stratified_split", "label_subsets", "make_subsets", "split_assignment",
-           "locate_keys", "write_split_file", "read_split_file", "read_subset_file", "SUBSET_FILE_SUFFIXES"]
+           "locate_keys", "write_split_file", "split_file_lines", "read_split_file", "read_subset_file",
+           "SUBSET_FILE_SUFFIXES"]
 
 DEFAULT_PERCENTS = (2, 5, 10, 20, 50)
 
@@ -166,21 +167,30 @@ def write_split_file(path, assignment: Mapping[str, Iterable[str]]) -> Path:
     return path
 
 
-def read_split_file(path) -> dict[str, list[str]]:
-    """Read ``split/key`` lines into ``{split: [keys]}`` (blank lines skipped; InputError on a bad line)."""
+def split_file_lines(path, *, expect: str = "split/key") -> list[tuple[int, str, str, str]]:
+    """``(line number, split, key, line)`` of each non-blank line of a split file; InputError naming the file
+    when it cannot be read as UTF-8 or a line is not ``expect`` (``split/key``)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise InputError(path, f"cannot read split file ({err.strerror or err})") from None
-    out: dict[str, list[str]] = {}
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(path, f"cannot read split file ({getattr(err, 'strerror', None) or err})") from None
+    out = []
     for n, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line:
             continue
         split, sep, key = line.partition("/")
         if not sep or not split or not key:
-            raise InputError(path, f"line {n}: expected 'split/key', got {line!r}")
+            raise InputError(path, f"line {n}: expected '{expect}', got {line!r}")
+        out.append((n, split, key, line))
+    return out
+
+
+def read_split_file(path) -> dict[str, list[str]]:
+    """Read ``split/key`` lines into ``{split: [keys]}`` (blank lines skipped; InputError on a bad line)."""
+    out: dict[str, list[str]] = {}
+    for _, split, key, _ in split_file_lines(path):
         out.setdefault(split, []).append(key)
     return out
 

@@ -132,6 +132,10 @@ def test_read_split_file_mem_format_and_errors(tmp_path):
     with pytest.raises(InputError) as err:
         read_split_file(path)
     assert str(err.value).startswith(f"{path}: line 2")
+    path.write_bytes(b"train/a/\xff\xfe\n")  # not UTF-8: one line naming the file, no traceback
+    with pytest.raises(InputError, match="cannot read split file") as err:
+        read_split_file(path)
+    assert err.value.path == str(path)
     with pytest.raises(ValueError):
         write_split_file(tmp_path / "x.txt", {"tr/ain": ["a"]})
 

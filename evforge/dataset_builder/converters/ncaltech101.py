@@ -25,7 +25,7 @@ import numpy as np
 from evforge.errors import InputError
 
 from ..decoders import check_events, read_atis_bin
-from ..subsets import stratified_split
+from ..subsets import split_file_lines, stratified_split
 from .base import DatasetPlan, Sample, SourceItem
 
 SENSOR_SIZE = (240, 180)
@@ -82,18 +82,8 @@ class NCaltech101Converter:
 
 def _splits_from_file(path: Path, files: dict) -> tuple[dict[str, str], int]:
     """``{key: split}`` from a MEM-style split file, and how many files under SRC it does not list."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise InputError(path, f"cannot read split file ({getattr(err, 'strerror', None) or err})") from None
     out: dict[str, str] = {}
-    for n, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line:
-            continue
-        split, sep, key = line.partition("/")
-        if not sep or not split or not key:
-            raise InputError(path, f"line {n}: expected 'split/<class>/image_XXXX', got {line!r}")
+    for n, split, key, line in split_file_lines(path, expect="split/<class>/image_XXXX"):
         for suffix in SPLIT_SUFFIXES:
             key = key.removesuffix(suffix)
         if key not in files:  # exact key: a class is matched by its full folder name only
