@@ -37,6 +37,7 @@ import numpy as np
 
 from evforge.errors import InputError
 from evforge.events import EVENT_DTYPE, EventFormatError, event_problem, validate_events
+from evforge.formats.prophesee import read_header_lines
 
 __all__ = [
     "read_atis_bin",
@@ -172,18 +173,14 @@ def read_prophesee_dat_header(path) -> dict:
     "event_size", "data_offset"}``; header keys absent from the file are ``None``. ``lines`` holds the header
     lines without the leading ``%`` and surrounding blanks; ``data_offset`` is the byte offset of the first event.
     """
-    lines: list[str] = []
+    lines, offset = read_header_lines(path, _DAT_MAX_HEADER_LINE, stop_at_end=False)
     try:
         with open(path, "rb") as f:
-            while f.peek(1)[:1] == b"%":
-                raw = f.readline(_DAT_MAX_HEADER_LINE)
-                if not raw.endswith(b"\n"):
-                    raise InputError(path, f"garbled header: line {len(lines) + 1} is not terminated by a newline")
-                lines.append(raw[1:].decode("latin-1").strip())
+            f.seek(offset)
             type_size = f.read(2)
-            offset = f.tell()
     except OSError as e:
         raise InputError(path, f"cannot read file: {e.strerror or e}") from None
+    offset += len(type_size)
     if not lines:
         raise InputError(path, "missing header: a DAT file starts with '%' header lines")
     if len(type_size) < 2:

@@ -33,7 +33,8 @@ import numpy as np
 from evforge.errors import InputError
 from evforge.events import EVENT_DTYPE
 
-__all__ = ["RawHeader", "Block", "read_raw_header", "iter_evt2", "iter_evt3", "iter_dat", "TRIGGER_DTYPE"]
+__all__ = ["RawHeader", "Block", "read_header_lines", "read_raw_header", "iter_evt2", "iter_evt3", "iter_dat",
+           "TRIGGER_DTYPE"]
 
 TRIGGER_DTYPE = np.dtype([("t", "<i8"), ("id", "u1"), ("value", "u1")])
 BLOCK_BYTES = 1 << 22  # bytes decoded at once (4 MiB: ~1M EVT2 events, up to ~24M EVT3 vector events)
@@ -63,22 +64,28 @@ class RawHeader:
     fields: dict = field(default_factory=dict)
 
 
-def read_raw_header(path) -> RawHeader:
-    """The ``%`` header of a RAW or DAT file (RAW ends it with ``% end``; DAT with its 2 type/size bytes)."""
+def read_header_lines(path, max_line: int = _MAX_HEADER, stop_at_end: bool = True) -> tuple[list[str], int]:
+    """The ``%`` lines that open a Prophesee RAW or DAT file, without the ``%`` and surrounding blanks, and the
+    byte offset after them (a RAW header ends at ``% end`` when ``stop_at_end``; a DAT's 2 type/size bytes
+    follow its lines)."""
     lines: list[str] = []
     try:
         with open(path, "rb") as f:
             while f.peek(1)[:1] == b"%":
-                raw = f.readline(_MAX_HEADER)
+                raw = f.readline(max_line)
                 if not raw.endswith(b"\n"):
-                    raise InputError(path, f"garbled header: line {len(lines) + 1} has no newline")
-                line = raw[1:].decode("latin-1").strip()
-                lines.append(line)
-                if line == "end":
+                    raise InputError(path, f"garbled header: line {len(lines) + 1} is not terminated by a newline")
+                lines.append(raw[1:].decode("latin-1").strip())
+                if stop_at_end and lines[-1] == "end":
                     break
-            offset = f.tell()
+            return lines, f.tell()
     except OSError as err:
         raise InputError(path, f"cannot read file ({err.strerror or err})") from None
+
+
+def read_raw_header(path) -> RawHeader:
+    """The ``%`` header of a RAW or DAT file (RAW ends it with ``% end``; DAT with its 2 type/size bytes)."""
+    lines, offset = read_header_lines(path)
     fields: dict[str, str] = {}
     for line in lines:
         key, _, value = line.partition(" ")
