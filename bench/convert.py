@@ -2,7 +2,7 @@
 
 Four measurements, one table:
 
-(a) **decode**: N-Caltech101 ``.bin`` files decoded by ``evforge.dataset_builder.decoders.read_atis_bin`` and
+(a) **decode**: N-Caltech101 ``.bin`` files decoded by ``evforge.formats.decoders.read_atis_bin`` and
     by ``tonic.io.read_mnist_file`` (tonic's own N-Caltech101 reader, with tonic's N-Caltech101 dtype), the
     same files, interleaved, median of ``--repeats`` passes over all files, in events/s. Both outputs are
     checked to be the same events. Files: ``--ncaltech DIR`` (the real ``Caltech101`` event folder), else
@@ -45,11 +45,11 @@ if str(REPO) not in sys.path:
 import numpy as np  # noqa: E402
 from machine import machine_info, machine_tag, results_folder  # noqa: E402  (bench/machine.py)
 
-from evforge.dataset_builder.dataset import EventDataset, make_loader  # noqa: E402
-from evforge.dataset_builder.decoders import read_atis_bin, write_atis_bin  # noqa: E402
-from evforge.dataset_builder.manifest import MANIFEST_NAME, build_manifest, make_provenance  # noqa: E402
-from evforge.dataset_builder.shards import RAW_EVENT_BYTES, RollingShardWriter, ShardReader  # noqa: E402
-from evforge.events import make_events  # noqa: E402
+from evforge.data.dataset import EventDataset, make_loader  # noqa: E402
+from evforge.formats.decoders import read_atis_bin, write_atis_bin  # noqa: E402
+from evforge.formats.events import make_events  # noqa: E402
+from evforge.formats.manifest import MANIFEST_NAME, build_manifest, make_provenance  # noqa: E402
+from evforge.formats.shards import RAW_EVENT_BYTES, RollingShardWriter, ShardReader  # noqa: E402
 
 SENSOR = (240, 180)  # N-Caltech101's ATIS crop
 DURATION_US = 300_000  # an N-Caltech101 sample: three 100 ms saccades

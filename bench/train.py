@@ -72,8 +72,8 @@ import torch  # noqa: E402
 from machine import MemoryProbe, announce, bench_devices, cpuinfo, machine_info, machine_lines, result_paths  # noqa: E402
 from machine import sync as _sync
 
+from evforge.data.dataset import collate_events, make_loader  # noqa: E402
 from evforge.dataset_builder.build import build_dataset  # noqa: E402
-from evforge.dataset_builder.dataset import collate_events, make_loader  # noqa: E402
 from evforge.dataset_builder.synthetic import make_synthetic_classification  # noqa: E402
 from evforge.finetune.classification import ClassificationTask  # noqa: E402
 from evforge.finetune.segmentation import SegmentationTask  # noqa: E402

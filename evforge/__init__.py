@@ -13,15 +13,15 @@ __version__ = "0.1.0"
 # public name -> the module that defines it, in data-flow order
 _EXPORTS = {
     # events as structured numpy arrays
-    "EVENT_DTYPE": "evforge.events",
-    "make_events": "evforge.events",
-    "slice_by_time": "evforge.events",
-    "slice_by_count": "evforge.events",
-    "validate_events": "evforge.events",
+    "EVENT_DTYPE": "evforge.formats.events",
+    "make_events": "evforge.formats.events",
+    "slice_by_time": "evforge.formats.events",
+    "slice_by_count": "evforge.formats.events",
+    "validate_events": "evforge.formats.events",
     # stream files (one simulated or recorded sequence)
-    "StreamFile": "evforge.streamfile",
-    "StreamWriter": "evforge.streamfile",
-    "write_stream": "evforge.streamfile",
+    "StreamFile": "evforge.formats.streamfile",
+    "StreamWriter": "evforge.formats.streamfile",
+    "write_stream": "evforge.formats.streamfile",
     # the simulator
     "DVSParams": "evforge.simulator.params",
     "get_preset": "evforge.simulator.params",
@@ -34,13 +34,13 @@ _EXPORTS = {
     # datasets: build, verify, read
     "build_dataset": "evforge.dataset_builder.build",
     "verify_dataset": "evforge.dataset_builder.inspect",
-    "EventDataset": "evforge.dataset_builder.dataset",
-    "make_loader": "evforge.dataset_builder.dataset",
+    "EventDataset": "evforge.data.dataset",
+    "make_loader": "evforge.data.dataset",
     # representations of a packed batch
-    "voxel_grid": "evforge.representations",
-    "histogram": "evforge.representations",
-    "stacked_histograms": "evforge.representations",
-    "mem_image": "evforge.representations",
+    "voxel_grid": "evforge.data.representations",
+    "histogram": "evforge.data.representations",
+    "stacked_histograms": "evforge.data.representations",
+    "mem_image": "evforge.data.representations",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -13,13 +13,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from evforge.data.dataset import EventDataset, make_loader
+
 from .dataset_builder.build import build_dataset
-from .dataset_builder.dataset import EventDataset, make_loader
 from .dataset_builder.inspect import format_report, inspect_path, verify_dataset
-from .dataset_builder.preview import render_shard_preview
 from .dataset_builder.synthetic import make_synthetic_classification
 from .export import export_backbone
-from .preview import render_stream_preview
+from .preview.shards import render_shard_preview
+from .preview.streams import render_stream_preview
 from .simulator.pipeline import SimulateConfig, simulate_sequences
 from .simulator.scenes import SceneSpec, make_dataset
 from .simulator.sources import discover_sequences

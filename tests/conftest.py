@@ -62,7 +62,7 @@ class EventFactory:
 
     def sample(self, rng: np.random.Generator, n: int, *, start: int = 0, **kw) -> np.ndarray:
         """``n`` time-sorted events (x, y, t, p) drawn from ``rng``, starting after ``t0 + start``."""
-        from evforge.events import make_events
+        from evforge.formats.events import make_events
 
         o = {**self.defaults, **kw}
         t = np.sort(rng.integers(0, o["t_max"], n)) + o["t0"] + start
@@ -73,7 +73,7 @@ class EventFactory:
 
     def batch(self, lengths=None, seed: int = 0, **kw) -> tuple[dict, list]:
         """(packed batch of ``collate_events``, the samples) with ``lengths`` events per sample."""
-        from evforge.dataset_builder.dataset import collate_events
+        from evforge.data.dataset import collate_events
 
         o = {**self.defaults, **kw}
         rng = np.random.default_rng(seed)

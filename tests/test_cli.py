@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from evforge.cli import main
+from evforge.formats.streamfile import StreamFile
 from evforge.simulator.scenes import SceneSpec, make_dataset
-from evforge.streamfile import StreamFile
 
 
 @pytest.fixture()
@@ -230,8 +230,8 @@ def readonly(tmp_path):
 
 
 def _stream_file(path):
-    from evforge.events import make_events
-    from evforge.streamfile import write_stream
+    from evforge.formats.events import make_events
+    from evforge.formats.streamfile import write_stream
 
     rng = np.random.default_rng(0)
     n = 5000
@@ -286,7 +286,7 @@ def test_output_that_is_a_file_and_a_locked_output(atis_dataset, tmp_path, capsy
 def test_disk_full_in_convert_exits_3_not_1(atis_dataset, tmp_path, capsys, monkeypatch):
     import errno
 
-    from evforge.dataset_builder import shards
+    from evforge.formats import shards
 
     monkeypatch.chdir(tmp_path)
 

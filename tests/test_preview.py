@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evforge.events import make_events
-from evforge.preview import event_frame, render_stream_preview
-from evforge.streamfile import write_stream
+from evforge.formats.events import make_events
+from evforge.formats.streamfile import write_stream
+from evforge.preview.streams import event_frame, render_stream_preview
 
 W, H = 80, 60
 T0 = 5_000_000

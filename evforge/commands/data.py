@@ -26,12 +26,12 @@ def _cmd_preview(args) -> int:
 
     path = Path(args.file)
     if file_format(path) in ("dataset", "shard"):
-        from ..dataset_builder.preview import render_shard_preview
+        from ..preview.shards import render_shard_preview
 
         out = Path(args.out) if args.out else (path / "preview.png" if path.is_dir() else path.with_suffix(".png"))
         print(render_shard_preview(path, out, samples=args.samples, split=args.split, seed=args.seed))
         return 0
-    from ..preview import render_stream_preview
+    from ..preview.streams import render_stream_preview
 
     out = Path(args.out) if args.out else path.with_suffix(".png")
     try:

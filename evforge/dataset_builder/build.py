@@ -66,16 +66,16 @@ from typing import Callable, Sequence
 
 from tqdm.auto import tqdm
 
-from evforge.atomic import atomic_write_text
 from evforge.errors import output_error
+from evforge.formats.atomic import atomic_write_text
+from evforge.formats.completion import mark_complete, mark_incomplete
+from evforge.formats.manifest import MANIFEST_NAME, build_manifest, make_provenance
+from evforge.formats.shards import DEFAULT_TARGET_BYTES
 from evforge.locks import FolderLock
 
 from .build_executors import EXECUTORS, unit_results
 from .build_units import RECORD_SUFFIX, UnitResult, WorkUnit, plan_units, run_unit
-from .completion import mark_complete, mark_incomplete
 from .converters import get_converter
-from .manifest import MANIFEST_NAME, build_manifest, make_provenance
-from .shards import DEFAULT_TARGET_BYTES
 from .subsets import DEFAULT_PERCENTS, make_subsets, write_split_file
 
 __all__ = ["WorkUnit", "UnitResult", "BuildReport", "plan_units", "run_unit", "build_dataset", "ERRORS_NAME",

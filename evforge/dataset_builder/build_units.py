@@ -11,14 +11,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from evforge.atomic import atomic_write_text
 from evforge.errors import InputError
 from evforge.fingerprint import digest, sources_signature
+from evforge.formats.atomic import atomic_write_text
+from evforge.formats.shards import DEFAULT_TARGET_BYTES, FORMAT_VERSION, RAW_INDEX_BYTES, ShardWriter, sha256_file
 from evforge.watchdog import watch_parent
 
 from .converters import get_converter
 from .converters.base import DatasetPlan, SourceItem
-from .shards import DEFAULT_TARGET_BYTES, FORMAT_VERSION, RAW_INDEX_BYTES, ShardWriter, sha256_file
 
 __all__ = ["WorkUnit", "UnitResult", "RECORD_SUFFIX", "plan_units", "run_unit", "unit_fingerprint",
            "unit_sources", "record_path"]

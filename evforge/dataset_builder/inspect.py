@@ -14,13 +14,13 @@ import h5py
 import hdf5plugin  # noqa: F401  (registers Blosc, needed to open the event columns' filter pipeline)
 import numpy as np
 
+from evforge.formats.hdf5 import check_local, decode_attr
+from evforge.formats.manifest import MANIFEST_NAME, Manifest, compute_stats
+from evforge.formats.shards import RAW_EVENT_BYTES, ShardReader
+from evforge.formats.streamfile import StreamFile
+
 from ..errors import InputError
-from ..h5attrs import decode_attr
-from ..h5local import check_local
-from ..streamfile import StreamFile
-from .manifest import MANIFEST_NAME, Manifest, compute_stats
 from .recipe_report import format_recipe_summary, recipe_summary
-from .shards import RAW_EVENT_BYTES, ShardReader
 from .verify import verify
 
 __all__ = ["inspect_path", "format_report", "verify_dataset", "file_format", "compression_of"]
@@ -35,7 +35,7 @@ def file_format(path) -> str | None:
     """``"dataset"`` (a folder or manifest JSON), ``"shard"``, ``"stream"``, or None for anything else.
 
     An evforge file that keeps data outside itself (external links, storage, virtual datasets) is refused with
-    :class:`InputError` (:mod:`evforge.h5local`)."""
+    :class:`InputError` (:mod:`evforge.formats.hdf5`)."""
     path = Path(path)
     if path.is_dir() or path.suffix.lower() == ".json":
         return "dataset"

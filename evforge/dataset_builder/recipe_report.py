@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from evforge.formats.manifest import Manifest
+from evforge.formats.shards import ShardReader
+
 from ..errors import InputError
-from .manifest import Manifest
-from .shards import ShardReader
 
 __all__ = ["recipe_summary", "format_recipe_summary"]
 

@@ -8,11 +8,10 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from evforge.atomic import atomic_write_text
 from evforge.errors import InputError
-
-from .manifest import Manifest
-from .shards import ShardReader
+from evforge.formats.atomic import atomic_write_text
+from evforge.formats.manifest import Manifest
+from evforge.formats.shards import ShardReader
 
 __all__ = ["DEFAULT_PERCENTS", "stratified_split", "label_subsets", "make_subsets", "split_assignment",
            "locate_keys", "write_split_file", "split_file_lines", "read_split_file", "read_subset_file",

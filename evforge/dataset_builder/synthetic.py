@@ -12,12 +12,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..events import make_events
+from evforge.formats.decoders import write_atis_bin
+from evforge.formats.events import make_events
+
 from ..simulator.engine import BatchEngine
 from ..simulator.params import get_preset
 from ..simulator.resample import prepare_frames
 from ..simulator.upsample import UpsampleConfig
-from .decoders import write_atis_bin
 
 __all__ = ["SHAPES", "make_synthetic_classification", "render_clip", "simulate_clips"]
 

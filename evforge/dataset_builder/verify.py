@@ -6,9 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from evforge.errors import InputError
-
-from .manifest import Manifest
-from .shards import ShardReader, sha256_file
+from evforge.formats.manifest import Manifest
+from evforge.formats.shards import ShardReader, sha256_file
 
 __all__ = ["verify"]
 

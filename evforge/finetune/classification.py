@@ -42,12 +42,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .. import augment
-from ..dataset_builder.dataset import EventDataset, collate_events, resolve_manifest
-from ..dataset_builder.manifest import Manifest
+from evforge.data import augment
+from evforge.data.dataset import EventDataset, collate_events, resolve_manifest
+from evforge.data.representations import histogram, voxel_grid
+from evforge.formats.manifest import Manifest
+
 from ..dataset_builder.subsets import read_subset_file
 from ..pretrain.mem.inputs import MEMInputConfig, mem_inputs
-from ..representations import histogram, voxel_grid
 from ..trainer.config import ConfigError, merge
 from ..trainer.metrics import Mean, mean_metrics
 from ..trainer.task import Task, keys_generator

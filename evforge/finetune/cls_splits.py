@@ -7,8 +7,9 @@ from __future__ import annotations
 import numpy as np
 from torch.utils.data import Dataset
 
-from ..dataset_builder.dataset import EventDataset
-from ..dataset_builder.manifest import Manifest
+from evforge.data.dataset import EventDataset
+from evforge.formats.manifest import Manifest
+
 from ..dataset_builder.subsets import stratified_split
 from ..errors import ConfigError
 from ..trainer.sampler import mix_seed

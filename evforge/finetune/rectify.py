@@ -9,10 +9,10 @@ label window (data/DESC_dataset.py:296-303, data/seg_utils.py:320-336):
 2. splits the window into its chunks *before* anything is dropped;
 3. casts the coordinates to int64 (``astype``: truncation toward zero, so -0.7 -> 0) and drops events with
    x outside [0, W) or y >= H in the histogram (y < 0 is not checked: see
-   :func:`evforge.representations.stacked_histograms` ``wrap_negative_rows``).
+   :func:`evforge.data.representations.stacked_histograms` ``wrap_negative_rows``).
 
 :class:`Rectifier` does step 1 and 3's rounding on the samples of a *raw* dataset (built without
-``--rectify``) and keeps every event, so that :func:`~evforge.representations.stacked_histograms` chunks and
+``--rectify``) and keeps every event, so that :func:`~evforge.data.representations.stacked_histograms` chunks and
 drops in the reference's order. ``rounding="rint"`` gives the converter's rounding instead. The maps are read
 from the DSEC source (``<root>/[<split>/]<sequence>/events/left/rectify_map.h5`` or ``.../events_left/...``).
 """

@@ -8,9 +8,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..dataset_builder.dataset import collate_events, resolve_manifest
-from ..dataset_builder.manifest import Manifest
-from ..dataset_builder.shards import ShardReader
+from evforge.data.dataset import collate_events, resolve_manifest
+from evforge.formats.manifest import Manifest
+from evforge.formats.shards import ShardReader
+
 from ..labels import DSEC_SENSOR_SIZE as SENSOR_SIZE
 from .rectify import Rectifier
 

@@ -52,10 +52,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..dataset_builder.dataset import resolve_manifest
-from ..dataset_builder.manifest import Manifest
+from evforge.data.dataset import resolve_manifest
+from evforge.data.representations import stacked_histograms
+from evforge.formats.manifest import Manifest
+
 from ..labels import DSEC_CLASSES
-from ..representations import stacked_histograms
 from ..trainer.metrics import Mean, mean_metrics
 from ..trainer.optim import default_param_groups
 from ..trainer.task import Task

@@ -1,9 +1,33 @@
-"""Readers of raw event-camera recordings (bottom of the data flow: bytes -> event arrays).
+"""File formats and readers, the bottom of the data flow: bytes <-> event arrays.
 
-:func:`open_recording` opens any supported recording (AEDAT4, Prophesee RAW EVT2/EVT3 and DAT, DSEC
-``events.h5``, evforge stream files) and streams it as :data:`~evforge.events.EVENT_DTYPE` chunks.
+* :mod:`.events` -- the event array (``EVENT_DTYPE``, a structured numpy array sorted by ``t``) and its checks;
+* :mod:`.atomic` -- atomic writes (temp file, then rename) used by every writer;
+* :mod:`.hdf5` (root attrs, refusing data stored outside a file) and :mod:`.h5guard` (writes that cannot crash
+  HDF5): the HDF5 core shared by stream files and shards;
+* :mod:`.streamfile` -- stream files (one sequence: events + frame times);
+* :mod:`.shards` -- shard files (many samples) and :mod:`.manifest` (a dataset's manifest, checksums, stats),
+  :mod:`.completion` (the incomplete-build marker);
+* :mod:`.recording` (with :mod:`.prophesee`) -- raw camera recordings (AEDAT4, Prophesee RAW EVT2/EVT3 and DAT,
+  DSEC ``events.h5``, stream files) streamed as event chunks; :mod:`.decoders` -- the files of the public
+  datasets (N-Caltech101 ``.bin``, N-ImageNet ``.npz``, N-Cars ``.dat``).
+
+:func:`open_recording` and the recording names are importable from here, loaded on first use so that importing
+one format does not import the others.
 """
 
-from .recording import FORMATS, Recording, find_recordings, open_recording
+from __future__ import annotations
 
-__all__ = ["FORMATS", "Recording", "find_recordings", "open_recording"]
+import importlib
+
+_EXPORTS = {name: "evforge.formats.recording" for name in ("FORMATS", "Recording", "find_recordings",
+                                                             "open_recording")}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'evforge.formats' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

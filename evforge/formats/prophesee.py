@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from evforge.errors import InputError
-from evforge.events import EVENT_DTYPE
+from evforge.formats.events import EVENT_DTYPE
 
 __all__ = ["RawHeader", "Block", "read_header_lines", "read_raw_header", "iter_evt2", "iter_evt3", "iter_dat",
            "TRIGGER_DTYPE"]

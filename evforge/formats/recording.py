@@ -2,7 +2,7 @@
 
 A :class:`Recording` knows its format and sensor size (``None`` when the file does not say: DAT without
 ``% Width``/``% Height``) and streams its events with :meth:`Recording.chunks` as
-:data:`~evforge.events.EVENT_DTYPE` arrays (absolute microseconds, epoch time where the camera wrote it) in file
+:data:`~evforge.formats.events.EVENT_DTYPE` arrays (absolute microseconds, epoch time where the camera wrote it) in file
 order, with bounded memory, optionally restricted to ``[t_start, t_stop)``. Side data (triggers; AEDAT4 IMU)
 comes alongside each chunk.
 
@@ -28,7 +28,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from evforge.errors import InputError
-from evforge.events import EVENT_DTYPE
+from evforge.formats.events import EVENT_DTYPE
 
 from .prophesee import TRIGGER_DTYPE, iter_dat, iter_evt2, iter_evt3, read_raw_header
 

@@ -19,7 +19,8 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..atomic import atomic_output
+from evforge.formats.atomic import atomic_output
+
 from ..errors import InputError, OutputError, output_error
 
 __all__ = ["FORMAT", "SWIN_ARCH", "NON_TIMM_PREFIXES", "write_backbone", "read_backbone", "backbone_weights",

@@ -63,8 +63,8 @@ from pathlib import Path
 
 import numpy as np
 
-from evforge.atomic import atomic_write_text
 from evforge.errors import InputError
+from evforge.formats.atomic import atomic_write_text
 
 from .sources import EventSource, load_source
 from .stats import per_pixel_intervals, pixel_counts
@@ -124,7 +124,7 @@ def calibrate(path, *, frames=None, base: str = "default", max_events: int = 20_
 
 
 def _stream_frames(path) -> np.ndarray | None:
-    from evforge.streamfile import StreamFile
+    from evforge.formats.streamfile import StreamFile
 
     with StreamFile(path) as s:
         n = len(s.frame_times)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evforge.atomic import atomic_write_text, commit, temp_path
+from evforge.formats.atomic import atomic_write_text, commit, temp_path
 
 from .sources import EventSource, load_source
 from .stats import StatsConfig, event_stats, pixel_counts

@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 
 from evforge.errors import InputError
-from evforge.events import EVENT_DTYPE
+from evforge.formats.events import EVENT_DTYPE
 
 __all__ = ["EventSource", "load_source"]
 
@@ -47,7 +47,7 @@ def load_source(path, *, max_events: int = DEFAULT_MAX_EVENTS, sensor_size=None,
     if path.is_dir() or path.name == "manifest.json":
         ev, size, kind = _dataset(path, split, max_events)
     elif path.suffix.lower() == ".bin":
-        from evforge.dataset_builder.decoders import read_atis_bin
+        from evforge.formats.decoders import read_atis_bin
 
         ev, size, kind = read_atis_bin(path)[:max_events], None, "atis"
     elif path.suffix.lower() in (".h5", ".hdf5") and _is_shard(path):
@@ -89,7 +89,7 @@ def _is_shard(path: Path) -> bool:
 
 
 def _shards(paths, max_events: int):
-    from evforge.dataset_builder.shards import ShardReader
+    from evforge.formats.shards import ShardReader
 
     parts, n, clock, size = [], 0, 0, None
     for p in paths:
@@ -108,8 +108,8 @@ def _shards(paths, max_events: int):
 
 
 def _dataset(path: Path, split: str, max_events: int):
-    from evforge.dataset_builder.dataset import resolve_manifest
-    from evforge.dataset_builder.manifest import Manifest
+    from evforge.data.dataset import resolve_manifest
+    from evforge.formats.manifest import Manifest
 
     manifest_path = resolve_manifest(path)
     manifest = Manifest.load(manifest_path)  # refuses an incomplete dataset

@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..events import make_events
+from evforge.formats.events import make_events
+
 from .params import DVSParams, parse_resolution
 from .pixel import EventSimulator, StepEvents, inverse_lin_log
 from .resample import area_resize, prepare_frames, resize_flow, rgb_to_gray
@@ -135,7 +136,7 @@ def simulate_frames(frames, timestamps_us, params: DVSParams, *, seed: int = 0, 
 
     ``resolution``: None/"native", a name such as "dvs346", "WxH" or (W, H).
     ``flows`` (N-1, H, W, 2) optional optical flow between consecutive frames (native resolution).
-    Returns an event array (:data:`evforge.events.EVENT_DTYPE`).
+    Returns an event array (:data:`evforge.formats.events.EVENT_DTYPE`).
     """
     frames = np.asarray(frames)
     ts = np.asarray(timestamps_us, dtype=np.int64)

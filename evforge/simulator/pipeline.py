@@ -28,10 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from evforge.formats.events import make_events
+from evforge.formats.streamfile import StreamWriter
+
 from ..errors import InputError, OutputError
-from ..events import make_events
 from ..locks import FolderLock
-from ..streamfile import StreamWriter
 from . import cpu_frames
 from .engine import BatchEngine, resolve_device
 from .params import DVSParams, parse_resolution

@@ -21,11 +21,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from evforge.formats.atomic import atomic_write_text
+from evforge.formats.streamfile import StreamFile, is_complete_stream
+
 from .. import __version__
-from ..atomic import atomic_write_text
 from ..errors import InputError
 from ..fingerprint import differences
-from ..streamfile import StreamFile, is_complete_stream
 from .engine import resolve_device
 from .hashing import mix32
 from .params import DVSParams, parse_resolution

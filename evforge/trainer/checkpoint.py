@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..atomic import atomic_output
+from evforge.formats.atomic import atomic_output
+
 from ..errors import InputError
 
 __all__ = ["save_checkpoint", "load_checkpoint", "read_trainer_checkpoint", "TRAINER_FORMAT", "rng_state",

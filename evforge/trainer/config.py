@@ -24,7 +24,8 @@ from typing import Any, Iterable
 
 import yaml
 
-from ..atomic import atomic_write_text
+from evforge.formats.atomic import atomic_write_text
+
 from ..errors import ConfigError, InputError
 from ..models.options import check_fields  # noqa: F401 (re-exported: the old import path)
 

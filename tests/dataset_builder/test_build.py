@@ -28,13 +28,13 @@ from evforge.dataset_builder.build import (
     plan_units,
 )
 from evforge.dataset_builder.converters import get_converter
-from evforge.dataset_builder.decoders import read_atis_bin, write_atis_bin, write_nimagenet_npz, write_prophesee_dat
-from evforge.dataset_builder.manifest import MANIFEST_NAME, Manifest
-from evforge.dataset_builder.shards import ShardReader
 from evforge.dataset_builder.subsets import read_split_file, split_assignment
 from evforge.dataset_builder.verify import verify
 from evforge.errors import LockedError
-from evforge.events import EVENT_DTYPE, make_events
+from evforge.formats.decoders import read_atis_bin, write_atis_bin, write_nimagenet_npz, write_prophesee_dat
+from evforge.formats.events import EVENT_DTYPE, make_events
+from evforge.formats.manifest import MANIFEST_NAME, Manifest
+from evforge.formats.shards import ShardReader
 from evforge.locks import FolderLock
 
 CLASSES = ["BACKGROUND_Google", "Faces_easy", "airplanes", "ant", "elephant"]

@@ -17,7 +17,8 @@ import pytest
 from evforge.dataset_builder import converters as registry
 from evforge.dataset_builder.converters import CONVERTERS, available, get_converter, register
 from evforge.dataset_builder.converters.base import DatasetPlan, Sample, SourceItem
-from evforge.dataset_builder.decoders import (
+from evforge.errors import InputError
+from evforge.formats.decoders import (
     read_atis_bin,
     read_nimagenet_npz,
     read_prophesee_dat,
@@ -25,8 +26,7 @@ from evforge.dataset_builder.decoders import (
     write_nimagenet_npz,
     write_prophesee_dat,
 )
-from evforge.errors import InputError
-from evforge.events import EVENT_DTYPE, make_events
+from evforge.formats.events import EVENT_DTYPE, make_events
 
 CALTECH_CLASSES = ["BACKGROUND_Google", "Faces_easy", "ant", "elephant", "airplanes"]
 

@@ -26,16 +26,16 @@ import h5py
 import numpy as np
 import pytest
 
+from evforge.data.dataset import EventDataset
 from evforge.dataset_builder.build import ERRORS_NAME, build_dataset
-from evforge.dataset_builder.completion import INCOMPLETE_NAME
-from evforge.dataset_builder.dataset import EventDataset
-from evforge.dataset_builder.decoders import write_atis_bin
 from evforge.dataset_builder.inspect import inspect_path, verify_dataset
-from evforge.dataset_builder.manifest import MANIFEST_NAME, Manifest
-from evforge.dataset_builder.shards import ShardReader, ShardWriter, sha256_file
 from evforge.dataset_builder.verify import verify
 from evforge.errors import InputError, OutputError
-from evforge.events import make_events
+from evforge.formats.completion import INCOMPLETE_NAME
+from evforge.formats.decoders import write_atis_bin
+from evforge.formats.events import make_events
+from evforge.formats.manifest import MANIFEST_NAME, Manifest
+from evforge.formats.shards import ShardReader, ShardWriter, sha256_file
 
 CLASSES = ["airplanes", "ant", "bass", "chair"]
 FAST = dict(progress=False, command="evforge convert ncaltech101 SRC --out OUT")
@@ -239,7 +239,7 @@ def test_loader_refuses_a_shard_replaced_while_open(src, tmp_path):
 def test_disk_full_during_convert_is_one_output_error_and_the_rerun_completes(src, tmp_path, monkeypatch):
     out, ref = tmp_path / "out", tmp_path / "ref"
     build_dataset("ncaltech101", src, ref, samples_per_unit=6, **FAST)
-    from evforge.dataset_builder import shards
+    from evforge.formats import shards
 
     real_close, calls = shards.ShardWriter.close, []
 

@@ -14,10 +14,10 @@ from PIL import Image
 
 from evforge.dataset_builder.converters.dsec import DSECConverter
 from evforge.dataset_builder.converters.tartanair import TartanAirConverter
-from evforge.dataset_builder.shards import ShardReader, ShardWriter
 from evforge.errors import InputError
-from evforge.events import make_events
-from evforge.streamfile import write_stream
+from evforge.formats.events import make_events
+from evforge.formats.shards import ShardReader, ShardWriter
+from evforge.formats.streamfile import write_stream
 
 T_OFFSET = 47_000_123_456  # DSEC's t_offset: absolute us of the recording start
 N_EVENTS = 30_000

@@ -14,6 +14,7 @@ import h5py
 import numpy as np
 import pytest
 
+from evforge.data.dataset import EventDataset
 from evforge.dataset_builder.build import build_dataset
 from evforge.dataset_builder.converters.etartanair_intervals import (
     REFERENCE_MIN_BYTES,
@@ -23,11 +24,10 @@ from evforge.dataset_builder.converters.etartanair_intervals import (
     select_intervals,
 )
 from evforge.dataset_builder.converters.tartanair import TartanAirConverter
-from evforge.dataset_builder.dataset import EventDataset
 from evforge.dataset_builder.inspect import format_report, inspect_path
 from evforge.errors import InputError
-from evforge.events import make_events
-from evforge.streamfile import write_stream
+from evforge.formats.events import make_events
+from evforge.formats.streamfile import write_stream
 
 W, H = 640, 480
 BIG, SMALL = 20_000, 5_000  # random events: about 180 KB and 50 KB in the reference layout

@@ -6,18 +6,18 @@ import h5py
 import numpy as np
 import pytest
 
-from evforge.dataset_builder.decoders import read_atis_bin
 from evforge.dataset_builder.inspect import format_report, inspect_path, verify_dataset
-from evforge.dataset_builder.manifest import MANIFEST_NAME, build_manifest, make_provenance
-from evforge.dataset_builder.preview import render_shard_preview
-from evforge.dataset_builder.shards import ShardWriter
 from evforge.dataset_builder.subsets import make_subsets
 from evforge.dataset_builder.synthetic import make_synthetic_classification, render_clip, simulate_clips
 from evforge.errors import InputError
-from evforge.events import make_events
+from evforge.formats.decoders import read_atis_bin
+from evforge.formats.events import make_events
+from evforge.formats.manifest import MANIFEST_NAME, build_manifest, make_provenance
+from evforge.formats.shards import ShardWriter
+from evforge.formats.streamfile import write_stream
+from evforge.preview.shards import render_shard_preview
 from evforge.simulator.engine import simulate_frames
 from evforge.simulator.params import get_preset
-from evforge.streamfile import write_stream
 
 W, H = 40, 30
 CLASSES = ["airplanes", "cars", "dogs"]

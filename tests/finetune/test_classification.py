@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import evforge
-from evforge.dataset_builder.dataset import EventDataset
+from evforge.data.dataset import EventDataset
 from evforge.export import backbone_weights, export_backbone, load_backbone, read_backbone
 from evforge.finetune import get_task
 from evforge.finetune.backbones import adapt_patch_embed, build_classifier

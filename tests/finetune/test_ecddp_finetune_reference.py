@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 import evforge
+from evforge.data.representations import stacked_histograms
 from evforge.dataset_builder.build import build_dataset
 from evforge.errors import InputError
 from evforge.export import export_backbone, import_checkpoint, load_backbone, read_backbone
@@ -36,7 +37,6 @@ from evforge.finetune.segmentation import (
     task_options,
     warp_pair,
 )
-from evforge.representations import stacked_histograms
 from evforge.trainer.config import load_config
 from evforge.trainer.trainer import Trainer
 

@@ -92,7 +92,7 @@ class _Replay(nn.Module):
 
 def _mask_batch(masks):
     """A packed batch of one event per sample on a 4x6 sensor with these 4x3 labels (crop_bottom 1)."""
-    items = [{"events": np.array([(1, 1, 10, 1)], dtype=evforge.events.EVENT_DTYPE), "label": -1, "key": str(i),
+    items = [{"events": np.array([(1, 1, 10, 1)], dtype=evforge.formats.events.EVENT_DTYPE), "label": -1, "key": str(i),
               "mask": m.numpy().astype(np.uint8)} for i, m in enumerate(masks)]
     return SegCollate()(items)
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from evforge.dataset_builder.dataset import collate_events
-from evforge.events import make_events
+from evforge.data.dataset import collate_events
+from evforge.formats.events import make_events
 from evforge.pretrain.ecddp import ECDDPConfig, ECDDPModel, cosine_kmeans, sinkhorn_knopp
 from evforge.pretrain.ecddp.backbone import FusedSwin
 from evforge.pretrain.ecddp.masking import BlockMaskGenerator

@@ -9,9 +9,9 @@ import torch
 
 import evforge
 from evforge.cli import main
+from evforge.data.representations import voxel_grid
 from evforge.export import export_backbone, load_backbone, read_backbone
 from evforge.pretrain.ecddp.task import ECDDPTask
-from evforge.representations import voxel_grid
 from evforge.trainer.config import load_config
 from evforge.trainer.trainer import Trainer
 

@@ -16,11 +16,12 @@ import pytest
 import torch
 
 import evforge
-from evforge.dataset_builder.dataset import collate_events
-from evforge.events import make_events
+from evforge.data.dataset import collate_events
+from evforge.data.representations import remove_hot_pixels
 from evforge.finetune.backbones import create_model, load_init, resolve_spec
 from evforge.finetune.beit import block_dropout, per_layer_rel_pos_bias, reset_fc_norm
 from evforge.finetune.layer_decay import layer_decay_groups
+from evforge.formats.events import make_events
 from evforge.pretrain.mem import BEiTMaskGenerator, DiscreteVAE, DVAEConfig, MEMConfig, MEMModel, RandomMaskGenerator
 from evforge.pretrain.mem.inputs import Draws, MEMInputConfig, mem_inputs
 from evforge.pretrain.mem.randaugment import (
@@ -32,7 +33,6 @@ from evforge.pretrain.mem.randaugment import (
     rand_augment,
     signed_magnitudes,
 )
-from evforge.representations import remove_hot_pixels
 from evforge.trainer.config import load_config
 from evforge.trainer.schedules import make_schedule
 

@@ -11,11 +11,11 @@ import pytest
 import yaml
 
 from evforge.cli import main
+from evforge.formats.streamfile import StreamFile, write_stream
 from evforge.realism.calibrate import calibrate, calibrate_events, read_camera_params, write_camera_file
 from evforge.realism.sources import EventSource
 from evforge.simulator.engine import simulate_frames
 from evforge.simulator.params import DVSParams
-from evforge.streamfile import StreamFile, write_stream
 
 TOLERANCE = 0.15  # relative error allowed for every identifiable parameter
 TRUE = DVSParams(pos_thres=0.25, neg_thres=0.2, sigma_thres=0.03, cutoff_hz=30.0, leak_rate_hz=0.5,

@@ -131,9 +131,9 @@ def test_a_converted_dataset_is_a_source(tmp_path):
 
 
 def test_a_simulation_compared_with_itself_shows_no_difference(tmp_path):
+    from evforge.formats.streamfile import write_stream
     from evforge.simulator.engine import simulate_frames
     from evforge.simulator.params import get_preset
-    from evforge.streamfile import write_stream
 
     frames = np.zeros((21, 24, 32), np.uint8)
     for i in range(21):

@@ -13,7 +13,7 @@ from raw_encoders import encode_aedat4, encode_dat, encode_evt2, encode_evt3, ra
 from evforge.errors import InputError
 from evforge.formats import find_recordings, open_recording
 from evforge.formats.prophesee import iter_evt2, iter_evt3, read_raw_header
-from evforge.streamfile import write_stream
+from evforge.formats.streamfile import write_stream
 
 REAL = Path(__file__).resolve().parents[3] / "shared" / "realdata"  # /work/shared from /work/main/tests/recordings
 if not REAL.is_dir():
@@ -167,7 +167,7 @@ def test_dsec_events_h5_keeps_t_offset(tmp_path):
 
 def test_evforge_stream_file(tmp_path):
     x, y, t, p = random_events(2000, 32, 24, seed=4, t0=10_000, span_us=30_000)
-    from evforge.events import make_events
+    from evforge.formats.events import make_events
 
     ev = make_events(x, y, t, p)
     write_stream(tmp_path / "s.h5", ev, [10_000, 40_000], width=32, height=24)

@@ -11,11 +11,11 @@ import pytest
 import torch
 from raw_encoders import encode_aedat4, encode_dat, encode_evt2, encode_evt3, random_events
 
+from evforge.data.dataset import EventDataset, collate_events
 from evforge.dataset_builder.build import build_dataset
-from evforge.dataset_builder.dataset import EventDataset, collate_events
-from evforge.dataset_builder.shards import ShardReader
 from evforge.dataset_builder.verify import verify
 from evforge.formats import open_recording
+from evforge.formats.shards import ShardReader
 from evforge.pretrain.mem.inputs import MEMInputConfig, mem_inputs
 
 REAL = Path("/work/shared/realdata")

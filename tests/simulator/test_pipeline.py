@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+from evforge.formats.streamfile import StreamFile, is_complete_stream
 from evforge.simulator.engine import simulate_frames
 from evforge.simulator.pipeline import SimulateConfig, output_path, sequence_seed, simulate_sequences
 from evforge.simulator.resample import prepare_frames
 from evforge.simulator.scenes import SceneSpec, make_dataset, make_sequence
 from evforge.simulator.sources import discover_sequences
 from evforge.simulator.upsample import UpsampleConfig
-from evforge.streamfile import StreamFile, is_complete_stream
 
 SMALL = SceneSpec(width=48, height=36, frames=6, speed_px=2.0, seed=3)
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from evforge.formats.streamfile import StreamFile
 from evforge.simulator.params import get_preset
 from evforge.simulator.pipeline import sequence_seed, simulate_sequences
 from evforge.simulator.recipes import RECIPES, get_recipe
 from evforge.simulator.scenes import SceneSpec, make_dataset
 from evforge.simulator.sources import discover_sequences
-from evforge.streamfile import StreamFile
 
 
 def test_ecddp_recipe_values_are_the_public_codes():

@@ -14,11 +14,11 @@ import pytest
 
 from evforge.cli import main
 from evforge.errors import InputError, LockedError
+from evforge.formats.streamfile import is_complete_stream
 from evforge.locks import FolderLock
 from evforge.simulator.pipeline import SUMMARY_NAME, SimulateConfig, parse_devices, simulate_sequences
 from evforge.simulator.scenes import SceneSpec, make_sequence
 from evforge.simulator.sources import TartanAirV1Sequence, discover_sequences
-from evforge.streamfile import is_complete_stream
 
 CFG = dict(preset="noisy", overrides={"shot_noise_rate_hz": 5.0}, device="cpu", resolution="32x24", batch=2)
 COLUMNS = ("events/x", "events/y", "events/p", "events/t", "t_offset", "ms_to_idx", "frames/t", "frames/event_idx")

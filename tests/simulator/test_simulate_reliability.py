@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evforge import streamfile
 from evforge.cli import main
-from evforge.h5guard import GuardedFile
+from evforge.formats import streamfile
+from evforge.formats.h5guard import GuardedFile
+from evforge.formats.streamfile import StreamFile
 from evforge.simulator import pipeline
 from evforge.simulator.scenes import SceneSpec, make_sequence
-from evforge.streamfile import StreamFile
 
 SIM = ["--preset", "noisy", "--device", "cpu", "--batch", "1", "--quiet"]
 

@@ -145,7 +145,7 @@ def blob_events(rng: np.random.Generator, n: int, width: int, height: int, *, ho
 
 def real_events() -> dict:
     """The two real recordings of ``shared/realdata`` (when present), decoded by evforge, as MEM's npy rows."""
-    from evforge.dataset_builder.decoders import read_atis_bin, read_prophesee_dat
+    from evforge.formats.decoders import read_atis_bin, read_prophesee_dat
 
     out = {}
     for name, path, read in (("ncars_real", REALDATA / "sample_ncars.dat", read_prophesee_dat),
@@ -467,8 +467,8 @@ def evforge_images(samples, draws, geo: str, *, train: bool, recipe: str) -> tor
     """evforge's :func:`mem_inputs` on ``samples`` with the reference's ``draws``: ``recipe`` reference (the
     input keys of configs/pretrain/mem_<dataset>_reference.yaml) or evforge (those of mem_<dataset>.yaml), at
     the fixture's input size and window."""
-    from evforge.dataset_builder.dataset import collate_events
-    from evforge.events import make_events
+    from evforge.data.dataset import collate_events
+    from evforge.formats.events import make_events
     from evforge.pretrain.mem.inputs import Draws, MEMInputConfig, mem_inputs
     from evforge.trainer.config import load_config
 

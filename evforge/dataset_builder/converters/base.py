@@ -31,7 +31,7 @@ class Sample:
     """One converted sample, as the shard writer takes it."""
 
     key: str
-    events: np.ndarray  # evforge.events.EVENT_DTYPE, absolute t in us
+    events: np.ndarray  # evforge.formats.events.EVENT_DTYPE, absolute t in us
     label: int = -1
     frame_times: np.ndarray | None = None  # stream samples: source-frame (or label) times, us
     attrs: dict = field(default_factory=dict)

@@ -44,7 +44,7 @@ import numpy as np
 from PIL import Image
 
 from evforge.errors import InputError
-from evforge.events import EVENT_DTYPE
+from evforge.formats.events import EVENT_DTYPE
 from evforge.labels import DSEC_LABEL_CLASSES, DSEC_SENSOR_SIZE
 
 from .base import DatasetPlan, Sample, SourceItem

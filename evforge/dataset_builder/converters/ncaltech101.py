@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from evforge.errors import InputError
+from evforge.formats.decoders import check_events, read_atis_bin
 
-from ..decoders import check_events, read_atis_bin
 from ..subsets import split_file_lines, stratified_split
 from .base import DatasetPlan, Sample, SourceItem
 

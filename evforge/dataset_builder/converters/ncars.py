@@ -14,8 +14,8 @@ import os
 from pathlib import Path
 
 from evforge.errors import InputError
+from evforge.formats.decoders import read_prophesee_dat
 
-from ..decoders import read_prophesee_dat
 from .base import DatasetPlan, Sample, SourceItem
 from .ncaltech101 import check_unsorted_policy, read_checked
 

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from evforge.errors import InputError
+from evforge.formats.decoders import check_events, read_nimagenet_npz
 
-from ..decoders import check_events, read_nimagenet_npz
 from .base import DatasetPlan, Sample, SourceItem
 from .ncaltech101 import check_file_order, check_unsorted_policy
 

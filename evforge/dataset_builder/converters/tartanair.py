@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from evforge.errors import InputError
-from evforge.streamfile import StreamFile
+from evforge.formats.streamfile import StreamFile
 
 from .base import DatasetPlan, Sample, SourceItem
 from .etartanair_intervals import interval_bounds, reference_file_bytes, reference_times, select_intervals
@@ -182,8 +182,8 @@ class TartanAirConverter:
         self._failed = {}
         if not plan.params.get("simulate"):
             return
+        from evforge.formats.streamfile import is_complete_stream
         from evforge.simulator.pipeline import simulate_sequences, stored_differences
-        from evforge.streamfile import is_complete_stream
 
         jobs = [pickle.loads(item.extra[2]) for item in items]
         todo = [seq for item, (seq, cfg, size, _) in zip(items, jobs)

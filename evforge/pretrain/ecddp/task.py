@@ -23,9 +23,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...augment import crop_events, crop_windows
-from ...dataset_builder.dataset import EventDataset, collate_events
-from ...representations import voxel_grid
+from evforge.data.augment import crop_events, crop_windows
+from evforge.data.dataset import EventDataset, collate_events
+from evforge.data.representations import voxel_grid
+
 from ...trainer.metrics import Mean, batch_count
 from ...trainer.task import Task
 from .export import export_tensors

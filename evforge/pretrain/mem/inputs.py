@@ -39,8 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...augment import crop_windows, flip_x, random_window, shift, time_flip
-from ...representations import mem_counts, normalize_max, remove_hot_pixels
+from evforge.data.augment import crop_windows, flip_x, random_window, shift, time_flip
+from evforge.data.representations import mem_counts, normalize_max, remove_hot_pixels
+
 from .randaugment import (
     ColorJitterConfig,
     RandAugmentConfig,

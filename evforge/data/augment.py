@@ -1,6 +1,6 @@
 """Augmentations on packed event batches and on image-like tensors, vectorised over the batch.
 
-Event space (the packed dict of :func:`~evforge.dataset_builder.dataset.collate_events`): :func:`flip_x`,
+Event space (the packed dict of :func:`~evforge.data.dataset.collate_events`): :func:`flip_x`,
 :func:`flip_y`, :func:`time_flip`, :func:`shift`, :func:`random_window`, :func:`crop_events`. Each sample gets
 its own random draw from the ``generator`` passed in (draws are made on the generator's device, CPU by
 default, so a seed gives the same augmentation whether the events sit on CPU or CUDA). Every function returns

@@ -8,17 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from evforge.dataset_builder.dataset import (
+from evforge.data.dataset import (
     EventDataset,
     collate_events,
     make_loader,
     make_sampler,
     unpack,
 )
-from evforge.dataset_builder.manifest import MANIFEST_NAME, build_manifest, make_provenance
-from evforge.dataset_builder.shards import ShardWriter
 from evforge.dataset_builder.subsets import make_subsets
-from evforge.events import EVENT_DTYPE, make_events
+from evforge.formats.events import EVENT_DTYPE, make_events
+from evforge.formats.manifest import MANIFEST_NAME, build_manifest, make_provenance
+from evforge.formats.shards import ShardWriter
 
 W, H = 40, 30
 CLASSES = ["airplanes", "cars", "dogs"]

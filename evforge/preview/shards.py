@@ -1,7 +1,7 @@
 """``evforge preview`` for shards: a PNG grid of event frames of random samples (or stream windows).
 
 A quick look at what a converter produced: each panel is one item of :class:`EventDataset` rendered with
-:func:`evforge.preview.event_frame`, titled with its key, class name and event count.
+:func:`evforge.preview.streams.event_frame`, titled with its key, class name and event count.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ..atomic import atomic_output
-from ..errors import InputError
-from ..preview import event_frame
-from .dataset import EventDataset
-from .inspect import file_format
-from .manifest import MANIFEST_NAME, Manifest
+from evforge.data.dataset import EventDataset
+from evforge.dataset_builder.inspect import file_format
+from evforge.errors import InputError
+from evforge.formats.atomic import atomic_output
+from evforge.formats.manifest import MANIFEST_NAME, Manifest
+from evforge.preview.streams import event_frame
 
 __all__ = ["render_shard_preview", "open_items"]
 

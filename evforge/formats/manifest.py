@@ -38,11 +38,10 @@ import numpy as np
 import torch
 
 import evforge
-from evforge.atomic import atomic_write_text
 from evforge.errors import InputError
-
-from .completion import incomplete_problem
-from .shards import KINDS, ShardReader, sha256_file
+from evforge.formats.atomic import atomic_write_text
+from evforge.formats.completion import incomplete_problem
+from evforge.formats.shards import KINDS, ShardReader, sha256_file
 
 __all__ = ["SCHEMA_VERSION", "MANIFEST_NAME", "Manifest", "build_manifest", "make_provenance", "compute_stats",
            "path_problem"]

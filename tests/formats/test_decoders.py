@@ -1,4 +1,4 @@
-"""Tests for evforge.dataset_builder.decoders: real bytes, bit-exact round trips, and every bad input."""
+"""Tests for evforge.formats.decoders: real bytes, bit-exact round trips, and every bad input."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evforge.dataset_builder.decoders import (
+from evforge.errors import InputError
+from evforge.formats.decoders import (
     check_events,
     read_atis_bin,
     read_nimagenet_npz,
@@ -19,8 +20,7 @@ from evforge.dataset_builder.decoders import (
     write_nimagenet_npz,
     write_prophesee_dat,
 )
-from evforge.errors import InputError
-from evforge.events import EVENT_DTYPE, make_events
+from evforge.formats.events import EVENT_DTYPE, make_events
 
 
 def _realdata_dir() -> Path:

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from evforge.errors import InputError, OutputError
-from evforge.events import EventFormatError, make_events
-from evforge.h5guard import GuardedFile, create
-from evforge.streamfile import StreamFile, StreamWriter, write_stream
+from evforge.formats.events import EventFormatError, make_events
+from evforge.formats.h5guard import GuardedFile, create
+from evforge.formats.streamfile import StreamFile, StreamWriter, write_stream
 
 U4 = 2**32
 

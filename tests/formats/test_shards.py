@@ -11,7 +11,9 @@ import h5py
 import numpy as np
 import pytest
 
-from evforge.dataset_builder.shards import (
+from evforge.errors import InputError
+from evforge.formats.events import EVENT_DTYPE, EventFormatError, empty_events, make_events
+from evforge.formats.shards import (
     CHUNK_EVENTS,
     RAW_EVENT_BYTES,
     RollingShardWriter,
@@ -20,8 +22,6 @@ from evforge.dataset_builder.shards import (
     estimate_sample_bytes,
     sha256_file,
 )
-from evforge.errors import InputError
-from evforge.events import EVENT_DTYPE, EventFormatError, empty_events, make_events
 
 W, H = 64, 48
 T0 = 1_700_000_000  # absolute us far from zero, as real recordings are
@@ -516,8 +516,9 @@ def test_frame_image_bytes_count_in_size_policy(tmp_path):
 
 
 # ---------------------------------------------------------------------- chunks compressed in the thread pool
-from evforge.dataset_builder import blosc, shard_writer  # noqa: E402
-from evforge.events import validate_events  # noqa: E402
+from evforge.formats.events import validate_events  # noqa: E402
+from evforge.formats.shards import blosc  # noqa: E402
+from evforge.formats.shards import writer as shard_writer  # noqa: E402
 
 
 def _all_chunks(path):

@@ -19,13 +19,13 @@ Layout (``format_version`` 1)::
     root attrs: evforge_format = "stream", format_version = 1, width, height, num_events, complete = True
                 (written last, so a file without it was interrupted), plus user attrs: scalars and strings
                 as HDF5 attrs, dicts / lists / tuples / None as JSON strings (their names are listed in the
-                ``evforge_json_attrs`` attr and decoded back on read; :mod:`evforge.h5attrs`, shared with
+                ``evforge_json_attrs`` attr and decoded back on read; :mod:`evforge.formats.hdf5`, shared with
                 shards).
 
 Event columns are chunked by 65536 events and compressed with Blosc zstd + bit-shuffle (hdf5plugin) by
 default; ``compression="lz4"`` selects Blosc lz4, ``"gzip"`` the HDF5 built-in filter for readers without
 hdf5plugin. Readers take ``/events/t`` as u4 or u8 (StreamFile refuses other types). Inside evforge events
-are :data:`~evforge.events.EVENT_DTYPE` arrays with absolute ``t`` and ``p`` in {+1, -1}; the conversion
+are :data:`~evforge.formats.events.EVENT_DTYPE` arrays with absolute ``t`` and ``p`` in {+1, -1}; the conversion
 happens here only.
 """
 
@@ -37,12 +37,11 @@ import h5py
 import hdf5plugin  # noqa: F401  (registers the Blosc filter so Blosc-compressed files can be read)
 import numpy as np
 
-from . import h5guard
-from .atomic import commit, temp_path
-from .errors import InputError, OutputError, environment_problem
-from .events import EVENT_DTYPE, EventFormatError, validate_events
-from .h5attrs import decode_attr, decode_attrs, encode_attrs, header_problem
-from .h5local import check_local
+from evforge.errors import InputError, OutputError, environment_problem
+from evforge.formats import h5guard
+from evforge.formats.atomic import commit, temp_path
+from evforge.formats.events import EVENT_DTYPE, EventFormatError, validate_events
+from evforge.formats.hdf5 import check_local, decode_attr, decode_attrs, encode_attrs, header_problem
 
 FORMAT = "stream"
 FORMAT_VERSION = 1
@@ -85,7 +84,7 @@ class StreamWriter:
     Use as a context manager: on normal exit the file is finalized and renamed into place, on an exception
     the temporary file (``<name>.tmp-<pid>`` next to ``path``) is deleted. A full disk, a read-only folder or
     an I/O error while writing raises :class:`~evforge.errors.OutputError` naming ``path``, with the temporary
-    file already deleted: the file is written through :mod:`evforge.h5guard`, so HDF5 never sees the failed
+    file already deleted: the file is written through :mod:`evforge.formats.h5guard`, so HDF5 never sees the failed
     write (it does not survive one) and the process goes on normally.
     """
 
@@ -312,7 +311,7 @@ class StreamWriter:
         """Discard the file being written (nothing is left at ``path`` or in the temp file)."""
         if self._file is not None:
             try:
-                self._file.close()  # safe after a failed write: HDF5 never saw it fail (evforge.h5guard)
+                self._file.close()  # safe after a failed write: HDF5 never saw it fail (evforge.formats.h5guard)
             except Exception:
                 pass
             self._file = None

@@ -1,6 +1,6 @@
 """Vectorised decoders (and tiny encoders) for the raw formats of the real event datasets.
 
-Every reader returns an :data:`~evforge.events.EVENT_DTYPE` array (``x u2, y u2, t i8 us, p i1 +1/-1``) sorted
+Every reader returns an :data:`~evforge.formats.events.EVENT_DTYPE` array (``x u2, y u2, t i8 us, p i1 +1/-1``) sorted
 by ``t`` (stable sort, so a file that is already in time order keeps its event order) and raises
 :class:`~evforge.errors.InputError` ``"<path>: <problem>"`` on bad input. An empty sample is an error.
 
@@ -36,7 +36,7 @@ import zipfile
 import numpy as np
 
 from evforge.errors import InputError
-from evforge.events import EVENT_DTYPE, EventFormatError, event_problem, validate_events
+from evforge.formats.events import EVENT_DTYPE, EventFormatError, event_problem, validate_events
 from evforge.formats.prophesee import read_header_lines
 
 __all__ = [
@@ -359,7 +359,7 @@ def write_nimagenet_npz(path, events: np.ndarray, legacy: bool = False) -> None:
 def check_events(events: np.ndarray, sensor_size: tuple[int, int] | None, path) -> np.ndarray:
     """Return ``events`` unchanged if they are fit for a dataset sample, else raise :class:`InputError`.
 
-    Checks: at least one event, and :func:`~evforge.events.event_problem` (EVENT_DTYPE, non-decreasing
+    Checks: at least one event, and :func:`~evforge.formats.events.event_problem` (EVENT_DTYPE, non-decreasing
     timestamps, polarity +1/-1, coordinates inside ``sensor_size = (width, height)`` unless ``None``); no
     sorting here: the caller decides what an unsorted file means.
     """

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from evforge.dataset_builder.dataset import collate_events
-from evforge.events import make_events
-from evforge.representations import (
+from evforge.data.dataset import collate_events
+from evforge.data.representations import (
     histogram,
     mem_image,
     normalize_max,
@@ -17,6 +16,7 @@ from evforge.representations import (
     time_flip_voxel,
     voxel_grid,
 )
+from evforge.formats.events import make_events
 
 H, W = 12, 16
 EVENT_DEFAULTS = dict(height=H, width=W, margin=3, t_max=200_000, t0=1_000_000, tie=True)  # tests/conftest.py

@@ -14,7 +14,7 @@ import os
 import time
 from pathlib import Path
 
-from ..atomic import atomic_write_text, fsync_dir
+from evforge.formats.atomic import atomic_write_text, fsync_dir
 
 __all__ = ["INCOMPLETE_NAME", "mark_incomplete", "mark_complete", "incomplete_problem"]
 

@@ -21,7 +21,7 @@ import h5py
 import hdf5plugin
 import numpy as np
 
-from evforge.streamfile import CHUNK_EVENTS
+from evforge.formats.streamfile import CHUNK_EVENTS
 
 _BLOSC_ID = 32001
 _BLOSC_CNAMES = {0: b"blosclz", 1: b"lz4", 2: b"lz4hc", 3: b"snappy", 4: b"zlib", 5: b"zstd"}

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from evforge.streamfile import CHUNK_EVENTS
+from evforge.formats.streamfile import CHUNK_EVENTS
 
 
 def check_shard(reader, block_events: int = 16 * CHUNK_EVENTS) -> list[str]:
-    """Invariant faults of a :class:`~evforge.dataset_builder.shard_reader.ShardReader`'s shard ("<path>:
+    """Invariant faults of a :class:`~evforge.formats.shards.reader.ShardReader`'s shard ("<path>:
     <problem>", first occurrence of each kind), reading the columns in blocks.
 
     Checks index consistency (contiguous offsets, counts, unique keys, labels >= -1, frame index), then per

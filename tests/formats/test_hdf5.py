@@ -1,4 +1,4 @@
-"""One HDF5 attr encoding (evforge.h5attrs) for stream files and shards: the same user attrs come back the same
+"""One HDF5 attr encoding (evforge.formats.hdf5) for stream files and shards: the same user attrs come back the same
 from both, str subclasses included (shards once refused them)."""
 
 import enum
@@ -7,10 +7,10 @@ import pathlib
 import numpy as np
 import pytest
 
-from evforge.dataset_builder.shards import ShardReader, ShardWriter
-from evforge.events import make_events
-from evforge.h5attrs import JSON_NAMES_ATTR
-from evforge.streamfile import StreamFile, write_stream
+from evforge.formats.events import make_events
+from evforge.formats.hdf5 import JSON_NAMES_ATTR
+from evforge.formats.shards import ShardReader, ShardWriter
+from evforge.formats.streamfile import StreamFile, write_stream
 
 
 class Mode(enum.StrEnum):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from evforge.errors import InputError
-from evforge.events import EventFormatError, make_events
-from evforge.streamfile import StreamFile, StreamWriter, is_complete_stream, write_stream
+from evforge.formats.events import EventFormatError, make_events
+from evforge.formats.streamfile import StreamFile, StreamWriter, is_complete_stream, write_stream
 
 W, H = 64, 48
 T0 = 1_700_000_000  # absolute us of the first frame: far from zero, as real recordings are
@@ -49,7 +49,7 @@ def events():
 @pytest.mark.parametrize("flush", [None, (700, 2)], ids=["default", "small-buffers"])
 def test_chunked_appends_equal_one_shot_bit_for_bit(tmp_path, events, flush, monkeypatch):
     if flush:  # the writer holds appends in memory: write them out between appends too
-        import evforge.streamfile as sf_module
+        import evforge.formats.streamfile as sf_module
 
         monkeypatch.setattr(sf_module, "FLUSH_EVENTS", flush[0])
         monkeypatch.setattr(sf_module, "FLUSH_FRAMES", flush[1])
@@ -268,7 +268,7 @@ def test_empty_stream_round_trip(tmp_path):
 
 @pytest.mark.parametrize("flush_frames", [16, 2])
 def test_gray_frames_round_trip(tmp_path, events, flush_frames, monkeypatch):
-    monkeypatch.setattr("evforge.streamfile.FLUSH_FRAMES", flush_frames)
+    monkeypatch.setattr("evforge.formats.streamfile.FLUSH_FRAMES", flush_frames)
     ft = frame_times()
     rng = np.random.default_rng(3)
     gray = rng.integers(0, 256, (len(ft), H, W), dtype=np.uint8)

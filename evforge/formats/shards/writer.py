@@ -1,5 +1,5 @@
 """Shard writers: :class:`ShardWriter` (one shard, sample by sample, atomic) and :class:`RollingShardWriter`
-(a series of shards cut at a raw-size target). Layout in :mod:`evforge.dataset_builder.shard_layout`."""
+(a series of shards cut at a raw-size target). Layout in :mod:`evforge.formats.shards.layout`."""
 
 from __future__ import annotations
 
@@ -9,13 +9,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from evforge.atomic import commit, temp_path
-from evforge.events import EVENT_DTYPE, EventFormatError, validate_events
-from evforge.h5attrs import encode_attrs
-from evforge.streamfile import CHUNK_EVENTS, _filter_kwargs
-
-from .blosc import blosc_compress_ctx, compress_chunk, compress_pool, direct_args
-from .shard_layout import (
+from evforge.formats.atomic import commit, temp_path
+from evforge.formats.events import EVENT_DTYPE, EventFormatError, validate_events
+from evforge.formats.hdf5 import encode_attrs
+from evforge.formats.shards.blosc import blosc_compress_ctx, compress_chunk, compress_pool, direct_args
+from evforge.formats.shards.layout import (
     COLUMNS,
     DEFAULT_TARGET_BYTES,
     FORMAT,
@@ -30,6 +28,7 @@ from .shard_layout import (
     STREAM_INDEX_FIELDS,
     estimate_sample_bytes,
 )
+from evforge.formats.streamfile import CHUNK_EVENTS, _filter_kwargs
 
 _U4_MAX = np.iinfo(np.uint32).max
 _I4_MAX = np.iinfo(np.int32).max

@@ -10,8 +10,6 @@ import h5py
 import numpy as np
 import pytest
 
-from evforge.dataset_builder.manifest import MANIFEST_NAME, Manifest, build_manifest, compute_stats, make_provenance
-from evforge.dataset_builder.shards import ShardWriter
 from evforge.dataset_builder.subsets import (
     label_subsets,
     locate_keys,
@@ -23,7 +21,9 @@ from evforge.dataset_builder.subsets import (
 )
 from evforge.dataset_builder.verify import verify
 from evforge.errors import InputError
-from evforge.events import make_events
+from evforge.formats.events import make_events
+from evforge.formats.manifest import MANIFEST_NAME, Manifest, build_manifest, compute_stats, make_provenance
+from evforge.formats.shards import ShardWriter
 
 W, H = 40, 30
 CLASSES = ["airplanes", "cars", "dogs"]

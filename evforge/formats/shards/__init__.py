@@ -1,16 +1,13 @@
 """Shard files: many samples (or stream sequences) in one HDF5 file, read one sample at a time.
 
 The names users import, from the modules that implement them: the layout and size policy
-(:mod:`.shard_layout`, which documents the format), the writers (:mod:`.shard_writer`, with Blosc chunks
-compressed in a thread pool by :mod:`.blosc`), the reader (:mod:`.shard_reader`) and its full integrity pass
-(:mod:`.shard_check`).
+(:mod:`.layout`, which documents the format), the writers (:mod:`.writer`, with Blosc chunks compressed in a
+thread pool by :mod:`.blosc`), the reader (:mod:`.reader`) and its full integrity pass (:mod:`.check`).
 """
 
 from __future__ import annotations
 
-from evforge.streamfile import CHUNK_EVENTS
-
-from .shard_layout import (
+from evforge.formats.shards.layout import (
     DEFAULT_TARGET_BYTES,
     FORMAT,
     FORMAT_VERSION,
@@ -21,8 +18,9 @@ from .shard_layout import (
     estimate_sample_bytes,
     sha256_file,
 )
-from .shard_reader import ShardReader
-from .shard_writer import RollingShardWriter, ShardWriter
+from evforge.formats.shards.reader import ShardReader
+from evforge.formats.shards.writer import RollingShardWriter, ShardWriter
+from evforge.formats.streamfile import CHUNK_EVENTS
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "KINDS", "CHUNK_EVENTS", "RAW_EVENT_BYTES", "RAW_FRAME_BYTES", "RAW_INDEX_BYTES",

@@ -8,8 +8,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .atomic import atomic_output
-from .streamfile import StreamFile
+from evforge.formats.atomic import atomic_output
+from evforge.formats.streamfile import StreamFile
 
 RATE_BINS = 100
 _READ_CHUNK = 1 << 21  # events per read when scanning t and p for the rate plot

@@ -1,5 +1,5 @@
 """Shard reader: :class:`ShardReader` loads a complete shard's index once and reads events one sample slice at
-a time (cheap invariants checked on every read; the full pass is :mod:`~evforge.dataset_builder.shard_check`)."""
+a time (cheap invariants checked on every read; the full pass is :mod:`~evforge.formats.shards.check`)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,19 @@ import h5py
 import numpy as np
 
 from evforge.errors import InputError
-from evforge.events import EVENT_DTYPE, empty_events
-from evforge.h5attrs import decode_attr, decode_attrs, header_problem
-from evforge.h5local import check_local
-from evforge.streamfile import CHUNK_EVENTS
-
-from .shard_check import check_shard
-from .shard_layout import COLUMNS, FORMAT, FORMAT_VERSION, INDEX_FIELDS, KINDS, RESERVED_ATTRS, STREAM_INDEX_FIELDS
+from evforge.formats.events import EVENT_DTYPE, empty_events
+from evforge.formats.hdf5 import check_local, decode_attr, decode_attrs, header_problem
+from evforge.formats.shards.check import check_shard
+from evforge.formats.shards.layout import (
+    COLUMNS,
+    FORMAT,
+    FORMAT_VERSION,
+    INDEX_FIELDS,
+    KINDS,
+    RESERVED_ATTRS,
+    STREAM_INDEX_FIELDS,
+)
+from evforge.formats.streamfile import CHUNK_EVENTS
 
 
 def _slice_problem(cols: dict, width: int, height: int, t_span: int, first: int) -> str | None:

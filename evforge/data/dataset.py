@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, SequentialSampler
 
-from ..errors import InputError
-from ..events import EVENT_DTYPE
-from .manifest import MANIFEST_NAME, Manifest
-from .shards import ShardReader
+from evforge.errors import InputError
+from evforge.formats.events import EVENT_DTYPE
+from evforge.formats.manifest import MANIFEST_NAME, Manifest
+from evforge.formats.shards import ShardReader
 
 __all__ = ["EventDataset", "PackedEvents", "collate_events", "unpack", "make_sampler", "make_loader",
            "resolve_manifest"]
@@ -38,7 +38,7 @@ def resolve_manifest(path) -> Path:
 class EventDataset(Dataset):
     """Map-style dataset over one split of a manifest; ``item -> dict(events, label, key[, t_start, t_end])``.
 
-    ``events`` is an :data:`~evforge.events.EVENT_DTYPE` array (absolute ``t`` in us, ``p`` +1/-1);
+    ``events`` is an :data:`~evforge.formats.events.EVENT_DTYPE` array (absolute ``t`` in us, ``p`` +1/-1);
     :func:`collate_events` turns a list of items into tensors.
 
     * ``kind == "samples"``: item ``i`` is the ``i``-th sample of the split, in shard order.

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from evforge.augment import (
+from evforge.data.augment import (
     crop_events,
     crop_grid,
     crop_resize,
@@ -22,8 +22,8 @@ from evforge.augment import (
     shift,
     time_flip,
 )
-from evforge.dataset_builder.dataset import unpack
-from evforge.representations import histogram, time_flip_voxel, voxel_grid
+from evforge.data.dataset import unpack
+from evforge.data.representations import histogram, time_flip_voxel, voxel_grid
 
 H, W = 12, 16
 EVENT_DEFAULTS = dict(height=H, width=W, t0=5_000_000, t_step=5_000_000)  # tests/conftest.py: event_factory
@@ -251,7 +251,7 @@ def test_cuda_matches_cpu(event_factory):
 
 def test_crop_windows_gathers_each_samples_window_exactly():
     """Per-sample integer windows equal plain slicing (ECDDP's square crop, MEM's crop after the resize)."""
-    from evforge.augment import crop_windows
+    from evforge.data.augment import crop_windows
 
     x = torch.arange(3 * 2 * 7 * 9, dtype=torch.float32).reshape(3, 2, 7, 9)
     tl = torch.tensor([[0, 0], [2, 5], [4, 1]])
