@@ -4,6 +4,9 @@ Exit codes: 0 done; 1 done, but some inputs failed (listed: convert's errors.jso
 verify's faults, inspect's unreadable shards); 2 usage or an unusable input (one line naming it); 3 the
 environment (disk full, read-only or non-folder output, locked by another run; one line naming the path);
 130 interrupted. Finished work is kept in every case: rerun the command to resume.
+
+Messages of the library (its ``logging`` records under ``evforge``) print as they always did: progress lines on
+stdout, a failed input's line on stderr (``evforge: failed: ...``); ``--log-level`` chooses how many.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import sys
 
 from . import __version__
 from .commands import data, realism, simulate, train
+from .commands.common import LOG_LEVELS, cli_logging
 from .commands.common import err as _err
 from .errors import InputError, OutputError, output_error
 
@@ -21,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evforge",
                                      description=__doc__.splitlines()[0].replace("The ``evforge`` command", "evforge"))
     parser.add_argument("--version", action="version", version=f"evforge {__version__}")
+    parser.add_argument("--log-level", default="info", choices=LOG_LEVELS,
+                        help="the library's messages shown: info (default: progress lines and failures), "
+                             "warning (failures only), error, or debug (more detail)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in (train.add_demo, simulate.add_scenes, simulate.add_simulate, data.add_convert, data.add_inspect,
                 data.add_verify, data.add_preview, train.add_pretrain, train.add_export, train.add_import,
@@ -33,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
+    with cli_logging(args.log_level):
+        return _run(args)
+
+
+def _run(args) -> int:
     try:
         return int(args.func(args) or 0)
     except InputError as e:

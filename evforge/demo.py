@@ -6,10 +6,14 @@ classification set in N-Caltech101's format converted by the real converter -> v
 previews, and one batch through the training loader -> a short ECDDP pretraining run (tiny config) on the
 stream shards -> the backbone exported as timm-compatible safetensors -> a short finetune of that backbone
 on the classification set, evaluated on a split it was not selected on (reports: JSON, Markdown, PNG).
+
+Each step's line is logged at INFO under ``evforge.demo`` (``evforge demo`` prints them; from Python, turn on
+``logging`` to see them).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -34,28 +38,30 @@ DEMO_PRETRAIN_STEPS = 20
 TINY_ECDDP_CONFIG = Path(__file__).resolve().parent / "configs" / "pretrain" / "ecddp_tiny.yaml"  # packaged
 FINETUNE_CONFIG = Path(__file__).resolve().parent / "configs" / "finetune" / "classification_tiny.yaml"
 
+logger = logging.getLogger(__name__)
 
-def run_demo(out="evforge_demo", *, device="auto", method: str = "ecddp", progress=True, log=print) -> dict:
+
+def run_demo(out="evforge_demo", *, device="auto", method: str = "ecddp", progress=True) -> dict:
     """Run the demo into ``out``; returns the paths it made (scenes, streams, previews)."""
     out = Path(out)
     t0 = time.perf_counter()
     scenes = out / "scenes"
     make_dataset(scenes, envs=("demo_office", "demo_garden"), trajectories=2, spec=DEMO_SPEC)
-    log(f"[1/7] procedural scenes (TartanAir v1 layout, 10 Hz): {scenes}")
+    logger.info(f"[1/7] procedural scenes (TartanAir v1 layout, 10 Hz): {scenes}")
 
     streams = out / "streams"
     cfg = SimulateConfig(preset="noisy", resolution=None, upsample=UpsampleConfig(mode="linear", max_steps=8),
                          seed=0, device=device, batch=4, workers=2)
-    results = simulate_sequences(discover_sequences(scenes), streams, cfg, progress=progress, log=log)
+    results = simulate_sequences(discover_sequences(scenes), streams, cfg, progress=progress)
     failed = [r for r in results if r.status == "failed"]
     if failed:
         raise RuntimeError(f"demo simulation failed: {failed[0].error}")
     n_events = sum(r.events for r in results)
-    log(f"[2/7] event streams ({len(results)} sequences, {n_events:,} events, noisy preset): {streams}")
+    logger.info(f"[2/7] event streams ({len(results)} sequences, {n_events:,} events, noisy preset): {streams}")
 
     previews = out / "previews"
     pngs = [render_stream_preview(r.path, previews / (r.name.replace("/", "__") + ".png")) for r in results]
-    log(f"[3/7] stream previews: {previews}  (e.g. {pngs[0]})")
+    logger.info(f"[3/7] stream previews: {previews}  (e.g. {pngs[0]})")
 
     datasets = out / "datasets"
     stream_ds = build_dataset("tartanair", streams, datasets / "streams", test_envs=("demo_garden",),
@@ -68,34 +74,32 @@ def run_demo(out="evforge_demo", *, device="auto", method: str = "ecddp", progre
         faults = verify_dataset(report.out)
         if faults or report.num_errors:
             raise RuntimeError(f"demo dataset {report.out} is faulty: {(faults or [report.errors_path])[0]}")
-        log(format_report(inspect_path(report.out)))
+        logger.info(format_report(inspect_path(report.out)))
         pngs.append(render_shard_preview(report.out, previews / f"{report.out.name}_shards.png", samples=8))
-    log(f"[4/7] shards + manifests (verified): {stream_ds.out}, {class_ds.out}")
+    logger.info(f"[4/7] shards + manifests (verified): {stream_ds.out}, {class_ds.out}")
 
     loader = make_loader(EventDataset(class_ds.out, "train"), batch_size=8, shuffle=True, seed=0)
     batch = next(iter(loader))
-    log(f"[5/7] training loader: a batch of {len(batch['key'])} samples, {int(batch['offsets'][-1]):,} events "
-        f"packed, labels {batch['label'].tolist()}")
+    logger.info(f"[5/7] training loader: a batch of {len(batch['key'])} samples, "
+                f"{int(batch['offsets'][-1]):,} events packed, labels {batch['label'].tolist()}")
     if method == "mem":
         from .pretrain.mem.demo import pretrain_mem
 
-        backbone = pretrain_mem(class_ds.out, out / "runs" / "mem_tiny", device=device, progress=progress,
-                                log=log)
-        log(f"[6/7] MEM pretraining on the classification shards; backbone: {backbone}")
+        backbone = pretrain_mem(class_ds.out, out / "runs" / "mem_tiny", device=device, progress=progress)
+        logger.info(f"[6/7] MEM pretraining on the classification shards; backbone: {backbone}")
     elif method == "ecddp":
-        backbone = pretrain_ecddp(stream_ds.out, out / "runs" / "ecddp_tiny", device=device, progress=progress,
-                                  log=log)
+        backbone = pretrain_ecddp(stream_ds.out, out / "runs" / "ecddp_tiny", device=device, progress=progress)
     else:
         raise ValueError(f"unknown demo method {method!r}: ecddp or mem")
     report = finetune_and_evaluate(class_ds.out, backbone, out / "runs" / "classification_tiny", device=device,
-                                   progress=progress, log=log)
-    log(f"demo finished in {time.perf_counter() - t0:.1f} s; outputs under {out.resolve()}")
+                                   progress=progress)
+    logger.info(f"demo finished in {time.perf_counter() - t0:.1f} s; outputs under {out.resolve()}")
     return {"scenes": scenes, "streams": [r.path for r in results], "previews": pngs,
             "datasets": [stream_ds.out, class_ds.out], "backbone": backbone, "report": report}
 
 
 def finetune_and_evaluate(dataset, backbone, run_dir, *, steps: int = DEMO_FINETUNE_STEPS, device="auto",
-                          progress=True, log=print) -> dict:
+                          progress=True) -> dict:
     """Finetune ``backbone`` on a classification dataset with the tiny classification config, then evaluate
     the best validation checkpoint on the reported split; returns :func:`evforge.finetune.evaluate.evaluate`'s
     result."""
@@ -112,13 +116,13 @@ def finetune_and_evaluate(dataset, backbone, run_dir, *, steps: int = DEMO_FINET
     with Trainer(cfg, get_finetune_task("classification"), out_dir=run_dir, resume=None) as trainer:
         summary = trainer.fit()
     res = evaluate(run_dir, out_dir=Path(run_dir) / "eval")
-    log(f"[7/7] finetune, {summary['step']} steps from the pretrained backbone; {res['split']} top-1 "
-        f"{res['metrics']['top1']:.2f} (chance {1 / max(1, len(res.get('class_names') or [])):.2f}): "
-        f"{res['files']['markdown']}")
+    logger.info(f"[7/7] finetune, {summary['step']} steps from the pretrained backbone; {res['split']} top-1 "
+                f"{res['metrics']['top1']:.2f} (chance {1 / max(1, len(res.get('class_names') or [])):.2f}): "
+                f"{res['files']['markdown']}")
     return res
 
 
-def pretrain_ecddp(dataset, run_dir, *, steps: int = DEMO_PRETRAIN_STEPS, device="auto", progress=True, log=print):
+def pretrain_ecddp(dataset, run_dir, *, steps: int = DEMO_PRETRAIN_STEPS, device="auto", progress=True):
     """A short ECDDP run with ``configs/pretrain/ecddp_tiny.yaml``'s settings on ``dataset``; exports the
     backbone next to the run and returns its path."""
     from .pretrain import get_task
@@ -132,6 +136,6 @@ def pretrain_ecddp(dataset, run_dir, *, steps: int = DEMO_PRETRAIN_STEPS, device
     with Trainer(cfg, get_task("ecddp"), out_dir=run_dir, resume=None) as trainer:
         summary = trainer.fit()
     backbone = export_backbone(summary["checkpoint"], Path(run_dir) / "backbone.safetensors")
-    log(f"[6/7] ECDDP pretraining, {summary['step']} steps (loss {summary['train']['loss']:.2f}): {run_dir}; "
-        f"backbone: {backbone}")
+    logger.info(f"[6/7] ECDDP pretraining, {summary['step']} steps (loss {summary['train']['loss']:.2f}): "
+                f"{run_dir}; backbone: {backbone}")
     return backbone

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from .common import err
-
 
 def add_simulate(sub) -> None:
     from ..simulator.params import PRESETS, RESOLUTIONS
@@ -103,7 +101,7 @@ def _cmd_simulate(args) -> int:
                               timestamps_unit=args.timestamps_unit, camera=args.camera)
     results = simulate_sequences(seqs, args.out, cfg, devices=args.devices, executor=args.executor,
                                  address=args.address, ray_gpus=args.gpus_per_task, progress=not args.quiet,
-                                 log=err, command="evforge " + " ".join(args.argv))
+                                 command="evforge " + " ".join(args.argv))
     done = [r for r in results if r.status == "done"]
     skipped = [r for r in results if r.status == "skipped"]
     failed = [r for r in results if r.status == "failed"]

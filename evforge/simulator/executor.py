@@ -16,6 +16,7 @@ stream back as tasks finish. A task's sequences are simulated exactly as in a lo
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import time
@@ -28,6 +29,8 @@ from pathlib import Path
 from evforge.errors import OutputError
 
 __all__ = ["run_workers", "run_ray", "RAY_RETRIES"]
+
+logger = logging.getLogger(__name__)
 
 RAY_RETRIES = 2  # times a task whose worker died is run again (a failed sequence is a result, not retried)
 _PROGRESS_EVERY_S = 0.2  # a worker sends its frame and event counts at most this often
@@ -99,7 +102,7 @@ def _worker_main(conn, payload: bytes, device: str, threads: int, parent_pid: in
     report = _PipeReport(conn)
     try:
         simulate_on_device(_PipeFeed(conn, sequences), out_dir, cfg, device, interpolator=interpolator,
-                           log=lambda message: None, report=report)
+                           report=report)
         report.flush()
         conn.send(("exit",))
     except OutputError as err:  # a full or read-only disk: the parent stops the run with it (exit 3)
@@ -118,10 +121,11 @@ def _worker_main(conn, payload: bytes, device: str, threads: int, parent_pid: in
         conn.close()
 
 
-def run_workers(todo: list, out_dir, cfg, devices: list[str], report, *, interpolator=None, log=print) -> None:
+def run_workers(todo: list, out_dir, cfg, devices: list[str], report, *, interpolator=None) -> None:
     """Simulate ``todo`` (``(sequence, size)`` pairs, in the order to start them) on one process per device.
 
-    Results go to ``report.finish`` as they come; a worker that dies or crashes fails the sequences it held.
+    Results go to ``report.finish`` as they come; a worker that dies or crashes fails the sequences it held
+    (and a crash is logged at ERROR, ``worker on <device> failed: <why>``).
     """
     from .run_plan import SequenceResult, fail, output_path
 
@@ -164,15 +168,13 @@ def run_workers(todo: list, out_dir, cfg, devices: list[str], report, *, interpo
                         report.advance(msg[1], msg[2])
                     elif msg[0] == "result":
                         result = SequenceResult(**{**msg[1], "path": Path(msg[1]["path"])})
-                        if result.error:
-                            log(f"failed: {result.error}")
                         held.discard(result.name)
                         report.finish(result)
                     elif msg[0] == "output_error":
                         environment = environment or OutputError(msg[1], msg[2])
                         w.append(None)  # not its sequences' fault: they stay pending, the run ends in one line
                     elif msg[0] == "crash":
-                        log(f"worker on {device} failed: {msg[1]}")
+                        logger.error("worker on %s failed: %s", device, msg[1])
                         w.append(msg[1])
                     elif msg[0] == "exit":
                         gone = True
@@ -182,7 +184,7 @@ def run_workers(todo: list, out_dir, cfg, devices: list[str], report, *, interpo
                     for name in sorted(held) if why is not None else ():  # failed with its reason
                         seq = next(s for s, _ in todo if s.name == name)
                         r = SequenceResult(name, output_path(out_dir, name), "pending", device=device)
-                        fail(r, RuntimeError(f"the worker on {device} ended ({why}) while simulating it"), log)
+                        fail(r, RuntimeError(f"the worker on {device} ended ({why}) while simulating it"))
                         report.advance(len(seq), 0)  # at most: the bar may run a little ahead
                         report.finish(r)
                     held.clear()
@@ -193,7 +195,7 @@ def run_workers(todo: list, out_dir, cfg, devices: list[str], report, *, interpo
         for i in queue:  # every worker died before these started
             seq = todo[i][0]
             r = SequenceResult(seq.name, output_path(out_dir, seq.name), "pending")
-            fail(r, RuntimeError("not simulated: every worker process ended"), log)
+            fail(r, RuntimeError("not simulated: every worker process ended"))
             report.finish(r)
     finally:
         for proc, conn, *_ in workers:
@@ -221,8 +223,7 @@ def _ray_task(items: list, out_dir, cfg, device: str, interpolator) -> list[dict
             self.results.append(asdict(result))
 
     collect = Collect()
-    simulate_on_device(ListFeed(items), out_dir, cfg, device, interpolator=interpolator, log=lambda m: None,
-                       report=collect)
+    simulate_on_device(ListFeed(items), out_dir, cfg, device, interpolator=interpolator, report=collect)
     return collect.results
 
 
@@ -238,7 +239,7 @@ def ray_tasks(todo: list, batch: int) -> list[list]:
 
 
 def run_ray(todo: list, out_dir, cfg, device: str, report, *, address: str | None = None,
-            gpus: float | None = None, interpolator=None, log=print) -> None:
+            gpus: float | None = None, interpolator=None) -> None:
     """Simulate ``todo`` as Ray tasks (see the module docstring). ``address=None`` starts a local Ray on
     loopback (or uses the one this process is connected to); ``gpus``: per task (default 1 for CUDA, else 0)."""
     try:
@@ -278,14 +279,12 @@ def run_ray(todo: list, out_dir, cfg, device: str, report, *, address: str | Non
                     why = " ".join(str(err).split())[:300]
                     for seq, _ in items:
                         r = SequenceResult(seq.name, output_path(out_dir, seq.name), "pending", device=device)
-                        fail(r, RuntimeError(f"Ray task failed ({type(err).__name__}: {why})"), log)
+                        fail(r, RuntimeError(f"Ray task failed ({type(err).__name__}: {why})"))
                         report.advance(len(seq), 0)
                         report.finish(r)
                     continue
                 for row in rows:
                     result = SequenceResult(**{**row, "path": Path(row["path"])})
-                    if result.error:
-                        log(f"failed: {result.error}")
                     report.advance(next(len(s) for s, _ in items if s.name == result.name), result.events)
                     report.finish(result)
     finally:

@@ -18,6 +18,7 @@ batch, the device or the process, so every partition of a run writes the same ev
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from collections import deque
@@ -45,6 +46,7 @@ from .run_plan import (  # noqa: F401  (re-exported)
     output_path,
     parse_devices,
     plan_run,
+    quiet_failures,
     remove_temp_files,
     sequence_seed,
     stored_differences,
@@ -55,6 +57,7 @@ from .settings import SimulateConfig, UpsampleConfig  # noqa: F401  (re-exported
 from .sources import FrameSequence
 from .upsample import FrameInterpolator
 
+logger = logging.getLogger(__name__)
 
 class _FrameReader:
     """Frames of one sequence by index, from worker threads: image files are decoded in parallel (random
@@ -115,7 +118,7 @@ def _read_frame(slot: _Slot, i: int, want_flow: bool, prepare_size, want_u8: boo
 def simulate_sequences(sequences: list[FrameSequence], out_dir, cfg: SimulateConfig = SimulateConfig(), *,
                        devices=None, executor: str = "local", address: str | None = None,
                        ray_gpus: float | None = None, progress: bool = True,
-                       interpolator: FrameInterpolator | None = None, log=print,
+                       interpolator: FrameInterpolator | None = None,
                        command: str | None = None, lock: bool = True,
                        summary: bool = True) -> list[SequenceResult]:
     """Simulate ``sequences`` into ``out_dir/<name>.h5``; returns one result per sequence (input order).
@@ -124,7 +127,8 @@ def simulate_sequences(sequences: list[FrameSequence], out_dir, cfg: SimulateCon
     run as one worker process each over a shared queue (longest sequences first). ``executor="ray"`` runs tasks
     of up to ``cfg.batch`` sequences on Ray instead (``address``: a cluster, default a local Ray; ``ray_gpus``:
     the GPUs a task asks for, default 1 when the device is CUDA). Failures are reported in the results (and
-    through ``log``) rather than raised, so one bad sequence never stops the others. Raises
+    logged at WARNING, ``failed: <error>``, by ``evforge.simulator.run_plan``; see :func:`quiet_failures`) rather
+    than raised, so one bad sequence never stops the others. Raises
     :class:`~evforge.errors.LockedError` when another run writes into ``out_dir``, and :class:`InputError` when
     a finished file was made with other settings (unless ``cfg.overwrite``). Writes ``out_dir/simulate.json``
     (unless ``summary=False``). ``lock=False``: the caller holds a lock over ``out_dir`` and may run several of
@@ -146,18 +150,21 @@ def simulate_sequences(sequences: list[FrameSequence], out_dir, cfg: SimulateCon
     with FolderLock(out_dir, command) if lock else contextlib.nullcontext():
         if lock:
             remove_temp_files(out_dir)  # left by killed runs; only the lock holder may do this
-        results, todo = plan_run(sequences, out_dir, cfg, log)
+        results, todo = plan_run(sequences, out_dir, cfg)
         total = sum(len(seq) for seq, _ in todo)
+        logger.debug("%s: %d sequence(s) to simulate (%d frames), %d already done, %d failed to start; on %s",
+                     out_dir, len(todo), total, sum(r.status == "skipped" for r in results.values()),
+                     sum(r.status == "failed" for r in results.values()), ", ".join(device_list))
         report = Progress(results, total, len(todo), progress)
         try:
             if executor == "ray":
                 executors.run_ray(todo, out_dir, cfg, device_list[0], report, address=address, gpus=ray_gpus,
-                                  interpolator=interpolator, log=log)
+                                  interpolator=interpolator)
             elif len(device_list) == 1:
                 simulate_on_device(ListFeed(todo), out_dir, cfg, device_list[0], interpolator=interpolator,
-                                   log=log, report=report)
+                                   report=report)
             else:
-                executors.run_workers(todo, out_dir, cfg, device_list, report, interpolator=interpolator, log=log)
+                executors.run_workers(todo, out_dir, cfg, device_list, report, interpolator=interpolator)
         except BaseException:
             report.close()
             try:  # what finished is on record even when the run stops (Ctrl-C, a full disk)
@@ -202,12 +209,13 @@ class _Report:
 
 
 def simulate_on_device(feed, out_dir, cfg: SimulateConfig, device, *, interpolator: FrameInterpolator | None = None,
-                       log=print, report=None) -> None:
+                       report=None) -> None:
     """Simulate every sequence ``feed.pull`` gives on ``device``, batched (see the module docstring).
 
     ``feed``: ``pull(size)`` -> the next ``(sequence, output size)`` (of that size, or any when None) or None,
     and ``remaining(size)`` -> at most how many more of that size it has. ``report``: ``advance(frames, events)``
-    and ``finish(result)``. The output is written whatever is there (the caller decided what to do).
+    and ``finish(result)`` (which logs a failed one: :class:`Progress` does; this loop logs nothing, so worker
+    processes print no line of their own). The output is written whatever is there (the caller decided what to do).
     """
     device = resolve_device(device)
     size = parse_resolution(cfg.resolution)
@@ -215,10 +223,10 @@ def simulate_on_device(feed, out_dir, cfg: SimulateConfig, device, *, interpolat
     base_params = cfg.params()
     with ThreadPoolExecutor(max_workers=max(1, cfg.workers)) as pool:
         while (first := feed.pull(None)) is not None:
-            _run_group(first, feed, size, cfg, base_params, device, pool, report, interpolator, log, out_dir)
+            _run_group(first, feed, size, cfg, base_params, device, pool, report, interpolator, out_dir)
 
 
-def _run_group(first, feed, size, cfg, base_params, device, pool, report, interpolator, log, out_dir):
+def _run_group(first, feed, size, cfg, base_params, device, pool, report, interpolator, out_dir):
     """Simulate ``first`` and every further sequence of its output size that the feed gives, B at a time."""
     w, h = out_size = first[1]
     B = max(1, min(cfg.batch, 1 + feed.remaining(out_size)))
@@ -262,7 +270,7 @@ def _run_group(first, feed, size, cfg, base_params, device, pool, report, interp
                 abort_all()
                 raise
             except (InputError, OSError, ValueError) as e:
-                fail(r, e, log)
+                fail(r, e)
                 report.advance(len(seq), 0)
                 report.finish(r)
                 continue
@@ -288,7 +296,7 @@ def _run_group(first, feed, size, cfg, base_params, device, pool, report, interp
             slot.writer.abort()
             for future in slot.queued:
                 future.cancel()
-            fail(slot.result, err, log)
+            fail(slot.result, err)
             report.advance(len(slot.seq) - slot.index, 0)
         slot.result.seconds = time.perf_counter() - slot.t0
         report.finish(slot.result)

@@ -7,11 +7,14 @@ refused in one line naming ``--overwrite``. The loop that simulates is :mod:`evf
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 import platform
 import re
+import threading
 import time
 import zlib
 from dataclasses import dataclass
@@ -32,6 +35,8 @@ from .hashing import mix32
 from .params import DVSParams, parse_resolution
 from .settings import SimulateConfig
 from .sources import FrameSequence
+
+logger = logging.getLogger(__name__)
 
 SUMMARY_NAME = "simulate.json"
 _TMP_RE = re.compile(r".+\.h5\.tmp-\d+")  # StreamWriter's temp files (<name>.h5.tmp-<pid>)
@@ -142,7 +147,7 @@ def remove_temp_files(out_dir) -> None:
                 Path(root, name).unlink(missing_ok=True)
 
 
-def plan_run(sequences, out_dir, cfg: SimulateConfig, log) -> tuple[dict, list]:
+def plan_run(sequences, out_dir, cfg: SimulateConfig) -> tuple[dict, list]:
     """The results (finished files ``skipped``, sequences that cannot start ``failed``) and the work to do:
     ``(sequence, output size)`` pairs, grouped by size (most frames first) and longest first in a group.
 
@@ -161,7 +166,8 @@ def plan_run(sequences, out_dir, cfg: SimulateConfig, log) -> tuple[dict, list]:
             if complete:
                 diffs, info = stored_differences(r.path, cfg, seq, out_size)
         except InputError as e:
-            fail(r, e, log)
+            fail(r, e)
+            log_failure(r)
             continue
         if not complete:
             todo.append((seq, out_size))
@@ -223,6 +229,8 @@ class Progress:
         self.bar.update(frames)
 
     def finish(self, result: SequenceResult) -> None:
+        if result.status == "failed":  # logged here, in the run's own process and thread, never in a worker
+            log_failure(result)
         self.results[result.name] = result
         self.finished += 1
         rate = self.events / max(time.perf_counter() - self.t0, 1e-9)
@@ -232,8 +240,43 @@ class Progress:
         self.bar.close()
 
 
-def fail(result: SequenceResult, err: Exception, log) -> None:
+def fail(result: SequenceResult, err: Exception) -> None:
+    """Mark ``result`` failed with ``err`` as its one-line error (logged when the run's report receives it)."""
     result.status = "failed"
     result.error = str(err) if isinstance(err, InputError) else f"{result.name}: {type(err).__name__}: {err}"
     result.error = " ".join(result.error.split())  # one line
-    log(f"failed: {result.error}")
+
+
+def log_failure(result: SequenceResult) -> None:
+    """A failed sequence's line, ``failed: <error>``, at WARNING: the run goes on without it."""
+    logger.warning("failed: %s", result.error)
+
+
+# the loggers of a run's failure lines: a failed sequence (here), a worker process that died (the executor's)
+_FAILURE_LOGGERS = (__name__, "evforge.simulator.executor")
+
+
+class _OtherThreads(logging.Filter):
+    """Passes the records of every thread but one."""
+
+    def __init__(self, thread: int):
+        super().__init__()
+        self.thread = thread
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.thread != self.thread
+
+
+@contextlib.contextmanager
+def quiet_failures():
+    """Within the block, the failure lines of runs made by this thread are not logged: for a caller that
+    records the failed results itself (the TartanAir converter's errors.jsonl). Other threads still log."""
+    only_others = _OtherThreads(threading.get_ident())
+    loggers = [logging.getLogger(name) for name in _FAILURE_LOGGERS]
+    for lg in loggers:
+        lg.addFilter(only_others)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(only_others)

@@ -4,6 +4,7 @@ codebook-usage target, masked-token accuracy against the majority-code share, ex
 few steps of the reference recipe. Parity with the public code: ``test_mem_reference.py``."""
 
 import json
+import logging
 import math
 import random
 from pathlib import Path
@@ -450,11 +451,12 @@ def test_reference_recipe_runs_a_few_cpu_steps(dataset, tmp_path, capsys):
     assert not any(".attn.relative_position_bias_table" in k for k in state)  # one table, shared
 
 
-def test_demo_helper_and_cli(dataset, tmp_path, capsys):
-    lines = []
-    backbone = pretrain_mem(dataset, tmp_path / "demo", dvae_steps=2, mem_steps=2, device="cpu", progress=False,
-                            log=lines.append)
-    assert backbone.is_file() and len(lines) == 2 and "codebook usage" in lines[0]
+def test_demo_helper_and_cli(dataset, tmp_path, capsys, caplog):
+    with caplog.at_level(logging.INFO, logger="evforge"):
+        backbone = pretrain_mem(dataset, tmp_path / "demo", dvae_steps=2, mem_steps=2, device="cpu", progress=False)
+    lines = [r.getMessage() for r in caplog.records if r.name == "evforge.pretrain.mem.demo"]
+    assert backbone.is_file() and len(lines) == 2 and "codebook usage" in lines[0] and str(backbone) in lines[1]
+    assert "MEM" not in capsys.readouterr().out  # logged, not printed
     assert load_backbone(backbone)(torch.rand(1, 3, 64, 64)).shape == (1, 64)
     args = ["pretrain", "--config", "configs/pretrain/mem_dvae_tiny.yaml", "--set", f"data.path={dataset}",
             "--set", "trainer.max_steps=2", "--set", "log.progress=false", "--out", str(tmp_path / "cli")]

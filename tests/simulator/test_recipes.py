@@ -40,7 +40,7 @@ def test_ecddp_recipe_simulates_one_second_per_interval_with_seeded_shot_noise(t
     recipe = get_recipe("ecddp")
     cfg = recipe.simulate_config(resolution="native", device="cpu", seed=11, save_frames=False)
     seqs = discover_sequences(tmp_path / "frames", fps=recipe.fps)
-    results = simulate_sequences(seqs, tmp_path / "a", cfg, progress=False, log=lambda m: None)
+    results = simulate_sequences(seqs, tmp_path / "a", cfg, progress=False)
     rates = set()
     for seq, res in zip(seqs, results):
         assert res.status == "done" and res.frames == 4
@@ -58,6 +58,6 @@ def test_ecddp_recipe_simulates_one_second_per_interval_with_seeded_shot_noise(t
         assert len(first) > 0 and first["t"].max() <= 3_000_000
     assert len(rates) == 2  # drawn per trajectory
     # reproducible: the same run elsewhere gives the same events
-    again = simulate_sequences(seqs[:1], tmp_path / "b", cfg, progress=False, log=lambda m: None)[0]
+    again = simulate_sequences(seqs[:1], tmp_path / "b", cfg, progress=False)[0]
     with StreamFile(results[0].path) as a, StreamFile(again.path) as b:
         assert a.events().tobytes() == b.events().tobytes()

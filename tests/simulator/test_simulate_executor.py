@@ -2,6 +2,7 @@
 killed workers and runs resume to it; one bad sequence fails alone; changed requests and second runs refused."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -81,7 +82,7 @@ def test_two_worker_processes_equal_one_process(frames, reference, tmp_path):
     ref_out, ref = reference
     out = tmp_path / "two"
     results = simulate_sequences(discover_sequences(frames), out, SimulateConfig(**CFG), devices="cpu:2",
-                                 progress=False, log=lambda m: None)
+                                 progress=False)
     assert [r.status for r in results] == ["done"] * 4
     got = _corpus(out)
     assert list(got) == list(ref) and got == ref
@@ -134,15 +135,20 @@ class KillsItsWorker(TartanAirV1Sequence):
         return super().read_frame(i)
 
 
-def test_a_worker_that_dies_fails_its_sequence_and_the_rerun_completes(frames, reference, tmp_path, monkeypatch):
+def test_a_worker_that_dies_fails_its_sequence_and_the_rerun_completes(frames, reference, tmp_path, monkeypatch,
+                                                                       caplog):
     monkeypatch.setenv("EVFORGE_TEST_PARENT", str(os.getpid()))  # only a worker process dies
     seqs = discover_sequences(frames)
     seqs[2].__class__ = KillsItsWorker  # the longest: the first one handed out
     out = tmp_path / "out"
     # batch 1: the dead worker held that one sequence only (with batch B it fails the B it held)
-    results = simulate_sequences(seqs, out, SimulateConfig(**{**CFG, "batch": 1}), devices="cpu:2",
-                                 progress=False, log=lambda m: None)
+    with caplog.at_level(logging.WARNING, logger="evforge"):
+        results = simulate_sequences(seqs, out, SimulateConfig(**{**CFG, "batch": 1}), devices="cpu:2",
+                                     progress=False)
     assert [r.status for r in results] == ["done", "done", "failed", "done"]
+    # logged once, by the run's process (a killed worker says nothing)
+    assert [(r.name, r.getMessage()) for r in caplog.records] == [
+        ("evforge.simulator.run_plan", f"failed: {results[2].error}")]
     assert "the worker on cpu ended (exit status -9) while simulating it" in results[2].error
     assert len(list(out.rglob("*.h5.tmp-*"))) == 1  # what the dead worker was writing
     assert _summary(out)["totals"] == {"sequences": 4, "done": 3, "skipped": 0, "failed": 1, "pending": 0,
@@ -331,7 +337,7 @@ def test_ray_task_whose_worker_dies_is_retried_then_fails_alone(frames, referenc
     seqs[1].attempts = str(tmp_path / "attempts.txt")
     out = tmp_path / "retried"
     results = simulate_sequences(seqs, out, SimulateConfig(**{**CFG, "batch": 1}), executor="ray", devices="cpu",
-                                 ray_gpus=1, progress=False, log=lambda m: None)
+                                 ray_gpus=1, progress=False)
     assert [r.status for r in results] == ["done", "failed", "done", "done"]
     assert results[1].error.startswith("env/Easy/P001: RuntimeError: Ray task failed")
     assert len((tmp_path / "attempts.txt").read_text().split()) == 1 + RAY_RETRIES
@@ -360,14 +366,18 @@ def test_convert_tartanair_simulate_streams_into_shards(frames, reference, tmp_p
     assert again.units_skipped == again.num_units == 1
 
 
-def test_convert_tartanair_simulate_bad_sequence_fails_alone(tmp_path):
+def test_convert_tartanair_simulate_bad_sequence_fails_alone(tmp_path, caplog, capsys):
     from evforge.dataset_builder.build import build_dataset
 
     src = _frames(tmp_path / "frames", (5, 4, 6))
     bad = sorted((src / "env" / "Easy" / "P001" / "image_left").glob("*.png"))[2]
     bad.write_bytes(bad.read_bytes()[:50])
-    report = build_dataset("tartanair", src, tmp_path / "ds", simulate=True, device="cpu", resolution="32x24",
-                           preset="ideal", progress=False)
+    with caplog.at_level(logging.DEBUG, logger="evforge"):
+        report = build_dataset("tartanair", src, tmp_path / "ds", simulate=True, device="cpu", resolution="32x24",
+                               preset="ideal", progress=False)
+    # the simulator's failure line is muted: the failure is recorded once, in errors.jsonl
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING or "failed:" in r.getMessage()]
+    assert "failed" not in capsys.readouterr().err
     assert report.num_samples == 2 and report.num_errors == 1 and report.exit_code == 1
     (err,) = [json.loads(line) for line in report.errors_path.read_text().splitlines()]
     assert err["key"] == "env/Easy/P001" and str(bad) in err["error"] and "simulation failed" in err["error"]

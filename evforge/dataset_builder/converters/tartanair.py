@@ -183,7 +183,7 @@ class TartanAirConverter:
         if not plan.params.get("simulate"):
             return
         from evforge.formats.streamfile import is_complete_stream
-        from evforge.simulator.pipeline import simulate_sequences, stored_differences
+        from evforge.simulator.pipeline import quiet_failures, simulate_sequences, stored_differences
 
         jobs = [pickle.loads(item.extra[2]) for item in items]
         todo = [seq for item, (seq, cfg, size, _) in zip(items, jobs)
@@ -191,10 +191,11 @@ class TartanAirConverter:
         if not todo:
             return
         cfg, where = jobs[0][1], jobs[0][3]
-        # several units may run at once (--workers, Ray) into the streams folder: the build's lock covers it
-        results = simulate_sequences(todo, plan.params["streams_dir"], replace(cfg, overwrite=True),
-                                     devices=where["devices"], progress=False, log=lambda message: None,
-                                     lock=False, summary=False)
+        # several units may run at once (--workers, Ray) into the streams folder: the build's lock covers it;
+        # a failed sequence is not logged: its item fails in read(), into errors.jsonl
+        with quiet_failures():
+            results = simulate_sequences(todo, plan.params["streams_dir"], replace(cfg, overwrite=True),
+                                         devices=where["devices"], progress=False, lock=False, summary=False)
         self._failed = {r.name: r.error for r in results if r.status == "failed"}
 
     def finish_unit(self, items, plan: DatasetPlan) -> None:

@@ -7,8 +7,8 @@ timm-compatible backbone file ECDDP's run gives, for finetuning.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Callable
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "pretrain"  # packaged
 TINY_DVAE_CONFIG = CONFIGS / "mem_dvae_tiny.yaml"
@@ -16,11 +16,13 @@ TINY_MEM_CONFIG = CONFIGS / "mem_tiny.yaml"
 DEMO_DVAE_STEPS = 30
 DEMO_MEM_STEPS = 30
 
+logger = logging.getLogger(__name__)
+
 
 def pretrain_mem(dataset, run_dir, *, dvae_steps: int = DEMO_DVAE_STEPS, mem_steps: int = DEMO_MEM_STEPS,
-                 device: str = "auto", progress: bool = True, log: Callable[[str], None] = print) -> Path:
+                 device: str = "auto", progress: bool = True) -> Path:
     """Train the tiny tokenizer on ``dataset`` (``run_dir/dvae``), MEM with it (``run_dir/mem``), export the
-    backbone to ``run_dir/backbone.safetensors`` and return that path."""
+    backbone to ``run_dir/backbone.safetensors`` and return that path; each stage's line is logged at INFO."""
     from ...export import export_backbone
     from ...trainer.config import load_config
     from ...trainer.trainer import Trainer
@@ -34,14 +36,15 @@ def pretrain_mem(dataset, run_dir, *, dvae_steps: int = DEMO_DVAE_STEPS, mem_ste
     with Trainer(cfg, get_task("mem_dvae"), out_dir=run_dir / "dvae", resume=None) as trainer:
         tok = trainer.fit()
     val = tok["val"]
-    log(f"MEM tokenizer, {tok['step']} steps (recon MSE {tok['train'].get('recon_mse', float('nan')):.4f}; val "
-        f"{val.get('recon_mse', float('nan')):.4f}, codebook usage {val.get('codebook_usage', float('nan')):.1%}): "
-        f"{run_dir / 'dvae'}")
+    logger.info(f"MEM tokenizer, {tok['step']} steps (recon MSE {tok['train'].get('recon_mse', float('nan')):.4f}; "
+                f"val {val.get('recon_mse', float('nan')):.4f}, codebook usage "
+                f"{val.get('codebook_usage', float('nan')):.1%}): {run_dir / 'dvae'}")
     cfg = load_config(TINY_MEM_CONFIG, [*common, f"trainer.max_steps={mem_steps}",
                                         f"task.tokenizer={tok['checkpoint']}"])
     with Trainer(cfg, get_task("mem"), out_dir=run_dir / "mem", resume=None) as trainer:
         summary = trainer.fit()
     backbone = export_backbone(summary["checkpoint"], run_dir / "backbone.safetensors")
-    log(f"MEM pretraining, {summary['step']} steps (loss {summary['train']['loss']:.2f}, masked-token accuracy "
-        f"{summary['train'].get('mlm_acc', float('nan')):.1%}): {run_dir / 'mem'}; backbone: {backbone}")
+    logger.info(f"MEM pretraining, {summary['step']} steps (loss {summary['train']['loss']:.2f}, masked-token "
+                f"accuracy {summary['train'].get('mlm_acc', float('nan')):.1%}): {run_dir / 'mem'}; "
+                f"backbone: {backbone}")
     return backbone
