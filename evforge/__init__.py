@@ -36,6 +36,8 @@ _EXPORTS = {
     "verify_dataset": "evforge.dataset_builder.inspect",
     "EventDataset": "evforge.data.dataset",
     "make_loader": "evforge.data.dataset",
+    "EventBatch": "evforge.data.collate",
+    "collate_events": "evforge.data.collate",
     # representations of a packed batch
     "voxel_grid": "evforge.data.representations",
     "histogram": "evforge.data.representations",

@@ -73,7 +73,7 @@ class EventFactory:
 
     def batch(self, lengths=None, seed: int = 0, **kw) -> tuple[dict, list]:
         """(packed batch of ``collate_events``, the samples) with ``lengths`` events per sample."""
-        from evforge.data.dataset import collate_events
+        from evforge.data.collate import collate_events
 
         o = {**self.defaults, **kw}
         rng = np.random.default_rng(seed)

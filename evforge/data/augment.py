@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .collate import EventBatch
+
 __all__ = ["flip_x", "flip_y", "time_flip", "shift", "random_window", "crop_events", "select_events", "crop_windows",
            "random_resized_crop_params", "crop_grid", "crop_resize", "flip_tensor_x", "flip_grid_x",
            "grid_to_pixels"]
@@ -61,11 +63,11 @@ def _offsets(batch: dict) -> Tensor:
     return batch["offsets"].to(batch["t"].device, torch.int64)
 
 
-def _with(batch: dict, **fields) -> dict:
-    """A shallow copy of ``batch`` with ``fields`` replaced."""
-    out = dict(batch)
-    out.update(fields)
-    return out
+def _with(batch, **fields):
+    """A shallow copy of ``batch`` (an EventBatch stays one) with ``fields`` replaced."""
+    if isinstance(batch, EventBatch):
+        return batch.replace(**fields)
+    return {**batch, **fields}
 
 
 def select_events(batch: dict, keep: Tensor, *, rebase_time: bool = True) -> dict:

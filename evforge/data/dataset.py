@@ -4,8 +4,8 @@
   are whole samples (``kind="samples"``) or, for ``kind="streams"``, the events between consecutive source
   frames of every stream (ECDDP's sample: events in ``[frame_j, frame_{j+1})``). Shard files are opened
   lazily, once per process, so the dataset pickles into DataLoader workers (fork or spawn) cheaply.
-* :func:`collate_events` packs variable-length samples into flat tensors plus offsets, the form GPU-side
-  representations (voxel grids, histograms, ...) scatter from without padding.
+* the loader packs items with :func:`~evforge.data.collate.collate_events` into an
+  :class:`~evforge.data.collate.EventBatch` (flat columns plus offsets, no padding).
 * :func:`make_sampler` / :func:`make_loader` add the DistributedSampler when training on several ranks.
 """
 
@@ -21,12 +21,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, SequentialSampler
 
 from evforge.errors import InputError
-from evforge.formats.events import EVENT_DTYPE
 from evforge.formats.manifest import MANIFEST_NAME, Manifest
 from evforge.formats.shards import ShardReader
 
-__all__ = ["EventDataset", "PackedEvents", "collate_events", "unpack", "make_sampler", "make_loader",
-           "resolve_manifest"]
+from .collate import collate_events
+
+__all__ = ["EventDataset", "make_sampler", "make_loader", "resolve_manifest"]
 
 
 def resolve_manifest(path) -> Path:
@@ -261,73 +261,6 @@ class EventDataset(Dataset):
         where = self.manifest_path or f"{len(self.readers)} shard(s)"
         sub = f", subset={self.subset!r}" if self.subset else ""
         return f"EventDataset({where}, split={self.split!r}{sub}, kind={self.kind}, {len(self)} items)"
-
-
-# ------------------------------------------------------------------------------------------------ collate
-def _empty(n: int, dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised 1-D tensor; in a DataLoader worker it is allocated in shared memory (as torch's
-    default_collate does), so sending the batch to the main process does not copy it again."""
-    if torch.utils.data.get_worker_info() is None:
-        return torch.empty(n, dtype=dtype)
-    try:
-        storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(n, device="cpu")
-    except AttributeError:  # private torch API (what default_collate uses); fall back to a copy
-        return torch.empty(n, dtype=dtype).share_memory_()
-    return torch.empty(0, dtype=dtype).set_(storage)
-
-
-class PackedEvents:
-    """Collate: a list of items -> one flat batch of events (no padding).
-
-    Returns a dict of tensors: ``x``, ``y`` (int32), ``t`` (int64 us, **relative to each sample's first
-    event**, so it fits any representation's time normalisation and float32 without losing precision),
-    ``p`` (int8, +1/-1), ``batch_index`` (int64, the sample of each event), ``offsets`` (int64, B+1: sample
-    ``b`` is ``offsets[b]:offsets[b+1]``), ``t0`` (int64, B: the absolute time subtracted: the first event's
-    t, or ``t_start`` / 0 for an empty sample), ``label`` (int64, B), ``key`` (list of B str), and, when the
-    items have them (stream windows), ``t_start`` / ``t_end`` (int64, B, absolute us).
-    """
-
-    def __call__(self, batch: list[dict]) -> dict:
-        counts = np.array([len(item["events"]) for item in batch], dtype=np.int64)
-        offsets = np.zeros(len(batch) + 1, dtype=np.int64)
-        np.cumsum(counts, out=offsets[1:])
-        n = int(offsets[-1])
-        x, y, t, p, batch_index = (_empty(n, dtype) for dtype in (torch.int32, torch.int32, torch.int64,
-                                                                   torch.int8, torch.int64))
-        xn, yn, tn, pn, bn = x.numpy(), y.numpy(), t.numpy(), p.numpy(), batch_index.numpy()
-        t0 = np.zeros(len(batch), dtype=np.int64)
-        for b, item in enumerate(batch):  # one strided copy per field into the packed columns
-            ev, a, z = item["events"], offsets[b], offsets[b + 1]
-            t0[b] = ev["t"][0] if len(ev) else int(item.get("t_start", 0))
-            xn[a:z], yn[a:z], pn[a:z] = ev["x"], ev["y"], ev["p"]
-            np.subtract(ev["t"], t0[b], out=tn[a:z])
-            bn[a:z] = b  # a fill: much faster than repeat / repeat_interleave
-        out = {
-            "x": x, "y": y, "t": t, "p": p,
-            "batch_index": batch_index,
-            "offsets": torch.from_numpy(offsets),
-            "t0": torch.from_numpy(t0),
-            "label": torch.tensor([int(item["label"]) for item in batch], dtype=torch.int64),
-            "key": [item["key"] for item in batch],
-        }
-        if batch and all("t_start" in item and "t_end" in item for item in batch):
-            out["t_start"] = torch.tensor([int(item["t_start"]) for item in batch], dtype=torch.int64)
-            out["t_end"] = torch.tensor([int(item["t_end"]) for item in batch], dtype=torch.int64)
-        return out
-
-
-collate_events = PackedEvents()
-
-
-def unpack(packed: dict, b: int) -> np.ndarray:
-    """Sample ``b`` of a packed batch back as an EVENT_DTYPE array with absolute ``t`` (the inverse of the collate)."""
-    a, z = int(packed["offsets"][b]), int(packed["offsets"][b + 1])
-    ev = np.empty(z - a, dtype=EVENT_DTYPE)
-    ev["x"] = packed["x"][a:z].cpu().numpy()
-    ev["y"] = packed["y"][a:z].cpu().numpy()
-    ev["t"] = packed["t"][a:z].cpu().numpy() + int(packed["t0"][b])
-    ev["p"] = packed["p"][a:z].cpu().numpy()
-    return ev
 
 
 # ----------------------------------------------------------------------------------------- sampling, loader

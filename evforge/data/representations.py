@@ -7,7 +7,7 @@ on the events' device. Events are scattered with one ``index_add_`` into the fla
 bilinear time neighbours). Events outside the ``height x width`` sensor (e.g. after a shift) are dropped,
 never wrapped (unless :func:`stacked_histograms` is asked to reproduce the public DSEC loader's row wrap).
 
-Representations:
+Representations (each also by name in :data:`REPRESENTATIONS`, for configs: :func:`represent`, :func:`channels`):
 
 * :func:`voxel_grid` — ECDDP's input (B bins, bilinear in time, with or without polarity split);
 * :func:`histogram` — 2-channel count image (ON, OFF);
@@ -19,11 +19,15 @@ Representations:
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import Tensor
 
-__all__ = ["voxel_grid", "histogram", "mem_counts", "mem_image", "stacked_histograms", "remove_hot_pixels",
-           "normalize_max", "normalize_nonzero_std", "time_flip_voxel"]
+from evforge.registry import Registry
+
+__all__ = ["REPRESENTATIONS", "represent", "channels", "voxel_grid", "histogram", "mem_counts", "mem_image",
+           "stacked_histograms", "remove_hot_pixels", "normalize_max", "normalize_nonzero_std", "time_flip_voxel"]
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -156,11 +160,18 @@ def time_flip_voxel(v: Tensor, which: Tensor | None = None, *, polarity_split: b
 
 
 # ------------------------------------------------------------------------------------------- histograms
-def histogram(batch: dict, *, height: int, width: int) -> Tensor:
-    """Event counts ``(B, 2, H, W)``: ON events in channel 0, OFF events in channel 1."""
+def histogram(batch: dict, *, height: int, width: int, normalize: str | None = None) -> Tensor:
+    """Event counts ``(B, 2, H, W)``: ON events in channel 0, OFF events in channel 1. ``normalize="max"``
+    divides each sample by its largest count (an empty sample stays zero)."""
+    if normalize not in (None, "max"):
+        raise ValueError(f"normalize must be None or 'max', got {normalize!r}")
     x, y, t, p, bi, _ = _columns(batch)
     c = (p < 0).long()  # 0 = ON, 1 = OFF
-    return _scatter((_num_samples(batch), 2, height, width), bi, c, y, x, None, _in_sensor(x, y, height, width))
+    out = _scatter((_num_samples(batch), 2, height, width), bi, c, y, x, None, _in_sensor(x, y, height, width))
+    if normalize == "max":
+        m = out.amax(dim=(1, 2, 3), keepdim=True)
+        out = out / torch.where(m > 0, m, torch.ones_like(m))
+    return out
 
 
 def stacked_histograms(batch: dict, *, chunks: int, events_per_chunk: int, height: int, width: int,
@@ -252,3 +263,35 @@ def normalize_max(img: Tensor) -> Tensor:
     out = img.clone()
     out[:, 0::2] = img[:, 0::2] * torch.where(m > 0, 1.0 / m, torch.ones_like(m))
     return out
+
+
+# --------------------------------------------------------------------------------------------- registry
+REPRESENTATIONS = Registry("representation", {
+    "voxel_grid": voxel_grid,
+    "histogram": histogram,
+    "stacked_histograms": stacked_histograms,
+    "mem_image": mem_image,
+})
+
+
+def represent(batch, name: str, *, height: int, width: int, **options) -> Tensor:
+    """Representation ``name`` of a packed batch, from a config section: ``options`` may hold other
+    representations' settings too (a task's one ``representation`` section); only the keyword arguments
+    that ``name``'s function takes are passed, and a missing required one is a ValueError naming it."""
+    fn = REPRESENTATIONS.get(name)
+    params = inspect.signature(fn).parameters
+    kwargs = {k: v for k, v in options.items() if k in params and k not in ("batch", "height", "width")}
+    missing = [k for k, q in params.items() if q.kind is q.KEYWORD_ONLY and q.default is q.empty
+               and k not in kwargs and k not in ("height", "width")]
+    if missing:
+        raise ValueError(f"representation {name!r} needs the option(s) {missing}")
+    return fn(batch, height=height, width=width, **kwargs)
+
+
+def channels(name: str, **options) -> int:
+    """Channels of representation ``name`` with ``options`` (read off a 1x1 representation of one empty
+    sample, so a new representation needs no channel rule of its own)."""
+    z = torch.zeros(0, dtype=torch.int64)
+    empty = {"x": z, "y": z, "t": z, "p": z.to(torch.int8), "batch_index": z,
+             "offsets": torch.zeros(2, dtype=torch.int64)}
+    return int(represent(empty, name, height=1, width=1, **options).shape[1])

@@ -6,14 +6,14 @@ A config's ``task.name`` picks the task; tasks are imported only when asked for 
 
 from __future__ import annotations
 
-from ..registry import lookup
+from ..registry import Registry
 
-TASKS = {
+TASKS = Registry("finetuning task", {
     "classification": "evforge.finetune.classification:ClassificationTask",
     "segmentation": "evforge.finetune.segmentation:SegmentationTask",
-}
+})
 
 
 def get_task(name: str):
     """A new task object for ``name`` (ValueError naming the known ones otherwise)."""
-    return lookup(TASKS, name, "finetuning task")()
+    return TASKS.get(name)()

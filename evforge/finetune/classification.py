@@ -43,8 +43,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from evforge.data import augment
-from evforge.data.dataset import EventDataset, collate_events, resolve_manifest
-from evforge.data.representations import histogram, voxel_grid
+from evforge.data.collate import collate_events, to_device
+from evforge.data.dataset import EventDataset, resolve_manifest
+from evforge.data.representations import REPRESENTATIONS, channels, represent
 from evforge.formats.manifest import Manifest
 
 from ..dataset_builder.subsets import read_subset_file
@@ -61,8 +62,16 @@ from .metrics import ClassificationMetrics, confusion_matrix, topk_correct
 
 __all__ = ["ClassificationTask", "ClassifierModel", "TASK_DEFAULTS", "HOLDOUT", "resolve_splits", "holdout_indices"]
 
-REPRESENTATIONS = ("mem_image", "histogram", "voxel_grid")
 MODES = ("finetune", "linear_probe")
+
+
+def _rep_options(rep: dict) -> dict:
+    """The representation section's options for its function. The section's default ``normalize`` is the voxel
+    grid's (nonzero_std); a histogram normalises only when asked for ``max``."""
+    out = {k: v for k, v in rep.items() if k != "name"}
+    if rep["name"] == "histogram" and out.get("normalize") != "max":
+        out["normalize"] = None
+    return out
 WINDOW_POSITIONS = ("center", "first", "last", "random")
 
 OPEN_KEYS = ("task.model.kwargs",)  # free-form (timm keyword arguments)
@@ -169,7 +178,7 @@ class ClassificationTask(Task):
     # ----------------------------------------------------------------------------------------- options
     def check_options(self, o: dict) -> None:
         """Values of :data:`TASK_DEFAULTS`'s keys (the keys are checked by :meth:`Task.options`)."""
-        for key, allowed in (("mode", MODES), ("representation.name", REPRESENTATIONS),
+        for key, allowed in (("mode", MODES), ("representation.name", REPRESENTATIONS.names()),
                              ("val_window.position", WINDOW_POSITIONS), ("model.rel_pos_bias", ("shared", "per_layer")),
                              ("model.fc_norm", ("from_norm", "fresh"))):
             self.require_choice(o, key, allowed)
@@ -182,11 +191,7 @@ class ClassificationTask(Task):
 
     def in_chans(self, o: dict) -> int:
         rep = o["representation"]
-        if rep["name"] == "mem_image":
-            return 3
-        if rep["name"] == "histogram":
-            return 2
-        return int(rep["bins"]) * (2 if rep["polarity_split"] else 1)
+        return channels(rep["name"], **_rep_options(rep))
 
     def input_size(self, o: dict) -> tuple[int, int]:
         """(H, W) the network sees."""
@@ -348,16 +353,8 @@ class ClassificationTask(Task):
 
     @staticmethod
     def represent(batch: dict, rep: dict, height: int, width: int) -> torch.Tensor:
-        name = rep["name"]
-        if name == "histogram":
-            x = histogram(batch, height=height, width=width)
-            if rep.get("normalize") == "max":
-                m = x.amax(dim=(1, 2, 3), keepdim=True)
-                x = x / torch.where(m > 0, m, torch.ones_like(m))
-            return x
-        norm = rep.get("normalize")
-        return voxel_grid(batch, bins=int(rep["bins"]), height=height, width=width,
-                          polarity_split=bool(rep.get("polarity_split")), normalize=norm)
+        """``rep["name"]`` from :data:`~evforge.data.representations.REPRESENTATIONS` with the section's options."""
+        return represent(batch, rep["name"], height=height, width=width, **_rep_options(rep))
 
     # ------------------------------------------------------------------------------------------- training
     def training_step(self, model: nn.Module, batch, state: dict):
@@ -418,7 +415,7 @@ class ClassificationTask(Task):
         net = model.eval_net(bool(o["eval_ema"])).to(device).eval()
         logits_all, labels_all = [], []
         for batch in loader:
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch = to_device(batch, device)
             logits_all.append(net(self.inputs(batch, cfg, train=False)).float().cpu())
             labels_all.append(batch["label"].cpu())
         k = int(self.spec.num_classes if self.spec else len(self.classes))

@@ -8,7 +8,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from evforge.data.dataset import collate_events, resolve_manifest
+from evforge.data.collate import EventBatch, collate_events
+from evforge.data.dataset import resolve_manifest
 from evforge.formats.manifest import Manifest
 from evforge.formats.shards import ShardReader
 
@@ -118,7 +119,7 @@ class LabelWindowDataset(Dataset):
 class SegCollate:
     """``collate_events`` plus ``mask``: the stacked label images ``(B, H, W)`` uint8."""
 
-    def __call__(self, items: list[dict]) -> dict:
+    def __call__(self, items: list[dict]) -> EventBatch:
         out = collate_events(items)
         out["mask"] = torch.from_numpy(np.stack([np.asarray(it["mask"], dtype=np.uint8) for it in items]))
         return out

@@ -52,6 +52,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from evforge.data.collate import to_device
 from evforge.data.dataset import resolve_manifest
 from evforge.data.representations import stacked_histograms
 from evforge.formats.manifest import Manifest
@@ -334,7 +335,7 @@ class SegmentationTask(Task):
         cm = torch.zeros(k, k, dtype=torch.int64)
         examples: list = []
         for batch in loader:
-            batch = {key: v.to(device) if torch.is_tensor(v) else v for key, v in batch.items()}
+            batch = to_device(batch, device)
             logits, target, x = self.predict(model, batch, tta=tta)
             pred = logits.argmax(1)
             cm += confusion_matrix(pred, target, k, ignore_index=ig)

@@ -4,18 +4,17 @@ Events are a structured numpy array with tonic-compatible field names::
 
     x u2, y u2, t i8 (microseconds), p i1 (+1 ON / -1 OFF)
 
-sorted by ``t`` (non-decreasing). On the device they travel as :class:`TorchEvents`, four 1-D tensors of
-the same length. File formats with other conventions (DSEC's ``p`` in {0, 1}, ``t`` as ``u4`` relative to a
-``t_offset``) are converted at the reader/writer boundary, never inside the library.
+sorted by ``t`` (non-decreasing). For training, samples are packed into flat tensors plus offsets
+(:class:`evforge.data.collate.EventBatch`). File formats with other conventions (DSEC's ``p`` in {0, 1},
+``t`` as ``u4`` relative to a ``t_offset``) are converted at the reader/writer boundary, never inside the
+library.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
-import torch
 
 EVENT_DTYPE = np.dtype([("x", "<u2"), ("y", "<u2"), ("t", "<i8"), ("p", "i1")])
 
@@ -113,37 +112,3 @@ def slice_by_count(events: np.ndarray, n: int, *, end: int | None = None) -> np.
     """The ``n`` events that end at index ``end`` (default: the last ``n``), as a view."""
     end = len(events) if end is None else end
     return events[max(0, end - n) : end]
-
-
-@dataclass
-class TorchEvents:
-    """Events on a torch device: ``x, y`` int64, ``t`` int64 microseconds, ``p`` int8 in {+1, -1}."""
-
-    x: torch.Tensor
-    y: torch.Tensor
-    t: torch.Tensor
-    p: torch.Tensor
-
-    def __len__(self) -> int:
-        return int(self.t.shape[0])
-
-    @property
-    def device(self) -> torch.device:
-        return self.t.device
-
-    def to(self, device) -> "TorchEvents":
-        return TorchEvents(self.x.to(device), self.y.to(device), self.t.to(device), self.p.to(device))
-
-    @classmethod
-    def from_numpy(cls, events: np.ndarray, device="cpu") -> "TorchEvents":
-        return cls(
-            torch.from_numpy(events["x"].astype(np.int64)).to(device),
-            torch.from_numpy(events["y"].astype(np.int64)).to(device),
-            torch.from_numpy(np.ascontiguousarray(events["t"])).to(device),
-            torch.from_numpy(np.ascontiguousarray(events["p"])).to(device),
-        )
-
-    def numpy(self) -> np.ndarray:
-        return make_events(
-            self.x.cpu().numpy(), self.y.cpu().numpy(), self.t.cpu().numpy(), self.p.cpu().numpy()
-        )

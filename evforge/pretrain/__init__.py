@@ -5,13 +5,15 @@ A config's ``task.name`` picks the method; tasks are imported only when asked fo
 
 from __future__ import annotations
 
-from ..registry import lookup
+from ..registry import Registry
 
-TASKS = {"ecddp": "evforge.pretrain.ecddp.task:ECDDPTask",
-         "mem_dvae": "evforge.pretrain.mem.task:MEMDVAETask",
-         "mem": "evforge.pretrain.mem.task:MEMTask"}
+TASKS = Registry("pretraining task", {
+    "ecddp": "evforge.pretrain.ecddp.task:ECDDPTask",
+    "mem_dvae": "evforge.pretrain.mem.task:MEMDVAETask",
+    "mem": "evforge.pretrain.mem.task:MEMTask",
+})
 
 
 def get_task(name: str):
     """A new task object for ``name`` (ValueError naming the known ones otherwise)."""
-    return lookup(TASKS, name, "pretraining task")()
+    return TASKS.get(name)()

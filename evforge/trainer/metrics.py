@@ -81,6 +81,9 @@ def mean_metrics(stats: Stats) -> dict[str, float]:
 
 def batch_count(batch) -> int:
     """Items in a collated batch (packed events: ``offsets`` has one more entry than samples)."""
+    offsets = getattr(batch, "offsets", None)  # an EventBatch
+    if torch.is_tensor(offsets):
+        return int(offsets.numel()) - 1
     if isinstance(batch, dict):
         if "offsets" in batch:
             return int(batch["offsets"].numel()) - 1

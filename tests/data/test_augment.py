@@ -22,7 +22,7 @@ from evforge.data.augment import (
     shift,
     time_flip,
 )
-from evforge.data.dataset import unpack
+from evforge.data.collate import unpack
 from evforge.data.representations import histogram, time_flip_voxel, voxel_grid
 
 H, W = 12, 16

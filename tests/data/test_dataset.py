@@ -8,13 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from evforge.data.dataset import (
-    EventDataset,
-    collate_events,
-    make_loader,
-    make_sampler,
-    unpack,
-)
+from evforge.data.collate import EventBatch, collate_events, unpack
+from evforge.data.dataset import EventDataset, make_loader, make_sampler
 from evforge.dataset_builder.subsets import make_subsets
 from evforge.formats.events import EVENT_DTYPE, make_events
 from evforge.formats.manifest import MANIFEST_NAME, build_manifest, make_provenance
@@ -211,6 +206,38 @@ def test_collate_packs_and_unpacks(samples_ds, streams_ds):
     assert batch["t0"][1] == items[1]["t_start"]
     for b, it in enumerate(items):
         np.testing.assert_array_equal(unpack(batch, b), it["events"])
+
+
+def test_event_batch_is_a_dataclass_that_reads_like_a_dict(samples_ds, streams_ds):
+    root, _ = samples_ds
+    ds = EventDataset(root, "train")
+    batch = collate_events([ds[i] for i in (3, 0, 7)])
+    assert isinstance(batch, EventBatch) and batch.num_samples == 3 and batch.num_events == len(batch.t)
+    assert batch["x"] is batch.x and "t_start" not in batch and batch.get("t_start") is None
+    assert list(batch) == ["x", "y", "t", "p", "batch_index", "offsets", "t0", "label", "key"]
+    with pytest.raises(KeyError):
+        batch["mask"]
+    np.testing.assert_array_equal(batch.sample(1), ds[0]["events"])
+    # a task's own column goes to extra and travels with replace / to
+    batch["mask"] = torch.ones(3, 2, 2, dtype=torch.uint8)
+    assert "mask" in batch and batch.extra["mask"] is batch["mask"] and "mask" in batch.keys()
+    flipped = batch.replace(x=batch.x + 1, note="kept")
+    assert torch.equal(flipped.x, batch.x + 1) and flipped.y is batch.y and flipped["note"] == "kept"
+    assert "note" not in batch  # the copy's extra is its own
+    moved = batch.to("cpu")
+    assert isinstance(moved, EventBatch) and moved.key == batch.key and torch.equal(moved["mask"], batch["mask"])
+    plain = dict(batch)  # functions taking a packed batch accept this dict too
+    assert set(plain) == set(batch.keys()) and plain["t0"] is batch.t0
+    # Lightning's to_device (what the trainer calls) keeps the type and moves every tensor, extra included
+    from lightning_utilities.core.apply_func import apply_to_collection
+    doubled = apply_to_collection(batch, torch.Tensor, lambda v: v * 2)
+    assert isinstance(doubled, EventBatch) and torch.equal(doubled.t, batch.t * 2)
+    assert torch.equal(doubled["mask"], batch["mask"] * 2) and doubled.key == batch.key
+    # stream windows carry t_start / t_end
+    sroot, _ = streams_ds
+    sds = EventDataset(sroot, "train")
+    windows = collate_events([sds[0], sds[1]])
+    assert windows.t_start.tolist() == [sds[0]["t_start"], sds[1]["t_start"]] and "t_end" in windows
 
 
 # ---------------------------------------------------------------------------------- pickling, loaders

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from evforge.data.dataset import collate_events
+from evforge.data.collate import collate_events
 from evforge.data.representations import (
     histogram,
     mem_image,
@@ -270,3 +270,38 @@ def test_cuda_matches_cpu(event_factory):
         a, b = fn(batch, height=H, width=W, **kw), fn(cuda, height=H, width=W, **kw)
         assert b.is_cuda
         torch.testing.assert_close(b.cpu(), a, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- registry
+def test_registry_representations_by_name_equal_the_functions_and_know_their_channels(event_factory):
+    from evforge.data.representations import REPRESENTATIONS, channels, represent
+
+    batch, _ = event_factory.batch((137, 0, 9), seed=5)
+    section = {"bins": 3, "polarity_split": True, "normalize": None, "hot_pixel_std": 10.0}  # one config section
+    assert torch.equal(represent(batch, "voxel_grid", height=H, width=W, **section),
+                       voxel_grid(batch, bins=3, polarity_split=True, height=H, width=W))
+    plain = histogram(batch, height=H, width=W)
+    assert torch.equal(represent(batch, "histogram", height=H, width=W, **section), plain)
+    assert channels("voxel_grid", **section) == 6 and channels("histogram") == 2 and channels("mem_image") == 3
+    assert channels("stacked_histograms", chunks=4, events_per_chunk=8) == 8
+    with pytest.raises(ValueError, match=r"'stacked_histograms' needs the option\(s\) \['chunks', 'events_per_chunk"):
+        represent(batch, "stacked_histograms", height=H, width=W)
+    with pytest.raises(ValueError, match="unknown representation 'voxelgrid' \\(did you mean 'voxel_grid'\\?\\)"):
+        represent(batch, "voxelgrid", height=H, width=W)
+    # max-normalised histogram: each sample's largest count is 1, an empty sample stays zero
+    h = represent(batch, "histogram", height=H, width=W, normalize="max")
+    assert h[0].max() == 1 and h[1].abs().sum() == 0 and torch.allclose(h[0] * plain[0].max(), plain[0])
+    # a new representation is one function and one registry line; a classification task then uses it
+    def on_count(b, *, height, width, scale: float = 1.0):
+        return histogram(b, height=height, width=width)[:, :1] * scale
+
+    REPRESENTATIONS.register("on_count", on_count)
+    try:
+        from evforge.finetune.classification import ClassificationTask
+
+        task = ClassificationTask()
+        o = task.options({"task": {"name": "classification", "representation": {"name": "on_count"}}})
+        assert task.in_chans(o) == 1
+        assert torch.equal(task.represent(batch, o["representation"], H, W), plain[:, :1])
+    finally:
+        REPRESENTATIONS._entries.pop("on_count")

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evforge.dataset_builder import converters as registry
 from evforge.dataset_builder.converters import CONVERTERS, available, get_converter, register
 from evforge.dataset_builder.converters.base import DatasetPlan, Sample, SourceItem
 from evforge.errors import InputError
@@ -332,7 +331,9 @@ def test_registry(monkeypatch):
     assert get_converter("ncars").name == "ncars" and get_converter("ncars") is not get_converter("ncars")
     with pytest.raises(ValueError, match="unknown converter 'nope'; known: .*ncaltech101"):
         get_converter("nope")
-    monkeypatch.setitem(registry._LAZY, "ghost", "evforge.dataset_builder.converters.ghost:Ghost")
+    with pytest.raises(ValueError, match="did you mean 'ncars'"):
+        get_converter("ncar")
+    monkeypatch.setitem(CONVERTERS._entries, "ghost", "evforge.dataset_builder.converters.ghost:Ghost")
     with pytest.raises(ValueError, match="'ghost' is not available"):
         get_converter("ghost")
 
@@ -345,6 +346,6 @@ def test_registry(monkeypatch):
         def read(self, item, plan):
             return [Sample(item.key, make_events([0], [0], [0], [1]), 0)]
 
-    monkeypatch.setitem(CONVERTERS, "toy", Toy)
+    monkeypatch.setitem(CONVERTERS._entries, "toy", None)  # restored (removed) after the test
     register("toy", Toy)
-    assert isinstance(get_converter("toy"), Toy)
+    assert isinstance(get_converter("toy"), Toy) and "toy" in available()

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from evforge.data.dataset import collate_events
+from evforge.data.collate import collate_events
 from evforge.formats.events import make_events
 from evforge.pretrain.ecddp import ECDDPConfig, ECDDPModel, cosine_kmeans, sinkhorn_knopp
 from evforge.pretrain.ecddp.backbone import FusedSwin

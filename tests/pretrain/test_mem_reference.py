@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import evforge
-from evforge.data.dataset import collate_events
+from evforge.data.collate import collate_events
 from evforge.data.representations import remove_hot_pixels
 from evforge.finetune.backbones import create_model, load_init, resolve_spec
 from evforge.finetune.beit import block_dropout, per_layer_rel_pos_bias, reset_fc_norm

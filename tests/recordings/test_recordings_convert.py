@@ -11,7 +11,8 @@ import pytest
 import torch
 from raw_encoders import encode_aedat4, encode_dat, encode_evt2, encode_evt3, random_events
 
-from evforge.data.dataset import EventDataset, collate_events
+from evforge.data.collate import collate_events
+from evforge.data.dataset import EventDataset
 from evforge.dataset_builder.build import build_dataset
 from evforge.dataset_builder.verify import verify
 from evforge.formats import open_recording

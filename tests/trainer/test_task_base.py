@@ -57,5 +57,6 @@ def test_base_defaults_and_registries():
     with pytest.raises(NotImplementedError, match="no backbone to export"):
         t.backbone_tensors({}, {}, "teacher", False)
     assert type(pretrain_task("ecddp")).__name__ == "ECDDPTask" and isinstance(finetune_task("segmentation"), Task)
-    with pytest.raises(ValueError, match=r"unknown pretraining task 'ecdp'; known: \['ecddp', 'mem', 'mem_dvae'\]"):
+    with pytest.raises(ValueError, match=r"unknown pretraining task 'ecdp' \(did you mean 'ecddp'\?\); "
+                                         r"known: \['ecddp', 'mem', 'mem_dvae'\]"):
         pretrain_task("ecdp")

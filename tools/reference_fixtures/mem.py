@@ -467,7 +467,7 @@ def evforge_images(samples, draws, geo: str, *, train: bool, recipe: str) -> tor
     """evforge's :func:`mem_inputs` on ``samples`` with the reference's ``draws``: ``recipe`` reference (the
     input keys of configs/pretrain/mem_<dataset>_reference.yaml) or evforge (those of mem_<dataset>.yaml), at
     the fixture's input size and window."""
-    from evforge.data.dataset import collate_events
+    from evforge.data.collate import collate_events
     from evforge.formats.events import make_events
     from evforge.pretrain.mem.inputs import Draws, MEMInputConfig, mem_inputs
     from evforge.trainer.config import load_config

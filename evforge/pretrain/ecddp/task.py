@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from evforge.data.augment import crop_events, crop_windows
-from evforge.data.dataset import EventDataset, collate_events
+from evforge.data.collate import collate_events
+from evforge.data.dataset import EventDataset
 from evforge.data.representations import voxel_grid
 
 from ...trainer.metrics import Mean, batch_count

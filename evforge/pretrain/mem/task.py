@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from evforge.data.dataset import EventDataset, collate_events
+from evforge.data.collate import collate_events
+from evforge.data.dataset import EventDataset
 
 from ...errors import InputError
 from ...trainer.checkpoint import read_trainer_checkpoint
