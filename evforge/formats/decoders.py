@@ -37,7 +37,7 @@ import numpy as np
 
 from evforge.errors import InputError
 from evforge.formats.events import EVENT_DTYPE, EventFormatError, event_problem, validate_events
-from evforge.formats.prophesee import read_header_lines
+from evforge.formats.prophesee import DAT_EVENT_SIZE, DAT_RAW, decode_dat, read_dat_type_size, read_header_lines
 
 __all__ = [
     "read_atis_bin",
@@ -54,8 +54,6 @@ ATIS_OVERFLOW_Y = 240  # y value that marks a timestamp-overflow record
 ATIS_OVERFLOW_STEP = 2**13  # us added to all later events per overflow record
 ATIS_T_BITS = 23
 
-DAT_EVENT_SIZE = 8
-_DAT_RAW = np.dtype([("t", "<u4"), ("w", "<u4")])
 _DAT_MAX_HEADER_LINE = 1 << 16
 
 NIMAGENET_FIELDS = ("x", "y", "t", "p")
@@ -174,17 +172,10 @@ def read_prophesee_dat_header(path) -> dict:
     lines without the leading ``%`` and surrounding blanks; ``data_offset`` is the byte offset of the first event.
     """
     lines, offset = read_header_lines(path, _DAT_MAX_HEADER_LINE, stop_at_end=False)
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            type_size = f.read(2)
-    except OSError as e:
-        raise InputError(path, f"cannot read file: {e.strerror or e}") from None
-    offset += len(type_size)
     if not lines:
         raise InputError(path, "missing header: a DAT file starts with '%' header lines")
-    if len(type_size) < 2:
-        raise InputError(path, "garbled header: no event type/size bytes after the header lines")
+    type_size = read_dat_type_size(path, offset)
+    offset += 2
 
     header = {"lines": lines, "version": None, "width": None, "height": None, "date": None, "event_class": None}
     for line in lines:
@@ -216,13 +207,8 @@ def read_prophesee_dat(path, *, sort: bool = True) -> np.ndarray:
         raise InputError(path, "no events")
     if len(data) % DAT_EVENT_SIZE:
         raise InputError(path, f"truncated: payload of {len(data)} bytes is not a multiple of {DAT_EVENT_SIZE}")
-    raw = np.frombuffer(data, dtype=_DAT_RAW)
-    w = raw["w"]
-    ev = np.empty(len(raw), dtype=EVENT_DTYPE)
-    ev["t"] = raw["t"]
-    ev["x"] = w & 0x3FFF  # bits 0-13
-    ev["y"] = (w >> 14) & 0x3FFF  # bits 14-27
-    ev["p"] = ((w >> 28) & 1).astype(np.int8) * 2 - 1  # bit 28: 1 = ON
+    raw = np.frombuffer(data, dtype=DAT_RAW)
+    ev = decode_dat(raw)  # the same decoding as the recordings reader's (formats.prophesee.iter_dat)
     return _sorted_by_t(ev, raw["t"]) if sort else ev
 
 
@@ -238,7 +224,7 @@ def write_prophesee_dat(path, events: np.ndarray, width: int, height: int, date:
     if date is not None:
         lines.append(f"Date {date}")
     lines += [f"Height {height}", f"Width {width}"]
-    raw = np.empty(len(events), dtype=_DAT_RAW)
+    raw = np.empty(len(events), dtype=DAT_RAW)
     raw["t"] = t
     raw["w"] = (
         events["x"].astype(np.uint32)

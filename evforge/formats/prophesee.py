@@ -83,9 +83,10 @@ def read_header_lines(path, max_line: int = _MAX_HEADER, stop_at_end: bool = Tru
         raise InputError(path, f"cannot read file ({err.strerror or err})") from None
 
 
-def read_raw_header(path) -> RawHeader:
-    """The ``%`` header of a RAW or DAT file (RAW ends it with ``% end``; DAT with its 2 type/size bytes)."""
-    lines, offset = read_header_lines(path)
+def read_raw_header(path, *, stop_at_end: bool = True) -> RawHeader:
+    """The ``%`` header of a RAW or DAT file (RAW ends it with ``% end``; DAT, read with ``stop_at_end=False``,
+    with its 2 type/size bytes)."""
+    lines, offset = read_header_lines(path, stop_at_end=stop_at_end)
     fields: dict[str, str] = {}
     for line in lines:
         key, _, value = line.partition(" ")
@@ -351,27 +352,37 @@ def _evt3_block_numpy(path, w16: np.ndarray, s: "_Evt3State"):
     return ev, tr
 
 
-_DAT_RAW = np.dtype([("t", "<u4"), ("w", "<u4")])
+DAT_RAW = np.dtype([("t", "<u4"), ("w", "<u4")])  # one DAT v2 event: t (us), x bits 0-13, y 14-27, p bit 28
+DAT_EVENT_SIZE = DAT_RAW.itemsize
 
 
-def iter_dat(path, header: RawHeader | None = None, *, block_bytes: int = BLOCK_BYTES, resume: tuple | None = None):
-    """Yield a :class:`Block` per block of a DAT file (no triggers; 2 type/size bytes follow the header lines);
-    ``resume``: a block's ``resume`` (its byte offset) to start there."""
-    header = header or read_raw_header(path)
+def read_dat_type_size(path, offset: int) -> tuple[int, int]:
+    """The event type and size bytes that follow a DAT file's header lines (at ``offset``)."""
     try:
         with open(path, "rb") as f:
-            f.seek(header.data_offset)
+            f.seek(offset)
             type_size = f.read(2)
     except OSError as err:
         raise InputError(path, f"cannot read file ({err.strerror or err})") from None
     if len(type_size) < 2:
         raise InputError(path, "garbled header: no event type/size bytes after the header lines")
-    if type_size[1] != 8:
-        raise InputError(path, f"unsupported DAT event size {type_size[1]} (expected 8)")
+    return type_size[0], type_size[1]
+
+
+def decode_dat(raw: np.ndarray) -> np.ndarray:
+    """DAT v2 records (:data:`DAT_RAW`) as events, in file order."""
+    w = raw["w"]
+    return _events(w & 0x3FFF, (w >> 14) & 0x3FFF, raw["t"].astype(np.int64), (w >> 28) & 1)
+
+
+def iter_dat(path, header: RawHeader | None = None, *, block_bytes: int = BLOCK_BYTES, resume: tuple | None = None):
+    """Yield a :class:`Block` per block of a DAT file (no triggers; 2 type/size bytes follow the header lines);
+    ``resume``: a block's ``resume`` (its byte offset) to start there."""
+    header = header or read_raw_header(path, stop_at_end=False)
+    size = read_dat_type_size(path, header.data_offset)[1]
+    if size != DAT_EVENT_SIZE:
+        raise InputError(path, f"unsupported DAT event size {size} (expected {DAT_EVENT_SIZE})")
     no_triggers = np.empty(0, dtype=TRIGGER_DTYPE)
     start = header.data_offset + 2 if resume is None else resume[0]
-    for pos, data in _blocks(path, start, 8, block_bytes):
-        raw = np.frombuffer(data, dtype=_DAT_RAW)
-        w = raw["w"]
-        yield Block(_events(w & 0x3FFF, (w >> 14) & 0x3FFF, raw["t"].astype(np.int64), (w >> 28) & 1), no_triggers,
-                    (pos,))
+    for pos, data in _blocks(path, start, DAT_EVENT_SIZE, block_bytes):
+        yield Block(decode_dat(np.frombuffer(data, dtype=DAT_RAW)), no_triggers, (pos,))

@@ -215,7 +215,7 @@ def open_recording(path) -> Recording:
         size = (header.width, header.height) if header.width and header.height else None
         return Recording(path, header.encoding, size, header)
     if suffix == ".dat":
-        header = read_raw_header(path)
+        header = read_raw_header(path, stop_at_end=False)
         if not header.lines:
             raise InputError(path, "missing header: a DAT file starts with '%' header lines")
         size = (header.width, header.height) if header.width and header.height else None

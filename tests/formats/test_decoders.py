@@ -159,6 +159,24 @@ def test_dat_round_trip(tmp_path):
     assert _same(_struct_read_dat(path), ev)
 
 
+def test_dat_read_the_same_by_the_ncars_decoder_and_the_recordings_reader(tmp_path):
+    """One DAT decoding (formats.prophesee.decode_dat) behind read_prophesee_dat and open_recording; a '% end'
+    header line (RAW's terminator) does not end a DAT header in either."""
+    from evforge.formats import open_recording
+
+    rng = np.random.default_rng(5)
+    ev = _random_events(rng, 3000, 304, 240, 2**31)
+    plain, ended = tmp_path / "a.dat", tmp_path / "b.dat"
+    write_prophesee_dat(plain, ev, 304, 240)
+    data = plain.read_bytes()
+    ended.write_bytes(data.replace(b"% Version 2\n", b"% Version 2\n% end\n% Note after end\n", 1))
+    for path in (plain, ended):
+        assert _same(read_prophesee_dat(path), ev)
+        rec = open_recording(path)
+        assert rec.sensor_size == (304, 240)
+        np.testing.assert_array_equal(rec.events(), read_prophesee_dat(path, sort=False))
+
+
 @pytest.mark.parametrize("legacy", [False, True])
 def test_npz_round_trip(tmp_path, legacy):
     rng = np.random.default_rng(4)
