@@ -28,28 +28,21 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import os
 import shutil
-import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import harness
+import numpy as np
+from harness import Row, markdown_head, markdown_table
+from machine import machine_info, machine_tag
 
-import numpy as np  # noqa: E402
-from machine import machine_info, machine_tag, results_folder  # noqa: E402  (bench/machine.py)
-
-from evforge.data.dataset import EventDataset, make_loader  # noqa: E402
-from evforge.formats.decoders import read_atis_bin, write_atis_bin  # noqa: E402
-from evforge.formats.events import make_events  # noqa: E402
-from evforge.formats.manifest import MANIFEST_NAME, build_manifest, make_provenance  # noqa: E402
-from evforge.formats.shards import RAW_EVENT_BYTES, RollingShardWriter, ShardReader  # noqa: E402
+from evforge import EventDataset, make_events, make_loader
+from evforge.formats.decoders import read_atis_bin, write_atis_bin
+from evforge.formats.manifest import MANIFEST_NAME, build_manifest, make_provenance
+from evforge.formats.shards import RAW_EVENT_BYTES, RollingShardWriter, ShardReader
 
 SENSOR = (240, 180)  # N-Caltech101's ATIS crop
 DURATION_US = 300_000  # an N-Caltech101 sample: three 100 ms saccades
@@ -136,27 +129,28 @@ def bench_decode(work: Path, cfg: dict, ncaltech: Path | None) -> dict:
             b = b[np.argsort(b["t"], kind="stable")]
             agree &= bool(np.array_equal(a["x"], b["x"]) and np.array_equal(a["y"], b["y"])
                           and np.array_equal(a["t"], b["t"]) and np.array_equal(a["p"] > 0, b["p"] > 0))
-    times = {"evforge": [], "tonic": []}
-    for _ in range(cfg["repeats"]):
-        t0 = time.perf_counter()
+    decoders = {"evforge": read_atis_bin}  # the page cache is warm (read above): no warm-up pass
+    if read_mnist_file is not None:
+        decoders["tonic"] = lambda f: read_mnist_file(str(f), dtype=tonic_dtype)
+    rows = {name: Row(name) for name in decoders}
+
+    def decode_all(fn) -> None:
         for f in files:
-            read_atis_bin(f)
-        times["evforge"].append(time.perf_counter() - t0)
-        if read_mnist_file is not None:
-            t0 = time.perf_counter()
-            for f in files:
-                read_mnist_file(str(f), dtype=tonic_dtype)
-            times["tonic"].append(time.perf_counter() - t0)
+            fn(f)
+
+    harness.interleave([(rows[name], lambda warm, fn=fn: harness.timed(lambda: decode_all(fn))[0])
+                        for name, fn in decoders.items()], cfg["repeats"], warmup=0)
     out = {"files": len(files), "events": n_events, "source": source, "repeats": cfg["repeats"],
            "tonic_version": getattr(tonic, "__version__", None), "outputs_agree": agree}
-    for name, ts in times.items():
-        if ts:
-            med = statistics.median(ts)
-            out[name] = {"median_s": med, "min_s": min(ts), "max_s": max(ts), "runs_s": ts,
-                         "mev_s": n_events / med / 1e6, "mev_s_min": n_events / max(ts) / 1e6,
-                         "mev_s_max": n_events / min(ts) / 1e6, "ms_per_file": med / len(files) * 1e3}
+    for name, row in rows.items():
+        ts, s = row.values("seconds"), row.stats("seconds")
+        out[name] = {"median_s": s["median"], "min_s": s["min"], "max_s": s["max"], "runs_s": ts,
+                     "mev_s": n_events / s["median"] / 1e6, "mev_s_min": n_events / s["max"] / 1e6,
+                     "mev_s_max": n_events / s["min"] / 1e6, "ms_per_file": s["median"] / len(files) * 1e3}
     if "tonic" in out:
         out["speedup"] = out["evforge"]["mev_s"] / out["tonic"]["mev_s"]
+        out["speedup_per_repeat"] = harness.paired_ratios(rows["tonic"].values("seconds"),
+                                                          rows["evforge"].values("seconds"))
     return out
 
 
@@ -241,55 +235,39 @@ def bench_loader(paths: list[str], work: Path, cfg: dict) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------- report
 def table(res: dict) -> str:
-    lines = []
     d = res["decode"]
-    lines.append(f"(a) ATIS .bin decode: {d['files']} files, {d['events']:,} events ({d['source']}), "
-                 f"median of {d['repeats']}")
-    rows = [["decoder", "Mev/s [min-max]", "ms/file", "speed-up"]]
-    mev = lambda r: f"{r['mev_s']:.1f} [{r['mev_s_min']:.1f}-{r['mev_s_max']:.1f}]"
-    rows.append(["evforge read_atis_bin", mev(d["evforge"]), f"{d['evforge']['ms_per_file']:.2f}",
-                 f"{d['speedup']:.1f}x" if "speedup" in d else "-"])
+    mev = lambda r: f"{r['mev_s']:.1f} [{r['mev_s_min']:.1f}-{r['mev_s_max']:.1f}]"  # noqa: E731
+    rows = [["evforge read_atis_bin", mev(d["evforge"]), f"{d['evforge']['ms_per_file']:.2f}",
+             harness.ratio({**harness.stats(d["speedup_per_repeat"]), "per_repeat": d["speedup_per_repeat"]})
+             if "speedup" in d else "-"]]
     if "tonic" in d:
         rows.append([f"tonic {d['tonic_version']} read_mnist_file", mev(d["tonic"]),
                      f"{d['tonic']['ms_per_file']:.2f}", "1.0x"])
     else:
         rows.append(["tonic read_mnist_file", "skipped (tonic not installed)", "", ""])
-    lines += _fmt(rows)
+    lines = [f"(a) ATIS .bin decode: {d['files']} files, {d['events']:,} events ({d['source']}), "
+             f"median of {d['repeats']} interleaved passes [min-max]", "",
+             markdown_table(["decoder", "Mev/s [min-max]", "ms/file", "speed-up [min-max]"], rows), ""]
     if d.get("outputs_agree") is not None:
-        lines.append(f"outputs agree: {'yes' if d['outputs_agree'] else 'NO'}")
-    lines.append("")
-    lines.append("(b) shard build (RollingShardWriter, 256 MiB raw target, fsync + rename included)")
-    rows = [["compression", "samples", "events", "seconds", "Mev/s", "shards", "MB", "ratio"]]
-    for b in res["build"]:
-        rows.append([b["compression"], f"{b['samples']:,}", f"{b['events']:,}", f"{b['seconds']:.2f}",
-                     f"{b['mev_s']:.1f}", str(b["shards"]), f"{b['bytes'] / 1e6:.1f}", f"{b['ratio']:.2f}"])
-    lines += _fmt(rows)
-    lines.append("")
+        lines += [f"outputs agree: {'yes' if d['outputs_agree'] else 'NO'}", ""]
+    rows = [[b["compression"], f"{b['samples']:,}", f"{b['events']:,}", f"{b['seconds']:.2f}", f"{b['mev_s']:.1f}",
+             str(b["shards"]), f"{b['bytes'] / 1e6:.1f}", f"{b['ratio']:.2f}"] for b in res["build"]]
+    lines += ["(b) shard build (RollingShardWriter, 256 MiB raw target, fsync + rename included)", "",
+              markdown_table(["compression", "samples", "events", "seconds", "Mev/s", "shards", "MB", "ratio"],
+                             rows), ""]
     r = res["reads"]
-    lines.append(f"(c) random sample reads ({r['reads']} reads, {r['events_per_sample']:,.0f} events/sample, "
-                 f"{res['build'][0]['compression']})")
-    rows = [["mode", "median ms", "p95 ms", "min ms"]]
-    for mode, label in (("cold", "cold-ish (new ShardReader per read)"), ("warm", "warm (open reader)")):
-        s = r[mode]
-        rows.append([label, f"{s['median_ms']:.2f}", f"{s['p95_ms']:.2f}", f"{s['min_ms']:.2f}"])
-    lines += _fmt(rows)
-    lines.append(f"warm read throughput: {r['warm_mev_s']:.1f} Mev/s")
-    lines.append("")
-    lines.append("(d) loader: EventDataset + make_loader(shuffle) + collate_events")
-    rows = [["workers", "batch", "samples", "first batch s", "samples/s", "Mev/s"]]
-    for l in res["loader"]:
-        rows.append([str(l["workers"]), str(l["batch"]), str(l["samples"]), f"{l['first_batch_s']:.2f}",
-                     f"{l['samples_s']:.0f}" if l["samples_s"] else "-", f"{l['mev_s']:.1f}" if l["mev_s"] else "-"])
-    lines += _fmt(rows)
+    rows = [[label, f"{r[mode]['median_ms']:.2f}", f"{r[mode]['p95_ms']:.2f}", f"{r[mode]['min_ms']:.2f}"]
+            for mode, label in (("cold", "cold-ish (new ShardReader per read)"), ("warm", "warm (open reader)"))]
+    lines += [f"(c) random sample reads ({r['reads']} reads, {r['events_per_sample']:,.0f} events/sample, "
+              f"{res['build'][0]['compression']})", "",
+              markdown_table(["mode", "median ms", "p95 ms", "min ms"], rows), "",
+              f"warm read throughput: {r['warm_mev_s']:.1f} Mev/s", ""]
+    rows = [[str(ld["workers"]), str(ld["batch"]), str(ld["samples"]), f"{ld['first_batch_s']:.2f}",
+             f"{ld['samples_s']:.0f}" if ld["samples_s"] else "-", f"{ld['mev_s']:.1f}" if ld["mev_s"] else "-"]
+            for ld in res["loader"]]
+    lines += ["(d) loader: EventDataset + make_loader(shuffle) + collate_events", "",
+              markdown_table(["workers", "batch", "samples", "first batch s", "samples/s", "Mev/s"], rows)]
     return "\n".join(lines)
-
-
-def _fmt(rows: list[list[str]]) -> list[str]:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    out = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-           for r in rows]
-    out.insert(1, "  ".join("-" * w for w in widths))
-    return out
 
 
 def targets(res: dict) -> list[str]:
@@ -307,29 +285,24 @@ def targets(res: dict) -> list[str]:
     return out
 
 
-def write_results(path: Path, res: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(res, indent=1, default=float) + "\n")
-    info = res["machine"]
-    md = [f"# Conversion and loading benchmark ({res['date']}{', quick' if res['config']['quick'] else ''})", "",
-          f"- CPU: {info['cpu_model']}, {info['usable_cpus']} usable CPUs; load average at start "
-          f"{info.get('load_avg_at_start')}",
-          f"- numpy {info['numpy']}, torch {info['torch']}, h5py {info['h5py']} (HDF5 {info['hdf5']}), "
-          f"hdf5plugin {info['hdf5plugin']}, tonic {info['tonic']}, Python {info['python']}",
-          f"- command: `{res['config']['command']}`", "", "```", table(res), "```", ""]
-    goals = targets(res)
+def markdown(doc: dict) -> list[str]:
+    info = doc["machine"]
+    md = markdown_head("Conversion and loading benchmark" + (", quick" if doc["config"]["quick"] else ""),
+                       doc["date"], info, doc["config"]["command"],
+                       [f"- h5py {info['h5py']} (HDF5 {info['hdf5']}), hdf5plugin {info['hdf5plugin']}, "
+                        f"tonic {info['tonic']}"])
+    md += [table(doc), ""]
+    goals = targets(doc)
     if goals:
         md += ["Targets:", "", *goals, ""]
-    md += [f"Total time {res['elapsed_s']:.0f} s.", ""]
-    path.with_suffix(".md").write_text("\n".join(md))
+    return md + [f"Total time {doc['elapsed_s']:.0f} s.", ""]
 
 
 # ------------------------------------------------------------------------------------------------- main
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run (well under 30 s on 2 cores); results go to $TMPDIR/evforge-bench/")
+    harness.add_bench_args(p, quick="small sizes, well under 30 s on 2 cores", devices=None)
     p.add_argument("--samples", type=int, help=f"shard build: samples (default {FULL['samples']})")
     p.add_argument("--events", type=int, help=f"shard build: events per sample (default {FULL['events']:,})")
     p.add_argument("--compressions", default=None, help="shard build compressions (default zstd,lz4; quick zstd)")
@@ -357,36 +330,32 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     a = parse_args(argv)
     info = convert_machine_info()
-    t_start = time.perf_counter()
-    work_parent = a.workdir or Path(tempfile.gettempdir())
-    work_parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="evforge-bench-convert-", dir=work_parent))
-    try:
+    clock = harness.Clock()
+    with harness.work_dir("evforge-bench-convert-", a.workdir) as work:
         print(f"machine {info['machine']}, work dir {work}", flush=True)
-        res = {"benchmark": "convert", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-               "machine": info, "config": {**a.cfg, "quick": a.quick, "compressions": a.compressions,
-                                           "command": " ".join(["python", *sys.argv])}}
-        res["decode"] = bench_decode(work, a.cfg, a.ncaltech)
-        print("decode done", flush=True)
+        config = {**a.cfg, "quick": a.quick, "compressions": a.compressions,
+                  "command": harness.command_line("convert.py", argv)}
+        res = {"decode": bench_decode(work, a.cfg, a.ncaltech)}
+        clock.say("decode done")
         res["build"] = [bench_build(work, a.cfg, c) for c in a.compressions]
-        print("build done", flush=True)
+        clock.say("build done")
         first = res["build"][0]["paths"]
         res["reads"] = bench_reads(first, a.cfg)
         res["loader"] = bench_loader(first, work, a.cfg)
         for b in res["build"]:
             b.pop("paths")
-        res["elapsed_s"] = time.perf_counter() - t_start
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        res["elapsed_s"] = clock.elapsed()
+    doc = {"benchmark": "convert", "date": harness.utc_now(), "machine": info, "config": config, **res}
     print()
-    print(table(res))
-    for line in targets(res):
+    print(table(doc))
+    for line in targets(doc):
         print(line)
     print(f"total {res['elapsed_s']:.0f} s")
     if a.out:
-        folder = a.results_dir or results_folder(a.quick)
+        folder = a.results_dir or harness.results_folder(a.quick)
         path = folder / f"convert-{info['machine']}{'-quick' if a.quick else ''}.json"
-        write_results(path, res)
+        harness.write_results(path, info, config, None, benchmark="convert", date=doc["date"], markdown=markdown,
+                              **res)
         print(f"results: {path} (+ .md)")
     return 0
 

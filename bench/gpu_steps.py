@@ -12,34 +12,32 @@ others still run (exit code 1).
 
 Prints one line per config and writes ``bench/results/gpu-steps-<machine tag>.json`` and ``.md``: the status,
 the losses of the steps, the wall time of ``fit`` and of its last step, and the peak device memory.
-``bench/gpu_check.sh`` runs it on CUDA; ``--device cpu --precision 32-true --batch 2 --steps 1`` checks the
-plumbing on a CPU.
+``bench/gpu_check.sh`` runs it on CUDA; ``--quick`` (the tiny configs, ``--device cpu --precision 32-true
+--batch 2 --steps 1``) checks the plumbing on a CPU.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
+import contextlib
 import json
 import math
 import shutil
 import sys
-import tempfile
 import time
 import traceback
 import warnings
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from machine import machine_info, machine_lines, machine_tag, results_folder  # noqa: E402
-from train import samples_dataset, stream_dataset  # noqa: E402
+import harness
+import numpy as np
+import torch
+from harness import REPO, markdown_head, markdown_table
+from machine import machine_info
+from train import samples_dataset, stream_dataset
 
 CONFIGS = REPO / "evforge" / "configs"
+QUICK = dict(device="cpu", precision="32-true", steps=1, batch=2, only="tiny")
 KINDS = {"ecddp": "streams", "mem_dvae": "samples", "mem": "samples", "classification": "samples",
          "segmentation": "dsec"}
 
@@ -166,23 +164,59 @@ def run_config(path: Path, data: dict, runs: Path, args) -> dict:
     return row
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    p.add_argument("--precision", default="bf16-mixed", help="trainer.precision of every run")
-    p.add_argument("--steps", type=int, default=3, help="optimizer steps per config")
-    p.add_argument("--batch", type=int, default=8, help="largest batch (a config's own smaller one is kept)")
+    harness.add_bench_args(p, quick="the tiny configs on the CPU, fp32, batch 2, 1 step", devices=("cuda", "cpu"),
+                           device_default=None, out="bench/results/gpu-steps-<machine tag>.json")
+    p.add_argument("--precision", default=None, help="trainer.precision of every run (default bf16-mixed)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per config (default 3)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="largest batch (a config's own smaller one is kept; default 8)")
     p.add_argument("--workers", type=int, default=2, help="loader workers")
-    p.add_argument("--only", default="", help="comma-separated parts of config names to run (default: all)")
+    p.add_argument("--only", default=None, help="comma-separated parts of config names to run (default: all)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workdir", type=Path, default=None, help="datasets and runs (default: a temp folder)")
-    p.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/gpu-steps-<tag>.json)")
-    args = p.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+    p.add_argument("--workdir", type=Path, default=None, help="datasets and runs (default: a temp folder, removed)")
+    a = p.parse_args(argv)
+    defaults = QUICK if a.quick else dict(device="cuda", precision="bf16-mixed", steps=3, batch=8, only="")
+    for key, value in defaults.items():
+        if getattr(a, key) is None:
+            setattr(a, key, value)
+    return a
+
+
+def markdown(doc: dict) -> list[str]:
+    c, rows = doc["config"], doc["rows"]
+    ok = sum(r["status"] == "ok" for r in rows)
+    table = [[r["config"], r["task"], r["status"] + (": " + r["error"][:120] if "error" in r else ""),
+              r.get("batch", "-"), ", ".join(f"{v:.3g}" for v in r.get("losses") or []), r["seconds"],
+              r.get("peak_mem_gib", "-")] for r in rows]
+    return [*markdown_head("Training steps of every config", doc["date"], doc["machine"]),
+            f"{c['steps']} optimizer steps per config at {c['precision']}, batch at most {c['batch']}, on "
+            f"{c['device']}; small synthetic datasets; validation and checkpoints off.", "",
+            markdown_table(["config", "task", "status", "batch", "losses", "s", "peak GiB"], table), "",
+            f"{ok}/{len(rows)} ok; total {doc['elapsed_s']:.0f} s.", ""]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if harness.bench_devices(args.device) is None:
         return 2
-    started = time.perf_counter()
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="evforge-gpu-steps-"))
+    clock = harness.Clock()
+    with contextlib.ExitStack() as stack:
+        work = args.workdir or stack.enter_context(harness.work_dir("evforge-gpu-steps-"))
+        rows, info = run_all(args, work)
+    elapsed = clock.elapsed()
+    ok = sum(r["status"] == "ok" for r in rows)
+    print(f"{ok}/{len(rows)} configs ran {args.steps} steps with finite losses, {elapsed:.0f} s in all")
+    for path in harness.result_paths("gpu-steps", [args.device], info, args.quick, args.out):
+        harness.write_results(path, info, {k: str(v) for k, v in vars(args).items()}, rows, benchmark="gpu-steps",
+                              markdown=markdown, elapsed_s=round(elapsed, 1))
+        print(f"wrote {path} and {path.with_suffix('.md')}")
+    return 0 if ok == len(rows) else 1
+
+
+def run_all(args, work: Path) -> tuple[list[dict], dict]:
+    """Every selected config's row (datasets built on first use), and the machine."""
     cache: dict = {}
 
     def once(kind, build):
@@ -195,42 +229,21 @@ def main(argv=None) -> int:
         return get
 
     sim_device = "cuda" if args.device == "cuda" else "cpu"
-    data = {"streams": once("streams", lambda: stream_dataset(work, "paper", 3 * args.batch, sim_device, args.seed,
+    streams = "tiny" if args.quick else "paper"
+    data = {"streams": once("streams", lambda: stream_dataset(work, streams, 3 * args.batch, sim_device, args.seed,
                                                               log=lambda m: None)),
             "samples": once("samples", lambda: samples_dataset(work, 4 * args.batch, args.seed, log=lambda m: None)),
             "dsec": once("dsec", lambda: dsec_dataset(work, args.seed))}
     info = machine_info()
-    print("Machine:\n" + "\n".join(machine_lines(info)), flush=True)
+    harness.announce(info, args.device, [args.device])
     rows = []
-    for path in configs([s for s in args.only.split(",") if s]):
+    for path in configs(harness.csv(args.only)):
         row = run_config(path, data, work / "runs", args)
         rows.append(row)
         losses = ", ".join(f"{v:.3g}" for v in row.get("losses") or [])
         print(f"  {row['config']:45s} {row['status']:4s} {row['seconds']:6.1f} s  losses [{losses}]"
               + (f"  {row['error'][:160]}" if "error" in row else ""), flush=True)
-    elapsed = time.perf_counter() - started
-    ok = sum(r["status"] == "ok" for r in rows)
-    print(f"{ok}/{len(rows)} configs ran {args.steps} steps with finite losses, {elapsed:.0f} s in all")
-    path = args.out or results_folder(False) / f"gpu-steps-{machine_tag(args.device, info)}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"benchmark": "gpu-steps", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-           "machine": info, "config": {k: str(v) for k, v in vars(args).items()}, "elapsed_s": round(elapsed, 1),
-           "rows": rows}
-    path.write_text(json.dumps(doc, indent=1) + "\n")
-    md = [f"# Training steps of every config ({doc['date']})", "", *machine_lines(info), "",
-          f"{args.steps} optimizer steps per config at {args.precision}, batch at most {args.batch}, on "
-          f"{args.device}; small synthetic datasets; validation and checkpoints off.", "",
-          "| config | task | status | batch | losses | s | peak GiB |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        md.append(f"| {r['config']} | {r['task']} | {r['status']}{': ' + r['error'][:120] if 'error' in r else ''} | "
-                  f"{r.get('batch', '-')} | {', '.join(f'{v:.3g}' for v in r.get('losses') or [])} | {r['seconds']} | "
-                  f"{r.get('peak_mem_gib', '-')} |")
-    md += ["", f"{ok}/{len(rows)} ok; total {elapsed:.0f} s.", ""]
-    path.with_suffix(".md").write_text("\n".join(md))
-    print(f"wrote {path} and {path.with_suffix('.md')}")
-    if args.workdir is None:
-        shutil.rmtree(work, ignore_errors=True)
-    return 0 if ok == len(rows) else 1
+    return rows, info
 
 
 if __name__ == "__main__":

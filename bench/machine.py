@@ -1,4 +1,6 @@
-"""The machine a benchmark runs on (CPU, cores, memory, torch threads, GPU, load, commit) and peak-memory probes."""
+"""The machine a benchmark runs on (CPU, cores, memory, torch threads, GPU, load, commit) and peak-memory probes.
+
+Machine facts only: timing, stats, result files and options are in :mod:`harness`."""
 
 from __future__ import annotations
 
@@ -9,8 +11,6 @@ import os
 import platform
 import re
 import resource
-import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -114,49 +114,11 @@ def machine_lines(info: dict) -> list[str]:
     return out
 
 
-def bench_devices(choice: str) -> list[str] | None:
-    """The devices of ``--device cpu|cuda|all`` (all: the CPU, plus CUDA when torch sees it); None, after an
-    error line, when CUDA is asked for and torch sees none."""
-    if choice == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda, but torch sees no CUDA device", file=sys.stderr)
-        return None
-    if choice in ("cpu", "cuda"):
-        return [choice]
-    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def announce(info: dict, choice: str, devices: list[str]) -> None:
-    """Print the machine at the start of a run, and say when ``--device all`` found no GPU."""
-    print("Machine:\n" + "\n".join(machine_lines(info)), flush=True)
-    if choice == "all" and devices == ["cpu"]:
-        print("(no CUDA device: CPU only)", flush=True)
-
-
 def machine_tag(device: str, info: dict) -> str:
     """``cuda-<gpu>`` or ``cpu-<model>-<N>cpu``: the suffix of result file names."""
     if device == "cuda":
         return "cuda-" + slug(info["gpu"]["name"])
     return f"cpu-{slug(info['cpu_model'])}-{info['usable_cpus']}cpu"
-
-
-def results_folder(quick: bool) -> Path:
-    """bench/results, or for a --quick smoke run $TMPDIR/evforge-bench (smoke results are not kept)."""
-    return Path(tempfile.gettempdir()) / "evforge-bench" if quick else REPO / "bench" / "results"
-
-
-def result_paths(name: str, devices: list[str], info: dict, quick: bool, out: Path | None = None) -> dict:
-    """{JSON path: devices it holds}: ``out`` for all devices, else one ``<name>[-quick]-<machine tag>.json``
-    per device in :func:`results_folder`."""
-    if out is not None:
-        return {Path(out): list(devices)}
-    prefix = f"{name}-quick-" if quick else f"{name}-"
-    return {results_folder(quick) / f"{prefix}{machine_tag(d, info)}.json": [d] for d in devices}
-
-
-def sync(device: torch.device) -> None:
-    """Wait for the device (CUDA) before reading a clock."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _rss_kib(field_name: str) -> int | None:

@@ -43,34 +43,25 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import math
 import multiprocessing
 import os
-import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import cli_e2e
+import harness
+import numpy as np
+import torch
+from harness import REPO, Clock, Row, csv, markdown_head, markdown_table, num, ratio_stats, spread, stats, sync
+from machine import MemoryProbe, cpuinfo, machine_info
+from v2e_emulator import V2E, emulator_kwargs, find_root
 
-import cli_e2e  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from machine import MemoryProbe, announce, bench_devices, cpuinfo, machine_info, machine_lines, result_paths  # noqa: E402
-from machine import sync as _sync
-from v2e_emulator import V2E, emulator_kwargs, find_root  # noqa: E402
-
-from evforge.simulator.engine import BatchEngine  # noqa: E402
-from evforge.simulator.params import get_preset  # noqa: E402
-from evforge.simulator.resample import rgb_to_gray  # noqa: E402
-from evforge.simulator.scenes import SceneSpec, build_scene, render_frame  # noqa: E402
-from evforge.simulator.upsample import UpsampleConfig  # noqa: E402
+from evforge import BatchEngine, UpsampleConfig, get_preset
+from evforge.simulator.resample import rgb_to_gray
+from evforge.simulator.scenes import SceneSpec, build_scene, render_frame
 
 # Frames per measurement for batch 1, per device and resolution; batch B runs ceil(N / B**BATCH_SCALING)
 # frames per slot (at least MIN_FRAMES), so that measurements take comparable times whatever the batch.
@@ -156,14 +147,14 @@ def run_evforge(clip: torch.Tensor, batch: int, n_frames: int, preset: str, dt_u
             eng.advance(clip[pingpong(i, last), :batch], [i * dt_us] * batch, active).to_host()
         settle_steps = sum(eng.substeps)
         events = 0
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         for i in range(settle + 1, settle + n_frames + 1):
             ev = eng.advance(clip[pingpong(i, last), :batch], [i * dt_us] * batch, active)
             events += len(ev)
             if host_events and len(ev):
                 ev.to_host()
-        _sync(device)
+        sync(device)
         seconds = time.perf_counter() - t0
         steps = sum(eng.substeps) - settle_steps
         backend = eng.sim.backend
@@ -189,7 +180,9 @@ def run_v2e(v2e: V2E, clip_u8: np.ndarray, n_frames: int, preset: str, dt_us: in
 
 
 @dataclass
-class Row:
+class Case:
+    """One row of the table: what runs (implementation, batch, frames, upsampling) and its repeats."""
+
     device: str
     resolution: tuple[int, int]
     preset: str
@@ -198,8 +191,8 @@ class Row:
     source_hz: float
     batch: int
     n_frames: int  # frame pairs per slot per measurement
-    runs: list = field(default_factory=list)
     settle: int = 0  # untimed frame pairs at the start of each measurement
+    row: Row = field(default_factory=lambda: Row("case"))
 
     def run(self, clip, clip_u8, host_events, v2e: V2E | None, warmup: bool = False) -> dict:
         dev = torch.device(self.device)
@@ -212,88 +205,64 @@ class Row:
                            host_events, dev, kernels="torch" if self.impl == "evforge-torch" else "auto",
                            settle=settle)
 
-    def stat(self, key: str) -> dict:
-        """median/min/max of ``key`` per second over the repeats."""
-        vals = [r[key] / r["seconds"] for r in self.runs]
-        return {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
-
     def summary(self) -> dict:
-        first = self.runs[0]
+        row, first = self.row, self.row.runs[0]
         return {"device": self.device, "resolution": f"{self.resolution[0]}x{self.resolution[1]}",
                 "preset": self.preset, "impl": self.impl, "upsample": self.upsample, "source_hz": self.source_hz,
-                "batch": self.batch, "frames_per_slot": self.n_frames, "repeats": len(self.runs),
+                "batch": self.batch, "frames_per_slot": self.n_frames, "repeats": len(row.runs),
                 "backend": first.get("backend", "v2e"),
-                "frames_per_s": self.stat("frames"), "steps_per_s": self.stat("steps"),
-                "events_per_s": self.stat("events"),
+                "frames_per_s": row.rate("frames"), "steps_per_s": row.rate("steps"),
+                "events_per_s": row.rate("events"),
                 "events_per_frame": first["events"] / first["frames"],
                 "steps_per_frame": first["steps"] / first["frames"],
-                "ms_per_frame": {"median": 1e3 / self.stat("frames")["median"]},
-                "seconds": {"median": statistics.median(r["seconds"] for r in self.runs),
-                            "min": min(r["seconds"] for r in self.runs),
-                            "max": max(r["seconds"] for r in self.runs)},
-                "peak_mem_mib": max(r["peak_mem_mib"] for r in self.runs),
-                "runs": self.runs}
+                "ms_per_frame": {"median": 1e3 / row.rate("frames")["median"]},
+                "seconds": row.stats("seconds"), "peak_mem_mib": max(row.values("peak_mem_mib")),
+                "runs": row.runs}
 
 
 # --------------------------------------------------------------------------------------------- report
-
-
-def _num(x: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.3g}{unit}"
-    return f"{x:.3g}"
-
-
-def _spread(s: dict) -> str:
-    return f"{_num(s['median'])} [{_num(s['min'])}-{_num(s['max'])}]"
 
 
 def add_ratios(rows: list[dict]) -> None:
     """evforge frames/s over v2e frames/s, same device, resolution, preset (per-step rows only): the median of
     the per-repeat ratios (repeats are interleaved, so each pair saw the same machine)."""
     refs = {(r["device"], r["resolution"], r["preset"]): r for r in rows if r["impl"] == "v2e"}
+    fps = lambda r: [a["frames"] / a["seconds"] for a in r["runs"]]  # noqa: E731
     for r in rows:
         ref = refs.get((r["device"], r["resolution"], r["preset"]))
         r["ratio_vs_v2e"] = None
         if ref and r["impl"].startswith("evforge") and r["upsample"] == "none":
-            pairs = zip(r["runs"], ref["runs"])
-            r["ratio_per_repeat"] = [(a["frames"] / a["seconds"]) / (b["frames"] / b["seconds"]) for a, b in pairs]
-            r["ratio_vs_v2e"] = statistics.median(r["ratio_per_repeat"])
+            s = ratio_stats(fps(r), fps(ref))
+            r["ratio_per_repeat"], r["ratio_vs_v2e"] = s["per_repeat"], s["median"]
 
 
 def table(rows: list[dict]) -> str:
     head = ["device", "res", "preset", "impl", "upsample", "src Hz", "batch", "frames/slot", "frames/s [min-max]",
             "ms/frame", "steps/s", "events/s", "ev/frame", "vs v2e [min-max]", "peak mem MiB"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines = []
     for r in rows:
         ratio = "1.0x" if r["impl"] == "v2e" else "-"
         if r.get("ratio_vs_v2e"):
-            ratio = f"{r['ratio_vs_v2e']:.1f}x"
-            if len(r["ratio_per_repeat"]) > 1:
-                ratio += f" [{min(r['ratio_per_repeat']):.1f}-{max(r['ratio_per_repeat']):.1f}]"
+            ratio = harness.ratio({**stats(r["ratio_per_repeat"]), "per_repeat": r["ratio_per_repeat"]})
         impl = r["impl"] if r["impl"] != "evforge" else f"evforge ({r['backend']})"
         cells = [r["device"], r["resolution"], r["preset"], impl, r["upsample"], f"{r['source_hz']:g}",
-                 str(r["batch"]), str(r["frames_per_slot"]), _spread(r["frames_per_s"]),
-                 f"{r['ms_per_frame']['median']:.3g}", _num(r["steps_per_s"]["median"]),
-                 _num(r["events_per_s"]["median"]), _num(r["events_per_frame"]), ratio, f"{r['peak_mem_mib']:.0f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+                 str(r["batch"]), str(r["frames_per_slot"]), spread(r["frames_per_s"]),
+                 f"{r['ms_per_frame']['median']:.3g}", num(r["steps_per_s"]["median"]),
+                 num(r["events_per_s"]["median"]), num(r["events_per_frame"]), ratio, f"{r['peak_mem_mib']:.0f}"]
+        lines.append(cells)
+    return markdown_table(head, lines)
 
 
 def cli_table(cli: dict) -> str:
-    head = ["", "ms/frame [min-max]", "vs v2e"]
-    pf = [v * 1e3 for v in cli["evforge_per_frame_all"]]
-    lines = ["| " + " | ".join(head) + " |", "|---|---|---|",
-             f"| evforge simulate, end to end (decode, simulate, write) | {statistics.median(pf):.3g} "
-             f"[{min(pf):.3g}-{max(pf):.3g}] | "
-             + (f"{cli['ratio']:.1f}x [{min(cli['ratio_per_repeat']):.1f}-{max(cli['ratio_per_repeat']):.1f}] |"
-                if cli.get("ratio") else "- |")]
+    ms = lambda v: f"{v:.3g}"  # noqa: E731
+    pf = stats(v * 1e3 for v in cli["evforge_per_frame_all"])
+    rows = [["evforge simulate, end to end (decode, simulate, write)", spread(pf, ms),
+             harness.ratio({**stats(cli["ratio_per_repeat"]), "per_repeat": cli["ratio_per_repeat"]})
+             if cli.get("ratio") else "-"]]
     if cli.get("v2e_s_per_frame"):
-        pv = [s * 1e3 / (cli["frames"] - 1) for s in cli["runs"]["v2e"]]
-        lines.append(f"| v2e EventEmulator core alone (frames in memory) | {statistics.median(pv):.3g} "
-                     f"[{min(pv):.3g}-{max(pv):.3g}] | 1.0x |")
-    return "\n".join(lines)
+        pv = stats(s * 1e3 / (cli["frames"] - 1) for s in cli["runs"]["v2e"])
+        rows.append(["v2e EventEmulator core alone (frames in memory)", spread(pv, ms), "1.0x"])
+    return markdown_table(["", "ms/frame [min-max]", "vs v2e"], rows)
 
 
 def cli_lines(cli: dict) -> list[str]:
@@ -307,8 +276,8 @@ def cli_lines(cli: dict) -> list[str]:
 
 
 def help_line(help_s: list[float]) -> str:
-    return (f"`evforge --help`: {statistics.median(help_s):.2f} s median of {len(help_s)} "
-            f"[{min(help_s):.2f}-{max(help_s):.2f}] (start-up of the command line alone: no torch).")
+    return (f"`evforge --help`: {spread(stats(help_s), lambda v: f'{v:.2f}')} s, median of {len(help_s)} "
+            "(start-up of the command line alone: no torch).")
 
 
 CPU_TARGET_RATIO = 10.0  # CPU: at least 10x v2e's EventEmulator at batch 1, per resolution and preset
@@ -346,21 +315,16 @@ def targets(rows: list[dict], info: dict, clis: list[dict] = ()) -> list[str]:
             gpu = (info.get("gpu") or {}).get("name", "?")
             note = "" if "H100" in gpu.upper() else f"; the target is stated for an H100, this is {gpu}"
             ratio = f", {r['ratio_vs_v2e']:.0f}x v2e" if r.get("ratio_vs_v2e") else ""
-            out.append(f"- cuda {res} {preset}: {_num(fps)} frames/s at batch {r['batch']}{ratio} (target >= "
-                       f"{_num(GPU_TARGET_FPS)}: {'met' if fps >= GPU_TARGET_FPS else 'NOT met'}{note})")
+            out.append(f"- cuda {res} {preset}: {num(fps)} frames/s at batch {r['batch']}{ratio} (target >= "
+                       f"{num(GPU_TARGET_FPS)}: {'met' if fps >= GPU_TARGET_FPS else 'NOT met'}{note})")
     return out
 
 
-def write_results(path: Path, info: dict, config: dict, rows: list[dict], elapsed: float, clis: list[dict],
-                  help_s: list[float]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"benchmark": "simulator", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-           "machine": info, "config": config, "elapsed_s": round(elapsed, 1), "rows": rows, "cli": clis,
-           "help_s": help_s}
-    path.write_text(json.dumps(doc, indent=1) + "\n")
+def markdown(doc: dict) -> list[str]:
+    config, rows, clis, help_s = doc["config"], doc["rows"], doc["cli"], doc["help_s"]
     base = config["v2e"] or "v2e: not found, no ratios"
-    md = [f"# Simulator benchmark ({doc['date']})", "", *machine_lines(info), f"- baseline: {base}", "",
-          f"Command: `{config['command']}`", "",
+    md = [*markdown_head("Simulator benchmark", doc["date"], doc["machine"], config["command"],
+                         [f"- baseline: {base}"]),
           f"Medians of {config['repeats']} interleaved repeats [min-max]; frames/s = batch x frames / s; per-step "
           f"rows (upsample none) take a {config['source_hz']:g} Hz source, end-to-end rows (upsample linear) a "
           f"{config['e2e_hz']:g} Hz source; 8-bit gray frames of a textured pan; each measurement times its "
@@ -374,18 +338,13 @@ def write_results(path: Path, info: dict, config: dict, rows: list[dict], elapse
             md += cli_lines(cli)
         if help_s:
             md += [help_line(help_s), ""]
-    goals = targets(rows, info, clis)
+    goals = targets(rows, doc["machine"], clis)
     if goals:
         md += ["Targets (medians):", "", *goals, ""]
-    md += [f"Total time {elapsed:.0f} s.", ""]
-    path.with_suffix(".md").write_text("\n".join(md))
+    return md + [f"Total time {doc['elapsed_s']:.0f} s.", ""]
 
 
 # --------------------------------------------------------------------------------------------- main
-
-
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
 
 
 def _resolutions(text: str) -> list[tuple[int, int]]:
@@ -399,10 +358,8 @@ def _resolutions(text: str) -> list[tuple[int, int]]:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help="smoke test: 346x260, batch 1 and 8, few frames, 1 repeat; output in the temp dir")
-    p.add_argument("--device", choices=["cpu", "cuda", "all"], default="all",
-                   help="all = cpu, plus cuda when torch sees a GPU (default)")
+    harness.add_bench_args(p, quick="346x260, batch 1 and 8, few frames, 1 repeat",
+                           out="bench/results/simulator-<machine tag>.json, one file per device")
     p.add_argument("--presets", default="ideal,noisy",
                    help="comma-separated presets, each NAME or NAME+field=value+... (noisy+refractory_period_s=0)")
     p.add_argument("--resolutions", default=None, help="comma-separated WxH (default 346x260,640x480)")
@@ -441,9 +398,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: usable CPUs)")
     p.add_argument("--seed", type=int, default=1000, help="seed of the first scene (scene s uses seed + s)")
     p.add_argument("--render-workers", type=int, default=None, help="processes rendering scenes (default: CPUs)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="JSON path (a .md table is written next to it); default "
-                        "bench/results/simulator-<machine tag>.json, one file per device")
     a = p.parse_args(argv)
     if a.quick:
         a.resolutions = a.resolutions or QUICK["resolutions"]
@@ -459,9 +413,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.cli_frames = 300 if a.cli_frames is None else a.cli_frames
     a.resolutions = _resolutions(a.resolutions or "346x260,640x480")
     a.cli_size = _resolutions(a.cli_size)[0]
-    a.batches = sorted(set(_ints(a.batches or "1,8,32")))
-    a.presets = [v.strip() for v in a.presets.split(",") if v.strip()]
-    a.cli_presets = [v.strip() for v in a.cli_presets.split(",") if v.strip()]
+    a.batches = sorted(set(csv(a.batches or "1,8,32", int)))
+    a.presets = csv(a.presets)
+    a.cli_presets = csv(a.cli_presets)
     for name in [*a.presets, *a.cli_presets]:
         preset_params(name)  # fail early on a typo
     a.repeats = a.repeats or 5
@@ -501,13 +455,13 @@ def open_v2e(args, threads: int) -> V2E | None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     threads = args.threads or cpuinfo()["usable_cpus"] or 1  # torch.set_num_threads after rendering
-    devices = bench_devices(args.device)
+    devices = harness.bench_devices(args.device)
     if devices is None:
         return 2
     info = machine_info(threads)
-    announce(info, args.device, devices)
+    harness.announce(info, args.device, devices)
 
-    started = time.perf_counter()
+    clock = Clock()
     e2e_batches = {d: args.e2e_batch or (min(max(args.batches), 8) if d == "cpu" else max(args.batches))
                    for d in devices}
     n_scenes = max([*args.batches, *(e2e_batches.values() if not args.no_e2e else [])])
@@ -542,36 +496,36 @@ def main(argv=None) -> int:
         for res in args.resolutions:
             clip_u8 = clips[res, "step"][:, 0, 0].to(torch.uint8).numpy()  # scene 0, for v2e
             for preset in args.presets:
-                group: list[Row] = []
+                group: list[Case] = []
                 if v2e is not None:
                     n = args.v2e_frames or V2E_FRAMES[device].get(tuple(res), 32)
-                    group.append(Row(device, res, preset, "v2e", "none", args.source_hz, 1, n,
+                    group.append(Case(device, res, preset, "v2e", "none", args.source_hz, 1, n,
                                      settle=args.settle_frames))
                 for b in args.batches:
-                    group.append(Row(device, res, preset, "evforge", "none", args.source_hz, b,
+                    group.append(Case(device, res, preset, "evforge", "none", args.source_hz, b,
                                      frames_for(args, device, res, b), settle=args.settle_frames))
                 if not args.no_torch_path:  # the same step as torch ops, side by side
                     b = min(args.batches)
-                    group.append(Row(device, res, preset, "evforge-torch", "none", args.source_hz, b,
+                    group.append(Case(device, res, preset, "evforge-torch", "none", args.source_hz, b,
                                      frames_for(args, device, res, b), settle=args.settle_frames))
                 if not args.no_e2e:  # an end-to-end frame is a dozen steps: one settles
                     n = args.e2e_frames or DEFAULT_E2E_FRAMES[device].get(tuple(res), 2)
-                    group.append(Row(device, res, preset, "evforge", "linear", args.e2e_hz, e2e_batches[device], n,
+                    group.append(Case(device, res, preset, "evforge", "linear", args.e2e_hz, e2e_batches[device], n,
                                      settle=min(1, args.settle_frames)))
-                kind = lambda r: "e2e" if r.upsample != "none" else "step"  # noqa: E731
-                for r in group:
-                    r.run(dev_clips[res, kind(r)], clip_u8, args.events == "host", v2e, warmup=True)
-                for _ in range(args.repeats):
-                    for r in group:
-                        r.runs.append(r.run(dev_clips[res, kind(r)], clip_u8, args.events == "host", v2e))
+                contenders = []
+                for c in group:
+                    clip = dev_clips[res, "e2e" if c.upsample != "none" else "step"]
+                    contenders.append((c.row, lambda warm, c=c, clip=clip: c.run(
+                        clip, clip_u8, args.events == "host", v2e, warmup=warm)))
+                harness.interleave(contenders, args.repeats)
                 summaries = [r.summary() for r in group]
                 add_ratios(summaries)
                 all_rows[device].extend(summaries)
                 for s in summaries:
                     ratio = f", {s['ratio_vs_v2e']:.1f}x v2e" if s.get("ratio_vs_v2e") else ""
-                    print(f"  [{time.perf_counter() - started:6.0f} s] {device} {s['resolution']} {preset} "
-                          f"{s['impl']:13s} {s['upsample']:6s} B={s['batch']:<2d}: {_spread(s['frames_per_s'])} "
-                          f"frames/s, {_num(s['events_per_s']['median'])} events/s{ratio}", flush=True)
+                    clock.say(f"{device} {s['resolution']} {preset} {s['impl']:13s} {s['upsample']:6s} "
+                              f"B={s['batch']:<2d}: {spread(s['frames_per_s'])} frames/s, "
+                              f"{num(s['events_per_s']['median'])} events/s{ratio}", "  ")
         del dev_clips
 
     clis, help_s = [], []
@@ -587,8 +541,8 @@ def main(argv=None) -> int:
         help_s = cli_e2e.help_seconds()
         print(help_line(help_s), flush=True)
 
-    elapsed = time.perf_counter() - started
-    config = {"command": " ".join(["python", "bench/simulator.py", *(sys.argv[1:] if argv is None else argv)]),
+    elapsed = clock.elapsed()
+    config = {"command": harness.command_line("simulator.py", argv),
               "quick": args.quick, "devices": devices, "presets": args.presets,
               "resolutions": [f"{w}x{h}" for w, h in args.resolutions], "batches": args.batches,
               "repeats": args.repeats, "source_hz": args.source_hz, "e2e_hz": args.e2e_hz, "speed_px_s": args.speed,
@@ -603,10 +557,11 @@ def main(argv=None) -> int:
         print("\nTargets (medians):\n" + "\n".join(goals))
     print(f"\nTotal {elapsed:.0f} s", flush=True)
 
-    for path, devs in result_paths("simulator", devices, info, args.quick, args.out).items():
+    for path, devs in harness.result_paths("simulator", devices, info, args.quick, args.out).items():
         with_cli = "cpu" in devs
-        write_results(path, info, config, [r for d in devs for r in all_rows[d]], elapsed,
-                      clis if with_cli else [], help_s if with_cli else [])
+        harness.write_results(path, info, config, [r for d in devs for r in all_rows[d]], benchmark="simulator",
+                              markdown=markdown, elapsed_s=round(elapsed, 1), cli=clis if with_cli else [],
+                              help_s=help_s if with_cli else [])
         print(f"wrote {path} and {path.with_suffix('.md')}")
     return 0
 
