@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+__all__ = ["temp_path", "fsync_dir", "commit", "atomic_output", "atomic_write_text", "AtomicWriter"]
+
 
 def temp_path(path) -> Path:
     path = Path(path)
@@ -62,3 +64,43 @@ def atomic_write_text(path, text: str) -> Path:
         with open(tmp, "w", encoding="utf-8", newline="\n") as f:
             f.write(text)
     return Path(path)
+
+
+class AtomicWriter:
+    """Base of the incremental writers (stream files, shards): the file is written at ``self._tmp`` through the
+    open handle ``self._file`` and appears at ``self.path`` only on :meth:`close`. In a ``with`` block, a normal
+    exit closes and an exception aborts (nothing is left at ``path`` or in the temp file)."""
+
+    path: Path
+    _tmp: Path
+    _file = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def close(self) -> None:  # pragma: no cover (each writer finalises its own format)
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        """Discard the file being written."""
+        self._discard_temp()
+
+    def _discard_temp(self) -> None:
+        """Close the handle quietly (after a failed write it may raise too) and remove the temp file; a folder
+        that cannot be written had no temp file created in it."""
+        if self._file is not None:
+            try:
+                self._file.close()
+            except Exception:
+                pass
+            self._file = None
+        try:
+            self._tmp.unlink(missing_ok=True)
+        except OSError:
+            pass

@@ -39,7 +39,7 @@ import numpy as np
 
 from evforge.errors import InputError, OutputError, environment_problem
 from evforge.formats import h5guard
-from evforge.formats.atomic import commit, temp_path
+from evforge.formats.atomic import AtomicWriter, commit, temp_path
 from evforge.formats.events import EVENT_DTYPE, EventFormatError, validate_events
 from evforge.formats.hdf5 import check_local, decode_attr, decode_attrs, encode_attrs, header_problem
 
@@ -70,7 +70,7 @@ FLUSH_EVENTS = 16 * CHUNK_EVENTS  # events held in memory before they are writte
 FLUSH_FRAMES = 16  # gray frames held in memory before they are written
 
 
-class StreamWriter:
+class StreamWriter(AtomicWriter):
     """Write one stream file incrementally (bounded memory); the file appears at ``path`` only when complete.
 
     Appended events and frames are converted to the file's columns at once and held in memory until
@@ -145,15 +145,6 @@ class StreamWriter:
         except BaseException:
             self.abort()
             raise
-
-    def __enter__(self) -> "StreamWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
     @property
     def num_events(self) -> int:
@@ -308,19 +299,17 @@ class StreamWriter:
             raise
 
     def abort(self) -> None:
-        """Discard the file being written (nothing is left at ``path`` or in the temp file)."""
-        if self._file is not None:
+        """Discard the file being written (nothing is left at ``path`` or in the temp file). Closing the HDF5
+        handle is safe after a failed write: HDF5 never saw it fail (:mod:`evforge.formats.h5guard`)."""
+        file, self._file = self._file, None
+        if file is not None:
             try:
-                self._file.close()  # safe after a failed write: HDF5 never saw it fail (evforge.formats.h5guard)
+                file.close()  # before the guard: HDF5 flushes through it
             except Exception:
                 pass
-            self._file = None
         if self._guard is not None:
             self._guard.close()
-        try:
-            self._tmp.unlink(missing_ok=True)
-        except OSError:
-            pass  # a read-only folder: nothing was created there
+        self._discard_temp()
 
 
 def write_stream(path, events: np.ndarray, frame_times, *, width: int, height: int, attrs: dict | None = None,

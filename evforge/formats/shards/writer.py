@@ -9,7 +9,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from evforge.formats.atomic import commit, temp_path
+from evforge.formats.atomic import AtomicWriter, commit, temp_path
 from evforge.formats.events import EVENT_DTYPE, EventFormatError, validate_events
 from evforge.formats.hdf5 import encode_attrs
 from evforge.formats.shards.blosc import blosc_compress_ctx, compress_chunk, compress_pool, direct_args
@@ -36,7 +36,7 @@ _FLUSH_EVENTS = 16 * CHUNK_EVENTS  # events are buffered and written in whole ch
 _SLICE_EVENTS = 1 << 22  # large samples are checked in slices (bounded extra memory)
 
 
-class ShardWriter:
+class ShardWriter(AtomicWriter):
     """Write one shard sample by sample; the file appears at ``path`` only when complete.
 
     A context manager: on normal exit the index is written, ``complete=True`` set last, the temp file
@@ -93,15 +93,6 @@ class ShardWriter:
         except BaseException:
             self.abort()
             raise
-
-    def __enter__(self) -> "ShardWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
     @property
     def num_samples(self) -> int:
@@ -378,13 +369,7 @@ class ShardWriter:
         for job in self._inflight or ():
             job[3].cancel()
         self._inflight = self._inflight_buf = None
-        if self._file is not None:
-            try:
-                self._file.close()
-            except Exception:
-                pass
-            self._file = None
-        self._tmp.unlink(missing_ok=True)
+        self._discard_temp()
 
 
 class RollingShardWriter:
@@ -412,7 +397,12 @@ class RollingShardWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
-        elif self._writer is not None:
+        else:
+            self.abort()
+
+    def abort(self) -> None:
+        """Discard the shard in progress (finished shards stay)."""
+        if self._writer is not None:
             self._writer.abort()
             self._writer = None
 
