@@ -1,4 +1,4 @@
-"""Imports run along the data flow (docs/ARCHITECTURE.md): the training-side packages import nothing above them."""
+"""Imports run along the data flow (docs/ARCHITECTURE.md): no package imports one that comes after it."""
 
 from __future__ import annotations
 
@@ -10,7 +10,14 @@ import pytest
 PKG = Path(__file__).resolve().parents[2] / "evforge"
 
 # package -> the evforge top-level names it must not import (anywhere in its files, lazy imports included)
+_TOP = {"export", "cli", "commands", "demo", "preview"}
 FORBIDDEN = {
+    # file formats read and write bytes only
+    "formats": {"simulator", "dataset_builder", "data", "realism", "models", "trainer", "pretrain", "finetune"} | _TOP,
+    "simulator": {"dataset_builder", "data", "realism", "models", "trainer", "pretrain", "finetune"} | _TOP,
+    "dataset_builder": {"data", "realism", "models", "trainer", "pretrain", "finetune"} | _TOP,
+    # training-side reading: datasets of the formats, never the builders or the simulator
+    "data": {"simulator", "dataset_builder", "realism", "models", "trainer", "pretrain", "finetune"} | _TOP,
     "models": {"dataset_builder", "simulator", "trainer", "pretrain", "finetune", "export", "cli"},
     "trainer": {"pretrain", "finetune", "export", "cli"},
     "pretrain": {"finetune", "export", "cli"},
