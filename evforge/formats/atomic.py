@@ -11,7 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["temp_path", "fsync_dir", "commit", "atomic_output", "atomic_write_text", "AtomicWriter"]
+__all__ = ["temp_path", "fsync_dir", "commit", "atomic_output", "atomic_write_text", "Transaction",
+           "AtomicWriter"]
 
 
 def temp_path(path) -> Path:
@@ -66,14 +67,8 @@ def atomic_write_text(path, text: str) -> Path:
     return Path(path)
 
 
-class AtomicWriter:
-    """Base of the incremental writers (stream files, shards): the file is written at ``self._tmp`` through the
-    open handle ``self._file`` and appears at ``self.path`` only on :meth:`close`. In a ``with`` block, a normal
-    exit closes and an exception aborts (nothing is left at ``path`` or in the temp file)."""
-
-    path: Path
-    _tmp: Path
-    _file = None
+class Transaction:
+    """A writer used in a ``with`` block: a normal exit calls :meth:`close` (commit), an exception :meth:`abort`."""
 
     def __enter__(self):
         return self
@@ -86,6 +81,19 @@ class AtomicWriter:
 
     def close(self) -> None:  # pragma: no cover (each writer finalises its own format)
         raise NotImplementedError
+
+    def abort(self) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+
+class AtomicWriter(Transaction):
+    """Base of the incremental writers (stream files, shards): the file is written at ``self._tmp`` through the
+    open handle ``self._file`` and appears at ``self.path`` only on :meth:`close`; :meth:`abort` leaves nothing
+    at ``path`` or in the temp file."""
+
+    path: Path
+    _tmp: Path
+    _file = None
 
     def abort(self) -> None:
         """Discard the file being written."""

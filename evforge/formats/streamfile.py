@@ -31,6 +31,7 @@ happens here only.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
@@ -115,13 +116,9 @@ class StreamWriter(AtomicWriter):
 
         self._tmp = temp_path(self.path)
         self._file = self._guard = None
-        try:
+        with self._aborting():
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file, self._guard = h5guard.create(self._tmp)
-        except OSError as err:
-            self.abort()
-            self._raise_output_error(err)
-        try:
             f = self._file
             f.attrs.update({"evforge_format": FORMAT, "format_version": FORMAT_VERSION,
                             "width": self.width, "height": self.height, "complete": False})
@@ -139,6 +136,13 @@ class StreamWriter(AtomicWriter):
                                  maxshape=(None, self.height, self.width), chunks=(1, self.height, self.width),
                                  **self._gray_filter)
             self._guard.check()
+
+    @contextmanager
+    def _aborting(self):
+        """Any failure inside drops the file; a failed write (full disk, read-only, I/O error) is raised as the
+        :class:`OutputError` naming the final path, other errors as they are."""
+        try:
+            yield
         except OSError as err:
             self.abort()
             self._raise_output_error(err)
@@ -219,12 +223,9 @@ class StreamWriter(AtomicWriter):
     def _write(self, flush) -> None:
         """Run a flush; a write that failed (full disk, read-only, I/O error) drops the file and raises
         :class:`OutputError` naming the final path."""
-        try:
+        with self._aborting():
             flush()
             self._guard.check()
-        except OSError as err:
-            self.abort()
-            self._raise_output_error(err)
 
     def _raise_output_error(self, err: OSError):
         """Raise ``err`` as the OutputError for this file: every failed write of the temp file is the
@@ -273,7 +274,7 @@ class StreamWriter(AtomicWriter):
         """Finalize (ms_to_idx, frame indices, num_events, complete=True), fsync and rename into place."""
         if self._file is None:
             return
-        try:
+        with self._aborting():
             f = self._file
             last_ms = 0 if self._t_last is None else -(-(self._t_last - self.t_offset) // 1000)
             self._add_ms(last_ms + 1)
@@ -291,12 +292,6 @@ class StreamWriter(AtomicWriter):
             self._guard.check()
             self._guard.close()
             commit(self._tmp, self.path)
-        except OSError as err:
-            self.abort()
-            self._raise_output_error(err)
-        except BaseException:
-            self.abort()
-            raise
 
     def abort(self) -> None:
         """Discard the file being written (nothing is left at ``path`` or in the temp file). Closing the HDF5

@@ -9,7 +9,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from evforge.formats.atomic import AtomicWriter, commit, temp_path
+from evforge.formats.atomic import AtomicWriter, Transaction, commit, temp_path
 from evforge.formats.events import EVENT_DTYPE, EventFormatError, validate_events
 from evforge.formats.hdf5 import encode_attrs
 from evforge.formats.shards.blosc import blosc_compress_ctx, compress_chunk, compress_pool, direct_args
@@ -372,7 +372,7 @@ class ShardWriter(AtomicWriter):
         self._discard_temp()
 
 
-class RollingShardWriter:
+class RollingShardWriter(Transaction):
     """Write samples into ``<directory>/<prefix>-00000.h5``, ``-00001.h5``, ... cutting at ``target_bytes``.
 
     A new shard starts when the next sample would push the current one past ``target_bytes`` of raw bytes
@@ -390,15 +390,6 @@ class RollingShardWriter:
         self._writer_kwargs = dict(sensor_size=sensor_size, kind=kind, compression=compression, attrs=attrs)
         self._writer: ShardWriter | None = None
         self.paths: list[Path] = []
-
-    def __enter__(self) -> "RollingShardWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
     def abort(self) -> None:
         """Discard the shard in progress (finished shards stay)."""
