@@ -6,7 +6,7 @@ loaded on first use, so ``import evforge`` stays cheap (no torch) and the comman
 
 from __future__ import annotations
 
-import importlib
+from .registry import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -46,16 +46,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'evforge' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # the next access skips this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports("evforge", _EXPORTS, globals())

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-__all__ = ["Registry"]
+__all__ = ["Registry", "lazy_exports"]
 
 
 class Registry:
@@ -59,3 +59,20 @@ class Registry:
     def __repr__(self) -> str:
         return f"Registry({self.what!r}, {self.names()})"
 
+
+def lazy_exports(package: str, exports: dict[str, str], namespace: dict) -> tuple[Callable, Callable]:
+    """A package's ``__getattr__`` and ``__dir__`` for names defined in its submodules (``exports``: name ->
+    module), imported on first access (PEP 562) so that importing the package stays cheap."""
+
+    def __getattr__(name: str):
+        module = exports.get(name)
+        if module is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(module), name)
+        namespace[name] = value  # the next access skips this function
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted(set(namespace) | set(exports))
+
+    return __getattr__, __dir__

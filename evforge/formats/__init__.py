@@ -17,17 +17,9 @@ one format does not import the others.
 
 from __future__ import annotations
 
-import importlib
+from evforge.registry import lazy_exports
 
 _EXPORTS = {name: "evforge.formats.recording" for name in ("FORMATS", "Recording", "find_recordings",
                                                              "open_recording")}
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'evforge.formats' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports("evforge.formats", _EXPORTS, globals())
