@@ -30,62 +30,15 @@ import warnings
 from pathlib import Path
 
 import harness
-import numpy as np
 import torch
+from bench_data import dsec_dataset, samples_dataset, stream_dataset
 from harness import REPO, markdown_head, markdown_table
 from machine import machine_info
-from train import samples_dataset, stream_dataset
 
 CONFIGS = REPO / "evforge" / "configs"
 QUICK = dict(device="cpu", precision="32-true", steps=1, batch=2, only="tiny")
 KINDS = {"ecddp": "streams", "mem_dvae": "samples", "mem": "samples", "classification": "samples",
          "segmentation": "dsec"}
-
-
-def dsec_dataset(root: Path, seed: int = 0) -> Path:
-    """A DSEC-Semantic folder of 3 sequences (ESS layout: events.h5 with ms_to_idx and t_offset, 640x440
-    label PNGs, timestamps.txt; classes in blocks, events denser on higher classes) -> evforge shards."""
-    import h5py
-    import hdf5plugin
-    from PIL import Image
-
-    from evforge.dataset_builder.build import build_dataset
-
-    out = root / "dsec" / "dataset"
-    if (out / "manifest.json").exists():
-        return out
-    labels_t = (100_000, 200_000, 300_000, 400_000)
-    for k, (split, name) in enumerate([("train", "zurich_city_00_a"), ("train", "zurich_city_01_a"),
-                                       ("test", "zurich_city_13_a")]):
-        seq = root / "dsec" / "src" / split / name
-        rng = np.random.default_rng(seed + k)
-        yy, xx = np.mgrid[0:480, 0:640]
-        classes = (((xx // 80) + 3 * (yy // 120) + k) % 11).astype(np.uint8)
-        n = 600_000
-        w = (1.0 + classes).ravel().astype(np.float64)
-        pix = rng.choice(w.size, n, p=w / w.sum())
-        y, x = np.divmod(pix, 640)
-        t = np.sort(rng.integers(0, labels_t[-1] + 1000, n)).astype(np.uint32)
-        (seq / "events" / "left").mkdir(parents=True)
-        with h5py.File(seq / "events" / "left" / "events.h5", "w") as f:
-            for col, v in {"x": x.astype(np.uint16), "y": y.astype(np.uint16), "t": t,
-                           "p": rng.integers(0, 2, n).astype(np.uint8)}.items():
-                f.create_dataset(f"events/{col}", data=v, chunks=(65536,), **hdf5plugin.Blosc(cname="lz4", clevel=1))
-            ms = np.arange(0, math.ceil(int(t[-1]) / 1000) + 1, dtype=np.int64)
-            f.create_dataset("ms_to_idx", data=np.searchsorted(t.astype(np.int64), ms * 1000).astype(np.uint64))
-            f.create_dataset("t_offset", data=np.int64(5_000_000))
-        with h5py.File(seq / "events" / "left" / "rectify_map.h5", "w") as f:  # a near-identity rectification
-            f.create_dataset("rectify_map", data=np.stack([xx + 0.3, yy - 0.2], -1).astype(np.float32))
-        labels = seq / "semantic" / "left" / "11classes" / "data"
-        labels.mkdir(parents=True)
-        for i in range(len(labels_t)):
-            Image.fromarray(classes[:440], mode="L").save(labels / f"{i:06d}.png")
-        (seq / "semantic" / "timestamps.txt").write_text("".join(f"{5_000_000 + lt}\n" for lt in labels_t))
-    report = build_dataset("dsec", root / "dsec" / "src", out, progress=False, command="bench/gpu_steps.py")
-    (out / "source").write_text(str(root / "dsec" / "src"))  # for configs that rectify when reading
-    if report.num_errors:
-        raise RuntimeError(f"DSEC dataset: {report.num_errors} conversion errors")
-    return out
 
 
 def configs(patterns: list[str]) -> list[Path]:

@@ -33,9 +33,6 @@ import contextlib
 import copy
 import gc
 import json
-import logging
-import math
-import shutil
 import sys
 import time
 import traceback
@@ -47,17 +44,15 @@ import harness
 import numpy as np
 import timm
 import torch
+from bench_data import SAMPLES_SENSOR, STREAMS, samples_dataset, stream_dataset
 from harness import REPO, Clock, Row, csv, markdown_head, markdown_table, num, pct, ratio_stats, spread, sync
 from machine import MemoryProbe, cpuinfo, machine_info
 
-from evforge import SimulateConfig, UpsampleConfig, build_dataset, discover_sequences, simulate_sequences
-from evforge.dataset_builder.synthetic import make_synthetic_classification
 from evforge.finetune.classification import ClassificationTask
 from evforge.finetune.segmentation import SegmentationTask
 from evforge.models.swin import TINY_SWIN_KWARGS
 from evforge.pretrain.ecddp.task import ECDDPTask
 from evforge.pretrain.mem.task import MEMDVAETask, MEMTask
-from evforge.simulator.scenes import SceneSpec, make_dataset
 from evforge.trainer import Trainer
 from evforge.trainer.checkpoint import TRAINER_FORMAT
 from evforge.trainer.config import load_config
@@ -68,7 +63,6 @@ BASE_CONFIG = CONFIGS / "pretrain" / "ecddp_swin_t.yaml"
 TARGET_TRAINER_OVERHEAD_PCT = 10.0  # the trainer and data path add under 10 % over the model step
 PRECISIONS = {"fp32": "32-true", "bf16": "bf16-mixed"}
 FAMILIES = ("ecddp", "mem", "finetune")
-FRAMES_PER_TRAJECTORY = 41  # 40 samples (frame intervals) per simulated trajectory
 # --quick is a smoke test, meant to finish on a busy shared machine: one torch thread (with every core's thread
 # busy-waiting on a loaded box a step can take 100x longer), unless --threads says otherwise.
 QUICK = dict(presets="tiny", device="cpu", repeats=2, steps=4, warmup=2, threads=1)
@@ -76,12 +70,11 @@ QUICK = dict(presets="tiny", device="cpu", repeats=2, steps=4, warmup=2, threads
 
 @dataclass(frozen=True)
 class Preset:
-    """ECDDP model size, input crop, dataset sensor, and per-device defaults (batch, timed steps, warm-up steps)."""
+    """ECDDP model size, input crop, and per-device defaults (batch, timed steps, warm-up steps); the streams'
+    sizes are bench_data.STREAMS[name]."""
 
     model: dict | None  # cfg["task"]["model"]; None keeps the paper config's
     input_size: int  # cfg["task"]["input_size"]: the random square crop of the voxel grid
-    sensor: tuple[int, int]  # (W, H) of the simulated streams
-    render: tuple[int, int]  # (W, H) the procedural scenes are rendered at (resized to the sensor)
     batch: dict
     steps: dict
     warmup: dict
@@ -89,15 +82,12 @@ class Preset:
 
 PRESETS = {
     # ECDDPConfig.tiny(): tiny Swin (embed 24, window 4), 96 view / 64 global / 32 local crops, 4 locals
-    "tiny": Preset(model={"preset": "tiny"}, input_size=128, sensor=(160, 128), render=(160, 128),
-                   batch={"cpu": 8, "cuda": 64}, steps={"cpu": 8, "cuda": 20}, warmup={"cpu": 3, "cuda": 10}),
+    "tiny": Preset(model={"preset": "tiny"}, input_size=128, batch={"cpu": 8, "cuda": 64},
+                   steps={"cpu": 8, "cuda": 20}, warmup={"cpu": 3, "cuda": 10}),
     # the paper: Swin-T/7, 224 view / 2 x 192 global / 8 x 96 local, 32768 prototypes, 320 crop of 640x480
-    "paper": Preset(model=None, input_size=320, sensor=(640, 480), render=(160, 120),
-                    batch={"cpu": 2, "cuda": 32}, steps={"cpu": 2, "cuda": 10}, warmup={"cpu": 2, "cuda": 5}),
+    "paper": Preset(model=None, input_size=320, batch={"cpu": 2, "cuda": 32},
+                    steps={"cpu": 2, "cuda": 10}, warmup={"cpu": 2, "cuda": 5}),
 }
-SAMPLES_SENSOR = (64, 48)  # (W, H) of the synthetic N-Caltech101-layout samples (as tests/pretrain/test_mem.py)
-SAMPLES_CLASSES = 4        # make_synthetic_classification's default shapes
-SAMPLES_TRAIN_FRACTION = 0.75 * 0.75  # val_fraction 0.25, then the classification holdout (0.25)
 MEM_PRESETS = {
     # mem_tiny / mem_dvae_tiny: 2-block ViT (dim 64, patch 8) on 64x64 images, 64 codes
     "tiny": {"dvae": "mem_dvae_tiny.yaml", "mem": "mem_tiny.yaml", "batch": {"cpu": 8, "cuda": 64}},
@@ -120,71 +110,6 @@ def default_batch(family: str, preset: str, device: str) -> int:
 
 
 # --------------------------------------------------------------------------------------------- data
-
-
-def _built_once(root: Path, name: str, label: str, build, log=print) -> Path:
-    """``root/name/dataset``, made by ``build(work, out) -> summary`` unless its manifest is already there
-    (then reused); what ``build`` leaves in ``root/name`` besides the dataset is removed."""
-    work = root / name
-    out = work / "dataset"
-    if (out / "manifest.json").exists():
-        log(f"  {label}: reusing {out}")
-        return out
-    shutil.rmtree(work, ignore_errors=True)
-    t0 = time.perf_counter()
-    summary = build(work, out)
-    for child in work.iterdir():
-        if child != out:
-            shutil.rmtree(child, ignore_errors=True)
-    log(f"  {label}: built {out} ({summary}, {time.perf_counter() - t0:.0f} s, not timed)")
-    return out
-
-
-def stream_dataset(root: Path, preset: str, items: int, sim_device: str, seed: int, log=print) -> Path:
-    """A stream dataset of at least ``items`` samples (frame intervals) at the preset's sensor size, built once
-    under ``root`` (reused when present): procedural scenes -> simulate (preset ``ecddp``) -> shards."""
-    p = PRESETS[preset]
-    trajectories = max(1, math.ceil(items / (FRAMES_PER_TRAJECTORY - 1)))
-    (rw, rh), (sw, sh) = p.render, p.sensor
-
-    def build(work: Path, out: Path) -> str:
-        # speed 3 px per frame at the render size (12 px at 640x480 for the paper preset)
-        make_dataset(work / "scenes", envs=("bench",), trajectories=trajectories,
-                     spec=SceneSpec(width=rw, height=rh, frames=FRAMES_PER_TRAJECTORY, speed_px=3.0, seed=seed))
-        cfg = SimulateConfig(preset="ecddp", resolution=f"{sw}x{sh}", upsample=UpsampleConfig(mode="none"),
-                             seed=seed, device=sim_device, batch=8, save_frames=False)
-        quiet = logging.getLogger("evforge")
-        level = quiet.level
-        quiet.setLevel(logging.WARNING)
-        try:
-            results = simulate_sequences(discover_sequences(work / "scenes"), work / "streams", cfg, progress=False)
-        finally:
-            quiet.setLevel(level)
-        failed = [r for r in results if r.status == "failed"]
-        if failed:
-            raise RuntimeError(f"simulation failed: {failed[0].error}")
-        build_dataset("tartanair", work / "streams", out, test_envs=(), progress=False, command="bench/train.py")
-        return f"{trajectories} trajectories"
-
-    name = f"{preset}-{sw}x{sh}-r{rw}x{rh}-{trajectories}x{FRAMES_PER_TRAJECTORY}-seed{seed}"
-    return _built_once(root, name, "dataset", build, log)
-
-
-def samples_dataset(root: Path, train_items: int, seed: int, log=print) -> Path:
-    """A samples dataset (synthetic shapes -> ncaltech101 converter, 64x48, val 25 %) with at least
-    ``train_items`` training samples after the classification holdout, built once under ``root`` (reused)."""
-    per_class = max(8, math.ceil(train_items / SAMPLES_TRAIN_FRACTION / SAMPLES_CLASSES))
-    w, h = SAMPLES_SENSOR
-
-    def build(work: Path, out: Path) -> str:
-        raw = make_synthetic_classification(work / "raw", per_class=per_class, size=SAMPLES_SENSOR, seed=seed)
-        report = build_dataset("ncaltech101", raw, out, val_fraction=0.25, seed=seed, sensor_size=SAMPLES_SENSOR,
-                               progress=False, command="bench/train.py")
-        if report.num_errors:
-            raise RuntimeError(f"samples dataset: {report.num_errors} conversion errors")
-        return str(report.splits)
-
-    return _built_once(root, f"samples-{w}x{h}-{per_class}pc-seed{seed}", "samples dataset", build, log)
 
 
 # --------------------------------------------------------------------------------------------- tasks, configs
@@ -926,7 +851,8 @@ def main(argv=None) -> int:
               "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "workers": args.workers,
               "log_every": args.log_every, "generator": args.generator, "seed": args.seed,
               "base_config": str(BASE_CONFIG.relative_to(REPO)),
-              "preset_defaults": {k: {**asdict(v), "model": v.model or "paper config"} for k, v in PRESETS.items()},
+              "preset_defaults": {k: {**asdict(v), "model": v.model or "paper config", **STREAMS[k]}
+                                  for k, v in PRESETS.items()},
               "cpu_peak_rss_reset": MemoryProbe.hwm_resettable}
     print("\n" + table(groups), flush=True)
     goals = target_lines(groups)
