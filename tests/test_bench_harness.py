@@ -155,3 +155,64 @@ def test_bench_script_help(script):
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "--quick" in done.stdout
+
+
+def test_train_group_measures_the_trainers_own_loader_and_fit(tmp_path, monkeypatch):
+    """bench/train.py's one run loop on the toy task: every row warmed up then measured in interleaved repeats,
+    the trainer row timed inside fit, and the data-loader row drawing its batches from the trainer's own
+    DataLoader and sampler (not a loader of its own)."""
+    import torch
+    import train
+
+    from evforge.trainer.sampler import ResumableBatchSampler
+    from evforge.trainer.toy import ToyTask, toy_config
+
+    drawn = []
+    real_iter = ResumableBatchSampler.__iter__
+
+    def spy(self):
+        for batch in real_iter(self):
+            drawn.append(self)
+            yield batch
+
+    monkeypatch.setattr(ResumableBatchSampler, "__iter__", spy)
+
+    def work(steps: int) -> None:  # a stand-in model step
+        for _ in range(steps):
+            torch.ones(256).sum()
+
+    class ToyGroup(train.Group):
+        family = "toy"
+
+        def build(self):
+            self.task = train.marked(ToyTask, self.device)
+            self.tr = self.trainer(toy_config(max_steps=1000), self.task, "run")
+            step, fit, loader = self.row("model-step"), self.row("trainer"), self.row("data-loader")
+            self.items = [(step, self.step(step, work)),
+                          (fit, self.window(fit, self.tr, self.task)), (loader, self.loader(loader, self.tr))]
+            self.ratios = {"trainer_vs_model_pct": ("trainer", "model-step", "change"),
+                           "loader_share_pct": ("data-loader", "model-step", "share")}
+
+    args = argparse.Namespace(steps=3, warmup=2, workers=0)
+    group = ToyGroup(args, "cpu", "tiny", "fp32", 4, data=tmp_path, workdir=tmp_path)
+    group.build()
+    try:
+        tr = group.tr
+        run = group.loader(group.rows()[2], tr)(False)
+        assert run["steps"] == 3 and run["samples"] == 12 and run["seconds"] > 0
+        assert drawn == [tr.sampler] * 4  # the first batch untimed, then 3, all from the trainer's sampler
+        drawn.clear()
+        group.measure(2, lambda m: None)
+        summary = group.summary()
+    finally:
+        group.close()
+    rows = {r["row"]: r for r in summary["rows"]}
+    assert list(rows) == ["model-step", "trainer", "data-loader"]
+    assert all(r["repeats"] == 2 and r["steps_per_repeat"] == 3 and r["samples_per_s"]["median"] > 0
+               for r in rows.values())
+    fit_runs = rows["trainer"]["runs"]
+    assert all(r["untimed_steps"] >= 1 and r["seconds"] > 0 for r in fit_runs)
+    assert fit_runs[1]["first_step"] > fit_runs[0]["first_step"] + 3  # both windows in the one trainer's steps
+    assert set(drawn) == {tr.sampler}  # fit and the loader row read the same sampler
+    ov = summary["overheads"]
+    assert len(ov["trainer_vs_model_pct"]["per_repeat"]) == 2 and len(ov["loader_share_pct"]["per_repeat"]) == 2
