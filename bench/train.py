@@ -239,16 +239,12 @@ class Group:
         and may return extra counts), under a memory probe that hands freed heap back first, so the lead-in
         step pays the page faults for all rows alike."""
         def run(warm: bool):
-            n = self.warmup if warm else self.steps
+            n, extra = self.warmup if warm else self.steps, {}
             with MemoryProbe(self.device) as mem:
-                fn(1)
-                sync(self.device)
-                t0 = time.perf_counter()
-                extra = fn(n)
-                sync(self.device)
-                seconds = time.perf_counter() - t0
+                fn(1)  # the lead-in step (timed() syncs the device before it reads the clock)
+                seconds = harness.timed(lambda: extra.update(fn(n) or {}), sync=lambda: sync(self.device))[0]
             return {"seconds": seconds, "steps": n, "samples": n * row.meta["batch"], "peak_mem_mib": mem.peak_mib,
-                    **(extra or {})}
+                    **extra}
         return run
 
     def window(self, row: Row, tr: Trainer, task):
