@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
-sys.path.insert(0, str(BENCH))
+if str(BENCH) not in sys.path:  # the bench scripts import each other by module name
+    sys.path.append(str(BENCH))
 
 import harness  # noqa: E402
 
