@@ -105,14 +105,12 @@ FT_PRESETS = {
 
 
 def default_batch(family: str, preset: str, device: str) -> int:
-    return {"ecddp": lambda: PRESETS[preset].batch, "mem": lambda: MEM_PRESETS[preset]["batch"],
-            "finetune": lambda: FT_PRESETS[preset]["batch"]}[family]()[device]
-
-
-# --------------------------------------------------------------------------------------------- data
+    return {"ecddp": PRESETS[preset].batch, "mem": MEM_PRESETS[preset]["batch"],
+            "finetune": FT_PRESETS[preset]["batch"]}[family][device]
 
 
 # --------------------------------------------------------------------------------------------- tasks, configs
+# (the datasets the groups train on are built by bench_data.py)
 
 
 class Marks:
