@@ -71,7 +71,7 @@ def test_ddp_fabric_launch(tmp_path, reference, launch):
     """devices=2 on one machine: fabric.launch() starts the second process itself."""
     script = tmp_path / "ddp_run.py"
     script.write_text(SCRIPT)
-    launch([sys.executable, str(script), str(tmp_path / "fabric"), "2"], tmp_path)
+    launch([sys.executable, str(script), str(tmp_path / "fabric"), "2"], tmp_path, out_dir=tmp_path / "fabric")
     _check(tmp_path / "fabric", reference)
 
 
@@ -80,5 +80,34 @@ def test_ddp_torchrun(tmp_path, reference, launch):
     script = tmp_path / "ddp_run.py"
     script.write_text(SCRIPT)
     launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           str(tmp_path / "torchrun"), "auto"], tmp_path)
+           str(tmp_path / "torchrun"), "auto"], tmp_path, out_dir=tmp_path / "torchrun")
     _check(tmp_path / "torchrun", reference)
+
+
+def test_launcher_retries_a_gloo_abort_once_and_fails_on_a_second(tmp_path, launch):
+    """The one retry of tests/trainer/conftest.py: only for gloo's own abort, only once, in a fresh folder."""
+    gloo_abort = "terminate called without an active exception"  # tests/trainer/conftest.py's GLOO_ABORT
+    out = tmp_path / "run"
+    script = tmp_path / "flaky.py"
+    script.write_text(textwrap.dedent(f'''
+        import pathlib, sys
+        out, count = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+        n = int(count.read_text()) + 1 if count.exists() else 1
+        count.write_text(str(n))
+        if out.exists():
+            sys.exit("stale output folder")
+        out.mkdir()
+        if n <= int(sys.argv[3]):
+            print({gloo_abort!r}, flush=True)
+            sys.exit(1)
+        print("ok")
+    '''))
+    with pytest.warns(UserWarning, match="retrying the run once"):
+        assert "ok" in launch([sys.executable, str(script), str(out), str(tmp_path / "n1"), "1"], tmp_path,
+                              out_dir=out)
+    with pytest.raises(pytest.fail.Exception, match="exit status 1"), pytest.warns(UserWarning):
+        launch([sys.executable, str(script), str(tmp_path / "run2"), str(tmp_path / "n2"), "2"], tmp_path,
+               out_dir=tmp_path / "run2")
+    script.write_text("import sys; print('Traceback: a real error'); sys.exit(1)")
+    with pytest.raises(pytest.fail.Exception, match="a real error"):
+        launch([sys.executable, str(script)], tmp_path)  # any other failure: no retry

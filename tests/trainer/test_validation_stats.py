@@ -107,7 +107,8 @@ def _run(tmp_path, launch, devices: int, n_val: int, val_batch: int) -> list[dic
     (tmp_path / "stats_task.py").write_text(TASK)
     (tmp_path / "run.py").write_text(SCRIPT)
     out = tmp_path / f"out{devices}_{n_val}"
-    launch([sys.executable, str(tmp_path / "run.py"), str(out), str(devices), str(n_val), str(val_batch)], tmp_path)
+    launch([sys.executable, str(tmp_path / "run.py"), str(out), str(devices), str(n_val), str(val_batch)], tmp_path,
+           out_dir=out)
     return [json.loads((out / f"val{r}.json").read_text()) for r in range(devices)]
 
 
