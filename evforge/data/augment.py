@@ -1,11 +1,11 @@
 """Augmentations on packed event batches and on image-like tensors, vectorised over the batch.
 
-Event space (the packed dict of :func:`~evforge.data.dataset.collate_events`): :func:`flip_x`,
+Event space (a packed batch: :class:`~evforge.data.collate.EventBatch`, or a dict with its keys): :func:`flip_x`,
 :func:`flip_y`, :func:`time_flip`, :func:`shift`, :func:`random_window`, :func:`crop_events`. Each sample gets
 its own random draw from the ``generator`` passed in (draws are made on the generator's device, CPU by
 default, so a seed gives the same augmentation whether the events sit on CPU or CUDA). Every function returns
-a new dict; the input is not modified. Functions that drop events keep the packed structure consistent:
-``offsets`` are recomputed from ``batch_index``, and ``t`` is re-based on each sample's new first event (the
+a new batch of the same kind; the input is not modified. Functions that drop events keep the packed structure
+consistent: ``offsets`` are recomputed from ``batch_index``, and ``t`` is re-based on each sample's new first event (the
 amount is added to ``t0``, so ``t + t0`` stays the absolute time).
 
 Tensor space (``(B, C, H, W)`` representations): :func:`random_resized_crop_params` draws per-sample boxes,
@@ -25,14 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .collate import EventBatch
+from .collate import EVENT_COLUMNS, EventBatch
 
 __all__ = ["flip_x", "flip_y", "time_flip", "shift", "random_window", "crop_events", "select_events", "crop_windows",
            "random_resized_crop_params", "crop_grid", "crop_resize", "flip_tensor_x", "flip_grid_x",
            "grid_to_pixels"]
-
-_EVENT_FIELDS = ("x", "y", "t", "p", "batch_index")
-
 
 # ---------------------------------------------------------------------------------------------- helpers
 def _num_samples(batch: dict) -> int:
@@ -77,7 +74,7 @@ def select_events(batch: dict, keep: Tensor, *, rebase_time: bool = True) -> dic
     added to ``t0``: ``t`` stays relative to the sample's first event and ``t + t0`` absolute.
     """
     B = _num_samples(batch)
-    fields = {k: batch[k][keep] for k in _EVENT_FIELDS}
+    fields = {k: batch[k][keep] for k in EVENT_COLUMNS}
     bi = fields["batch_index"]
     counts = torch.bincount(bi, minlength=B)
     offsets = torch.zeros(B + 1, dtype=torch.int64, device=bi.device)

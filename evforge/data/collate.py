@@ -18,7 +18,7 @@ from torch import Tensor
 
 from evforge.formats.events import EVENT_DTYPE
 
-__all__ = ["EventBatch", "collate_events", "unpack", "to_device"]
+__all__ = ["EventBatch", "EVENT_COLUMNS", "collate_events", "unpack", "to_device"]
 
 EVENT_COLUMNS = ("x", "y", "t", "p", "batch_index")  # one entry per event; the other fields one per sample
 

@@ -1,6 +1,6 @@
 """Event representations computed on the device, batched from packed events.
 
-Every function takes the packed batch of :func:`~evforge.data.dataset.collate_events` (``x, y, t,
+Every function takes a packed batch (:class:`~evforge.data.collate.EventBatch`, or a dict with its ``x, y, t,
 p, batch_index, offsets``; tensors on any device, CPU or CUDA) and returns a ``(B, C, H, W)`` float32 tensor
 on the events' device. Events are scattered with one ``index_add_`` into the flat index
 ``((b * C + c) * H + y) * W + x``: no padding and no Python loop over samples or events (only over the two

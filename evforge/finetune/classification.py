@@ -63,6 +63,9 @@ from .metrics import ClassificationMetrics, confusion_matrix, topk_correct
 __all__ = ["ClassificationTask", "ClassifierModel", "TASK_DEFAULTS", "HOLDOUT", "resolve_splits", "holdout_indices"]
 
 MODES = ("finetune", "linear_probe")
+WINDOW_POSITIONS = ("center", "first", "last", "random")
+
+OPEN_KEYS = ("task.model.kwargs",)  # free-form (timm keyword arguments)
 
 
 def _rep_options(rep: dict) -> dict:
@@ -72,9 +75,7 @@ def _rep_options(rep: dict) -> dict:
     if rep["name"] == "histogram" and out.get("normalize") != "max":
         out["normalize"] = None
     return out
-WINDOW_POSITIONS = ("center", "first", "last", "random")
 
-OPEN_KEYS = ("task.model.kwargs",)  # free-form (timm keyword arguments)
 
 # Every task option with its default (MEM's finetuning recipe where it has one).
 TASK_DEFAULTS: dict = {
