@@ -148,9 +148,10 @@ def bench_decode(work: Path, cfg: dict, ncaltech: Path | None) -> dict:
                      "mev_s": n_events / s["median"] / 1e6, "mev_s_min": n_events / s["max"] / 1e6,
                      "mev_s_max": n_events / s["min"] / 1e6, "ms_per_file": s["median"] / len(files) * 1e3}
     if "tonic" in out:
-        out["speedup"] = out["evforge"]["mev_s"] / out["tonic"]["mev_s"]
         out["speedup_per_repeat"] = harness.paired_ratios(rows["tonic"].values("seconds"),
                                                           rows["evforge"].values("seconds"))
+        # the figure quoted (table and target): the median of the per-repeat ratios, as every benchmark quotes
+        out["speedup"] = harness.stats(out["speedup_per_repeat"])["median"]
     return out
 
 
