@@ -101,3 +101,15 @@ def shapes_dataset(tmp_path_factory) -> Path:
 def make_stream_dataset():
     """:func:`build_stream_dataset` as a fixture."""
     return build_stream_dataset
+
+
+@pytest.fixture
+def non_evforge_files(tmp_path) -> tuple[Path, Path, Path]:
+    """Three paths no evforge reader may open: a missing file, a text file, and an HDF5 file of another format."""
+    import h5py
+
+    missing, text, other = tmp_path / "missing.h5", tmp_path / "notes.h5", tmp_path / "other.h5"
+    text.write_text("not hdf5\n")
+    with h5py.File(other, "w") as f:
+        f["events/t"] = np.arange(3)
+    return missing, text, other

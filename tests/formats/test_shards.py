@@ -347,15 +347,10 @@ def test_rolling_writer_exception_keeps_finished_shards_only(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ errors
-def test_reader_errors_name_the_file(tmp_path):
+def test_reader_errors_name_the_file(tmp_path, non_evforge_files):
     good = tmp_path / "good.h5"
     write_samples(good)
-    missing = tmp_path / "missing.h5"
-    text = tmp_path / "notes.h5"
-    text.write_text("not hdf5\n")
-    other = tmp_path / "other.h5"
-    with h5py.File(other, "w") as f:
-        f["events/t"] = np.arange(3)
+    missing, text, other = non_evforge_files
     stream = tmp_path / "stream.h5"
     with h5py.File(stream, "w") as f:
         f.attrs["evforge_format"] = "stream"

@@ -190,13 +190,8 @@ def test_failed_rerun_keeps_previous_file(tmp_path, events):
     assert listing(tmp_path) == ["s.h5"] and is_complete_stream(path)
 
 
-def test_reader_errors_start_with_path(tmp_path, events):
-    missing = tmp_path / "missing.h5"
-    text = tmp_path / "notes.h5"
-    text.write_text("not hdf5\n")
-    other = tmp_path / "other.h5"
-    with h5py.File(other, "w") as f:
-        f["events/t"] = np.arange(3)
+def test_reader_errors_start_with_path(tmp_path, events, non_evforge_files):
+    missing, text, other = non_evforge_files
     incomplete = tmp_path / "incomplete.h5"
     write_stream(incomplete, events, frame_times(), width=W, height=H)
     with h5py.File(incomplete, "a") as f:
